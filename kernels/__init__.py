@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the selective scan; core.scan holds their reference."""

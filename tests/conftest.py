@@ -1,0 +1,15 @@
+"""Test set-up: CPU only, Triton kernels through the interpreter."""
+
+import os
+
+# Must be set before triton is imported: kernels then run on CPU tensors through numpy.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

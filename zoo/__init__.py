@@ -1,0 +1,1 @@
+"""mambazoo model zoo: registry, variants, tasks and data."""
