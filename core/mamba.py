@@ -1,0 +1,212 @@
+"""The Mamba mixer: in_proj -> causal depthwise conv1d -> SiLU -> x_proj -> (dt, B, C) -> selective scan
+-> SiLU(z) gate -> out_proj, with a one-token decode step, a bidirectional "v2" mode (Vision Mamba)
+and an LTI mode (the same block with a non-selective S4D-style SSM in place of S6)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.cache import MambaState
+from core.norm import RMSNorm
+from core.scan import scan_backend, selective_scan, selective_state_update_ref
+
+
+def dt_bias_init(d_inner: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: float = 1e-4) -> torch.Tensor:
+    """Mamba's dt initialization: dt log-uniform in [dt_min, dt_max], returned as the bias b with
+    softplus(b) = dt, i.e. b = dt + log(-expm1(-dt)). Shape (d_inner,)."""
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def s4d_real_a_log(d_inner: int, d_state: int) -> torch.Tensor:
+    """S4D-Real init used by Mamba: A[d, n] = -(n + 1); returns A_log = log(-A), shape (d_inner, d_state)."""
+    return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
+
+
+class _Direction(nn.Module):
+    """The per-direction parameters of a mixer: conv1d, x_proj, dt_proj, A_log, D (and inner norms)."""
+
+    def __init__(self, d_inner, d_state, d_conv, dt_rank, conv_bias, dt_min, dt_max, dt_scale,
+                 dt_init_floor, inner_norm, selective, a_init, norm_eps):
+        super().__init__()
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=conv_bias)
+        self.selective = selective
+        if selective:
+            self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+            self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+            std = dt_rank ** -0.5 * dt_scale
+            with torch.no_grad():
+                nn.init.uniform_(self.dt_proj.weight, -std, std)
+                self.dt_proj.bias.copy_(dt_bias_init(d_inner, dt_min, dt_max, dt_init_floor))
+            self.dt_proj.bias._no_reinit = True  # models must not zero this bias in their own init
+            self.A_log = nn.Parameter(s4d_real_a_log(d_inner, d_state) if a_init == "s4d-real"
+                                      else _a_log_from_ssm(d_inner, d_state, a_init))
+            self.A_log._no_weight_decay = True
+            self.D = nn.Parameter(torch.ones(d_inner))
+            self.D._no_weight_decay = True
+            if inner_norm:
+                self.dt_norm = RMSNorm(dt_rank, eps=norm_eps)
+                self.B_norm = RMSNorm(d_state, eps=norm_eps)
+                self.C_norm = RMSNorm(d_state, eps=norm_eps)
+        else:
+            from core.ssm import LTISSM
+
+            self.lti = LTISSM(d_inner, d_state, init=a_init, dt_min=dt_min, dt_max=dt_max)
+        self.inner_norm = inner_norm and selective
+        self.dt_rank, self.d_state = dt_rank, d_state
+
+    def ssm_inputs(self, x: torch.Tensor):
+        """x (batch, L, d_inner) after conv and SiLU -> delta (batch, L, d_inner), B, C (batch, L, N)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.inner_norm:
+            dt, B, C = self.dt_norm(dt), self.B_norm(B), self.C_norm(C)
+        delta = F.linear(dt, self.dt_proj.weight)  # the bias is added in fp32 inside the scan
+        return delta, B, C
+
+    def scan(self, x: torch.Tensor, z: torch.Tensor, initial_state=None, return_last_state=False):
+        """x, z (batch, d_inner, L) -> y (batch, d_inner, L) [, final state (batch, d_inner, N)]."""
+        if not self.selective:
+            return self._lti_scan(x, z, initial_state, return_last_state)
+        delta, B, C = self.ssm_inputs(x.transpose(1, 2))
+        A = -torch.exp(self.A_log.float())
+        return selective_scan(
+            x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            return_last_state=return_last_state, initial_state=initial_state,
+        )
+
+
+    def _lti_scan(self, x, z, initial_state, return_last_state):
+        """The LTI path: convolution view from a zero state, the recurrent view from a given state."""
+        if initial_state is None:
+            y = self.lti(x.float(), mode="conv")
+            h = None
+            if return_last_state:
+                h = x.new_zeros(x.shape[0], x.shape[1], self.d_state, dtype=torch.float32)
+                for t in range(x.shape[-1]):
+                    self.lti.step(x[..., t].float(), h)
+        else:
+            h = initial_state.clone()
+            y = torch.stack([self.lti.step(x[..., t].float(), h) for t in range(x.shape[-1])], dim=-1)
+        y = (y * F.silu(z.float())).to(x.dtype)
+        return (y, h) if return_last_state else y
+
+
+def _a_log_from_ssm(d_inner, d_state, a_init):
+    from core.ssm import a_log_init
+
+    return a_log_init(d_inner, d_state, a_init)
+
+
+class Mamba(nn.Module):
+    """The Mamba (S6) mixer. x (batch, L, d_model) -> (batch, L, d_model).
+
+    bidirectional=True is Vision Mamba's "v2" mixer: in_proj and out_proj shared, a second set of
+    conv1d / x_proj / dt_proj / A / D scans the reversed sequence; the two outputs are averaged.
+    selective=False replaces S6 by a time-invariant diagonal SSM (the S4-vs-S6 comparison).
+    inner_norm=True applies RMSNorm to dt, B and C (Jamba).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True,
+                 bias: bool = False, bidirectional: bool = False, selective: bool = True,
+                 inner_norm: bool = False, a_init: str = "s4d-real", norm_eps: float = 1e-5,
+                 layer_idx: int | None = None):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.bidirectional, self.selective, self.layer_idx = bidirectional, selective, layer_idx
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        args = (self.d_inner, d_state, d_conv, self.dt_rank, conv_bias, dt_min, dt_max, dt_scale,
+                dt_init_floor, inner_norm, selective, a_init, norm_eps)
+        self.fwd = _Direction(*args)
+        self.bwd = _Direction(*args) if bidirectional else None
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    # -- full sequence ---------------------------------------------------------------------------
+    def _branch(self, direction: _Direction, x, z, state: MambaState | None):
+        """x, z (batch, d_inner, L) -> y (batch, d_inner, L); fills ``state`` if given."""
+        L = x.shape[-1]
+        if state is not None:
+            xc = torch.cat([state.conv[..., 1:].to(x.dtype), x], dim=-1)
+            new_conv = torch.cat([state.conv.to(x.dtype), x], dim=-1)[..., -self.d_conv:]
+        else:
+            xc = F.pad(x, (self.d_conv - 1, 0))
+        xc = F.silu(F.conv1d(xc, direction.conv1d.weight, direction.conv1d.bias, groups=self.d_inner))[..., :L]
+        if state is None:
+            return direction.scan(xc, z)
+        y, last = direction.scan(xc, z, initial_state=state.ssm, return_last_state=True)
+        state.conv.copy_(new_conv)
+        state.ssm.copy_(last)
+        return y
+
+    def forward(self, x: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
+        """x (batch, L, d_model) -> (batch, L, d_model). With ``state`` (causal mixers only), the
+        sequence continues from it and the state is advanced past x (chunked prefill)."""
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected (batch, L, d_model={self.d_model}), got {tuple(x.shape)}")
+        if state is not None and self.bidirectional:
+            raise ValueError("a bidirectional mixer is not causal: it has no recurrent state")
+        xz = self.in_proj(x).transpose(1, 2)  # (batch, 2*d_inner, L)
+        xs, z = xz.chunk(2, dim=1)
+        y = self._branch(self.fwd, xs, z, state)
+        if self.bidirectional:
+            yb = self._branch(self.bwd, xs.flip(-1), z.flip(-1), None).flip(-1)
+            y = (y + yb) * 0.5
+        return self.out_proj(y.transpose(1, 2))
+
+    # -- decoding --------------------------------------------------------------------------------
+    def allocate_state(self, batch: int, device=None, dtype=None) -> MambaState:
+        """Zero state for ``step``: conv (batch, d_inner, d_conv) in ``dtype``, ssm (batch, d_inner, N) fp32."""
+        if self.bidirectional:
+            raise ValueError("a bidirectional mixer is not causal: it cannot decode step by step")
+        w = self.in_proj.weight
+        device = device or w.device
+        dtype = dtype or w.dtype
+        return MambaState(torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
+                          torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32))
+
+    def step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One token: x (batch, d_model) -> (batch, d_model); advances ``state`` in place (constant memory)."""
+        if self.bidirectional:
+            raise ValueError("a bidirectional mixer is not causal: it cannot decode step by step")
+        if x.dim() != 2 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected (batch, d_model={self.d_model}), got {tuple(x.shape)}")
+        d = self.fwd
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (batch, d_inner) each
+        conv = torch.cat([state.conv[..., 1:], xs[..., None].to(state.conv.dtype)], dim=-1)
+        state.conv.copy_(conv)
+        xc = (conv * d.conv1d.weight[:, 0].to(conv.dtype)).sum(-1)
+        if d.conv1d.bias is not None:
+            xc = xc + d.conv1d.bias.to(xc.dtype)
+        xc = F.silu(xc.to(xs.dtype))
+        if not self.selective:
+            y = d.lti.step(xc.float(), state.ssm) * F.silu(z.float())
+            return self.out_proj(y.to(xs.dtype))
+        delta, B, C = d.ssm_inputs(xc)
+        A = -torch.exp(d.A_log.float())
+        update = _state_update_fn(x.device)
+        y = update(state.ssm, xc, delta, A, B, C, D=d.D.float(), z=z, dt_bias=d.dt_proj.bias.float(),
+                   dt_softplus=True)
+        return self.out_proj(y)
+
+
+def _state_update_fn(device: torch.device):
+    """The fused decode-step kernel on CUDA, the reference elsewhere (same contract)."""
+    if scan_backend(device) == "triton":
+        from kernels import selective_state_update
+
+        return selective_state_update
+    return selective_state_update_ref

@@ -1,0 +1,124 @@
+"""core.mamba / core.block: decoding equals the full forward, bidirectional mode, init, bad input."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.block import Block
+from core.mamba import Mamba, dt_bias_init
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(inner_norm=True, dt_rank=5), dict(selective=False)])
+def test_step_by_step_decoding_equals_full_forward(kwargs):
+    m = Mamba(16, d_state=4, **kwargs).eval()
+    x = torch.randn(2, 11, 16)
+    with torch.no_grad():
+        full = m(x)
+        state = m.allocate_state(2)
+        steps = torch.stack([m.step(x[:, t], state) for t in range(11)], dim=1)
+    assert rel(steps, full) < 1e-5
+
+
+def test_chunked_prefill_then_decode_continues_the_sequence():
+    m = Mamba(16, d_state=4).eval()
+    x = torch.randn(2, 13, 16)
+    with torch.no_grad():
+        full = m(x)
+        state = m.allocate_state(2)
+        first = m(x[:, :6], state)
+        second = m(x[:, 6:10], state)  # shorter than nothing special; crosses the conv window
+        rest = torch.stack([m.step(x[:, t], state) for t in range(10, 13)], dim=1)
+    assert rel(torch.cat([first, second, rest], 1), full) < 1e-5
+
+
+def test_state_does_not_grow_with_length():
+    m = Mamba(16, d_state=4).eval()
+    state = m.allocate_state(1)
+    size = state.nbytes()
+    with torch.no_grad():
+        m(torch.randn(1, 50, 16), state)
+        for _ in range(20):
+            m.step(torch.randn(1, 16), state)
+    assert state.nbytes() == size
+
+
+def test_bidirectional_flip_swaps_the_two_directions():
+    m = Mamba(16, d_state=4, bidirectional=True).eval()
+    swapped = copy.deepcopy(m)
+    swapped.fwd, swapped.bwd = swapped.bwd, swapped.fwd
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        y = m(x)
+        assert rel(swapped(x.flip(1)).flip(1), y) < 1e-5
+        # the backward branch matters: perturbing it changes the output
+        m.bwd.D.add_(1.0)
+        assert rel(m(x), y) > 1e-3
+
+
+def test_bidirectional_output_depends_on_the_future():
+    m = Mamba(16, d_state=4, bidirectional=True).eval()
+    x = torch.randn(1, 8, 16)
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(m(x)[:, 0], m(x2)[:, 0])
+    with pytest.raises(ValueError, match="not causal"):
+        m.allocate_state(1)
+
+
+def test_causal_mixer_ignores_the_future():
+    m = Mamba(16, d_state=4).eval()
+    x = torch.randn(1, 8, 16)
+    x2 = x.clone()
+    x2[:, 5] += 1.0
+    with torch.no_grad():
+        y, y2 = m(x), m(x2)
+    assert torch.equal(y[:, :5], y2[:, :5]) and not torch.allclose(y[:, 5:], y2[:, 5:])
+
+
+def test_dt_initialization_lies_in_range():
+    b = dt_bias_init(4096, 1e-3, 1e-1)
+    dt = F.softplus(b)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 1e-1 * 1.001
+    # log-uniform: the median is near the geometric mean
+    assert abs(math.log(dt.median().item()) - math.log(1e-2)) < 0.2
+    m = Mamba(32, d_state=8)
+    assert torch.allclose(-torch.exp(m.fwd.A_log[0]), -torch.arange(1, 9.0))
+
+
+def test_block_keeps_an_fp32_residual_under_autocast():
+    blk = Block(16, Mamba(16, d_state=4))
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = blk(x)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert blk.mixer.fwd.A_log.grad is not None and blk.mixer.fwd.A_log.dtype == torch.float32
+
+
+def test_block_step_matches_block_forward():
+    blk = Block(16, Mamba(16, d_state=4), ffn=torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                                                   torch.nn.Linear(32, 16))).eval()
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        full = blk(x)
+        state = blk.mixer.allocate_state(2)
+        steps = torch.stack([blk.step(x[:, t], state) for t in range(7)], 1)
+    assert rel(steps, full) < 1e-5
+
+
+def test_bad_input_raises():
+    m = Mamba(16, d_state=4)
+    with pytest.raises(ValueError, match=r"x: expected \(batch, L, d_model=16\)"):
+        m(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match=r"x: expected \(batch, d_model=16\)"):
+        m.step(torch.randn(2, 1, 16), m.allocate_state(2))
+    with pytest.raises(ValueError, match="d_state"):
+        Mamba(16, d_state=0)
