@@ -1,0 +1,68 @@
+"""Model registry: name -> config -> model. Variant packages register their named configs on import."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+from typing import Callable
+
+from torch import nn
+
+# Sub-packages that register models; each is imported on first use of the registry.
+VARIANT_PACKAGES = ("zoo.mamba", "zoo.mambabyte", "zoo.moe_mamba", "zoo.jamba", "zoo.vim", "zoo.audio")
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+_loaded = False
+
+
+def register_model(name: str, description: str = ""):
+    """Decorator: ``builder(**overrides) -> nn.Module`` becomes reachable as ``create_model(name)``."""
+
+    def wrap(builder: Callable[..., nn.Module]):
+        if name in _BUILDERS and _BUILDERS[name] is not builder:
+            raise ValueError(f"model {name!r} is registered twice")
+        _BUILDERS[name] = builder
+        _DESCRIPTIONS[name] = description or (builder.__doc__ or "").strip().split("\n")[0]
+        return builder
+
+    return wrap
+
+
+def _load_variants() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for pkg in VARIANT_PACKAGES:
+        if importlib.util.find_spec(pkg) is not None:
+            importlib.import_module(pkg)
+    _loaded = True
+
+
+def list_models() -> list[str]:
+    """Names of every registered model, sorted."""
+    _load_variants()
+    return sorted(_BUILDERS)
+
+
+def describe_model(name: str) -> str:
+    """One-line description of a registered model."""
+    _check_name(name)
+    return _DESCRIPTIONS[name]
+
+
+def _check_name(name: str) -> None:
+    _load_variants()
+    if name not in _BUILDERS:
+        close = difflib.get_close_matches(name, list(_BUILDERS), n=5, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(_BUILDERS))}"
+        raise ValueError(f"unknown model {name!r}{hint}")
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered model; keyword overrides replace fields of its config.
+
+    Works under ``with torch.device("meta")``: the largest configs can be inspected without memory."""
+    _check_name(name)
+    return _BUILDERS[name](**overrides)
