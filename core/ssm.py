@@ -160,7 +160,7 @@ def hippo_legs(N: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor
     if N < 1:
         raise ValueError(f"N: expected a positive int, got {N}")
     q = torch.sqrt(2 * torch.arange(N, dtype=dtype) + 1)
-    A = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(torch.arange(1, N + 1, dtype=dtype))
+    A = torch.tril(-q[:, None] * q[None, :], diagonal=-1) - torch.diag(torch.arange(1, N + 1, dtype=dtype))
     return A, q.clone()
 
 
