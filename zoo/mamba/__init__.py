@@ -1,0 +1,34 @@
+"""Mamba language models (Gu & Dao, 2023): n_layer residual Mamba blocks, no FFN, tied head."""
+
+from __future__ import annotations
+
+from zoo.lm import CausalLM, LMConfig, build_lm
+from zoo.registry import register_model
+
+# (n_layer, d_model) of the published checkpoints; vocab 50277 (GPT-NeoX) padded to 50280.
+SHAPES = {
+    "mamba-130m": (24, 768),
+    "mamba-370m": (48, 1024),
+    "mamba-790m": (48, 1536),
+    "mamba-1.4b": (48, 2048),
+    "mamba-2.8b": (64, 2560),
+}
+
+CONFIGS: dict[str, LMConfig] = {
+    name: LMConfig(vocab_size=50277, n_layer=n, d_model=d) for name, (n, d) in SHAPES.items()
+}
+CONFIGS["mamba-tiny"] = LMConfig(vocab_size=512, n_layer=2, d_model=64)
+
+
+def _register(name: str) -> None:
+    n, d = SHAPES.get(name, (CONFIGS[name].n_layer, CONFIGS[name].d_model))
+
+    @register_model(name, f"Mamba LM, {n} layers x d_model {d}")
+    def builder(**overrides) -> CausalLM:
+        return build_lm(CONFIGS[name], **overrides)
+
+
+for _name in CONFIGS:
+    _register(_name)
+
+__all__ = ["CONFIGS", "SHAPES"]

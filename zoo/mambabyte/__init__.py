@@ -1,0 +1,27 @@
+"""MambaByte (Wang et al., 2024): a Mamba LM over raw UTF-8 bytes (vocabulary 256)."""
+
+from __future__ import annotations
+
+from zoo.lm import CausalLM, LMConfig, build_lm
+from zoo.mambabyte.tokenizer import ByteTokenizer, bits_per_byte
+from zoo.registry import register_model
+
+CONFIGS: dict[str, LMConfig] = {
+    "mambabyte-353m": LMConfig(vocab_size=256, n_layer=53, d_model=1024),
+    "mambabyte-972m": LMConfig(vocab_size=256, n_layer=48, d_model=1792),
+    "mambabyte-tiny": LMConfig(vocab_size=256, n_layer=2, d_model=64),
+}
+
+
+def _register(name: str) -> None:
+    c = CONFIGS[name]
+
+    @register_model(name, f"MambaByte, {c.n_layer} layers x d_model {c.d_model}, 256 byte symbols")
+    def builder(**overrides) -> CausalLM:
+        return build_lm(CONFIGS[name], **overrides)
+
+
+for _name in CONFIGS:
+    _register(_name)
+
+__all__ = ["CONFIGS", "ByteTokenizer", "bits_per_byte"]

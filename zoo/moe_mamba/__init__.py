@@ -1,0 +1,32 @@
+"""MoE-Mamba (Pióro et al., 2024): Mamba layers interleaved with Switch mixture-of-experts FFNs.
+
+The paper's shape: d_model 512, 8 blocks of [Mamba, Switch MoE], 32 experts of hidden 1536, top-1,
+capacity factor 1.0, load-balancing weight 0.01, GPT-2 vocabulary (50257).
+"""
+
+from __future__ import annotations
+
+from zoo.lm import CausalLM, LMConfig, build_lm
+from zoo.registry import register_model
+
+CONFIGS: dict[str, LMConfig] = {
+    "moe-mamba": LMConfig(vocab_size=50257, n_layer=8, d_model=512, ffn="e", n_experts=32, d_ffn=1536,
+                          top_k=1, capacity_factor=1.0, aux_loss_weight=0.01, expert_kind="gelu"),
+    "moe-mamba-tiny": LMConfig(vocab_size=512, n_layer=2, d_model=64, ffn="e", n_experts=4, d_ffn=128,
+                               top_k=1, capacity_factor=1.0, aux_loss_weight=0.01, expert_kind="gelu"),
+}
+
+
+def _register(name: str) -> None:
+    c = CONFIGS[name]
+
+    @register_model(name, f"MoE-Mamba, {c.n_layer} x [Mamba, MoE {c.n_experts} experts top-{c.top_k}], "
+                          f"d_model {c.d_model}")
+    def builder(**overrides) -> CausalLM:
+        return build_lm(CONFIGS[name], **overrides)
+
+
+for _name in CONFIGS:
+    _register(_name)
+
+__all__ = ["CONFIGS"]
