@@ -1,1 +1,74 @@
-"""Fused Triton kernels for the selective scan; core.scan holds their reference."""
+"""Fused Triton kernels for the selective scan; core.scan holds their reference.
+
+    selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, initial_state=None, seq_idx=None)
+    selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False)
+
+Both call ops registered with torch.library (``torch.ops.mambazoo.scan_fwd`` / ``scan_bwd`` /
+``state_update``), so torch.compile traces them without graph breaks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import _interpret
+
+_interpret.apply()
+
+from kernels.ops import scan_fwd
+from kernels.state_update import check_state_update, state_update
+
+__all__ = ["selective_scan_triton", "selective_state_update"]
+
+
+def _shape(t):
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
+    """Minimal boundary checks (core.scan.check_scan_inputs is the full version)."""
+    if u.dim() != 3:
+        raise ValueError(f"u: expected (batch, dim, L), got {_shape(u)}")
+    batch, dim, L = u.shape
+    for name, t in (("delta", delta), ("z", z)):
+        if t is not None and tuple(t.shape) != (batch, dim, L):
+            raise ValueError(f"{name}: expected (batch, dim, L) = ({batch}, {dim}, {L}), got {_shape(t)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A: expected (dim, N) = ({dim}, N), got {_shape(A)}")
+    N = A.shape[1]
+    for name, X in (("B", B), ("C", C)):
+        ok = (X.dim() == 2 and tuple(X.shape) == (dim, N)) or (X.dim() == 3 and tuple(X.shape) == (batch, N, L)) or (
+            X.dim() == 4 and X.shape[0] == batch and X.shape[2:] == (N, L) and dim % X.shape[1] == 0)
+        if not ok:
+            raise ValueError(f"{name}: expected (batch, N, L), (batch, groups, N, L) or (dim, N) with N = {N}, "
+                             f"L = {L}, got {_shape(X)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f"{name}: expected (dim,) = ({dim},), got {_shape(t)}")
+    if initial_state is not None and tuple(initial_state.shape) != (batch, dim, N):
+        raise ValueError(f"initial_state: expected (batch, dim, N) = ({batch}, {dim}, {N}), got {_shape(initial_state)}")
+    if seq_idx is not None and (tuple(seq_idx.shape) != (batch, L) or seq_idx.is_floating_point()):
+        raise ValueError(f"seq_idx: expected an integer (batch, L) = ({batch}, {L}), got {seq_idx.dtype} "
+                         f"{_shape(seq_idx)}")
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, initial_state=None, seq_idx=None):
+    """The selective scan (DESIGN.md contract) as one fused Triton forward and a recomputing backward.
+
+    u, delta, z (batch, dim, L); A (dim, N) fp32; B, C (batch, N, L) | (batch, G, N, L) | (dim, N);
+    D, delta_bias (dim,); initial_state (batch, dim, N); seq_idx (batch, L) int: the state restarts
+    from zero wherever seq_idx changes (packed sequences). Returns y (batch, dim, L) in u's dtype and,
+    with return_last_state, the final state (batch, dim, N) fp32; both are differentiable.
+    """
+    _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    y, last, _ = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus))
+    return (y, last) if return_last_state else y
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One fused decode step (DESIGN.md contract); updates ``state`` (batch, dim, N) fp32 in place and
+    returns y (batch, dim) in x's dtype."""
+    check_state_update(state, x, dt, A, B, C, D, z, dt_bias)
+    return state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))

@@ -1,0 +1,219 @@
+"""Launchers and torch.library registration of the selective-scan kernels.
+
+``torch.ops.mambazoo.scan_fwd`` / ``scan_bwd`` are custom ops with fake (meta) implementations and
+an autograd formula, so ``torch.compile`` traces models that call them without graph breaks.
+``selective_scan_triton`` in kernels/__init__.py is the public entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
+
+# Tile sizes (block_l is shared: the backward starts its tiles from the forward's tile states). GPU values were picked by scripts/bench_scan.py (see docs/kernel_notes.md); the CPU
+# interpreter uses small tiles so that tests cross several tiles and splits at tiny lengths.
+CONFIG = {
+    "cuda": dict(block_l=64, block_d=4, fwd_warps=4, bwd_block_d=4, bwd_warps=4, min_programs=528, nsplit=0),
+    "cpu": dict(block_l=16, block_d=4, fwd_warps=1, bwd_block_d=4, bwd_warps=1, min_programs=1, nsplit=0),
+}
+
+
+def _cfg(device: torch.device) -> dict:
+    return CONFIG["cuda" if device.type == "cuda" else "cpu"]
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap that divides n."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _bc_layout(X: Tensor, dim: int):
+    """(tensor as (b, G, N, L) or (d, N), G, channels per group, invariant?)."""
+    if X.dim() == 2:
+        return X.contiguous(), 1, dim, True
+    if X.dim() == 3:
+        X = X.unsqueeze(1)
+    G = X.shape[1]
+    return X.contiguous(), G, dim // G, False
+
+
+def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict):
+    batch, dim, L = u.shape
+    for X in (B, C):
+        if X.dim() == 4 and X.shape[1] > 1:
+            block_d = _pow2_divisor(dim // X.shape[1], block_d)
+    n_tiles = max(1, triton.cdiv(L, block_l))
+    progs = batch * triton.cdiv(dim, block_d)
+    nsplit = cfg["nsplit"] or max(1, min(n_tiles, triton.cdiv(cfg["min_programs"], progs)))
+    tiles_per_split = triton.cdiv(n_tiles, nsplit)
+    nsplit = triton.cdiv(n_tiles, tiles_per_split)
+    return block_d, n_tiles, nsplit, tiles_per_split
+
+
+def _n_tiles(L: int, device: torch.device) -> int:
+    return max(1, triton.cdiv(L, _cfg(device)["block_l"]))
+
+
+def _flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv):
+    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, B_INV=B_inv, C_INV=C_inv)
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus):
+    """Returns y (b, d, L) in u's dtype, the last state (b, d, N) fp32, tile states (b, d, T, N) fp32."""
+    cfg = _cfg(u.device)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
+    z = z.contiguous() if z is not None else None
+    seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
+    Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
+    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["block_d"], cfg["block_l"], cfg)
+    block_n = triton.next_power_of_2(N)
+    y = torch.empty_like(u)
+    hs = u.new_empty(batch, dim, n_tiles, N, dtype=torch.float32)
+    hend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)
+    grid = (batch * triton.cdiv(dim, block_d), nsplit)
+    common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=cfg["block_l"], num_warps=cfg["fwd_warps"],
+                  **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv))
+    sizes = (dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit)
+    h0 = initial_state.float().contiguous().unsqueeze(2) if initial_state is not None else None
+    if nsplit > 1:
+        # pass 1: each stretch from a zero state; then chain the stretches
+        pend = torch.empty_like(hend)
+        scan_fwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, None, None, None, hend, pend,
+                              *sizes, HAS_H0=False, STATE_ONLY=True, **common)
+        h = h0[:, :, 0] if h0 is not None else u.new_zeros(batch, dim, N, dtype=torch.float32)
+        starts = [h]
+        for s in range(nsplit - 1):
+            h = pend[:, :, s] * h + hend[:, :, s]
+            starts.append(h)
+        h0 = torch.stack(starts, dim=2).contiguous()
+    scan_fwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, h0, y, hs, hend, None,
+                          *sizes, HAS_H0=h0 is not None, STATE_ONLY=False, **common)
+    return y, hend[:, :, -1].contiguous(), hs
+
+
+def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, softplus, has_h0):
+    """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0); absent inputs get empty tensors."""
+    cfg = _cfg(u.device)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    dout = dout.contiguous()
+    u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
+    z = z.contiguous() if z is not None else None
+    seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
+    Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
+    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["bwd_block_d"], cfg["block_l"], cfg)
+    block_n = triton.next_power_of_2(N)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    dA = torch.zeros(dim, N, **f32)
+    dB = torch.zeros(Bk.shape, **f32)
+    dC = torch.zeros(Ck.shape, **f32)
+    dD = torch.zeros(dim, **f32) if D is not None else None
+    dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
+    dh0 = u.new_empty(batch, dim, N, dtype=torch.float32) if has_h0 else None
+    grid = (batch * triton.cdiv(dim, block_d), nsplit)
+    common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=cfg["block_l"], num_warps=cfg["bwd_warps"],
+                  **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv))
+    sizes = (dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit)
+    qin = None
+    if dlast is not None:
+        qin = dlast.float().contiguous().unsqueeze(2)
+    if nsplit > 1:
+        qend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)
+        rend = torch.empty_like(qend)
+        scan_bwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, hs, dout, None,
+                              du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, qend, rend,
+                              *sizes, HAS_QIN=False, HAS_H0=False, STATE_ONLY=True, **common)
+        q = qin[:, :, 0] if qin is not None else u.new_zeros(batch, dim, N, dtype=torch.float32)
+        carries = [q]
+        for s in range(nsplit - 1, 0, -1):
+            q = qend[:, :, s] + rend[:, :, s] * q
+            carries.append(q)
+        qin = torch.stack(carries[::-1], dim=2).contiguous()
+    scan_bwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, hs, dout, qin,
+                          du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, None, None,
+                          *sizes, HAS_QIN=qin is not None, HAS_H0=has_h0, STATE_ONLY=False, **common)
+    def empty():  # a distinct tensor each time: custom-op outputs may not alias one another
+        return u.new_empty(0)
+
+    return (du, ddelta, dA.to(A.dtype), dB.view(B.shape).to(B.dtype), dC.view(C.shape).to(C.dtype),
+            dD.to(D.dtype) if D is not None else empty(), dz if dz is not None else empty(),
+            dbias.to(delta_bias.dtype) if delta_bias is not None else empty(),
+            dh0 if dh0 is not None else empty())
+
+
+# ---------------------------------------------------------------- torch.library registration
+
+@torch.library.custom_op("mambazoo::scan_fwd", mutates_args=())
+def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+             z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+             seq_idx: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused forward: (y, last state, tile states)."""
+    return scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus)
+
+
+@scan_fwd.register_fake
+def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    return (torch.empty_like(u), u.new_empty(batch, dim, N, dtype=torch.float32),
+            u.new_empty(batch, dim, _n_tiles(L, u.device), N, dtype=torch.float32))
+
+
+@torch.library.custom_op("mambazoo::scan_bwd", mutates_args=())
+def scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+             C: Tensor, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+             seq_idx: Optional[Tensor], tile_states: Tensor, delta_softplus: bool,
+             has_initial_state: bool) -> list[Tensor]:
+    """Recomputing backward: [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state]
+    (an empty tensor for each input that was None)."""
+    return list(scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, tile_states,
+                              delta_softplus, has_initial_state))
+
+
+@scan_bwd.register_fake
+def _scan_bwd_fake(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, tile_states, delta_softplus,
+                   has_initial_state):
+    batch, dim, _ = u.shape
+    like = lambda t: torch.empty_like(t) if t is not None else u.new_empty(0)  # noqa: E731
+    return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), like(D), like(z), like(delta_bias),
+            u.new_empty(batch, dim, A.shape[1], dtype=torch.float32) if has_initial_state else u.new_empty(0)]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
+    ctx.softplus = softplus
+    ctx.has_h0 = initial_state is not None
+    ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+
+
+def _backward(ctx, dy, dlast, _dtiles):
+    u, delta, A, B, C, D, z, delta_bias, seq_idx, hs = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(u)
+    g = scan_bwd(dy, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, ctx.softplus, ctx.has_h0)
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = g
+    return (du, ddelta, dA, dB, dC,
+            dD if D is not None else None, dz if z is not None else None,
+            dbias if delta_bias is not None else None,
+            dh0.to(ctx.h0_dtype) if ctx.has_h0 else None, None, None)
+
+
+scan_fwd.register_autograd(_backward, setup_context=_setup_context)

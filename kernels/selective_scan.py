@@ -1,0 +1,312 @@
+"""Triton kernels of the selective scan (S6): fused forward and recomputing backward.
+
+Shapes (``batch`` b, channels ``dim`` d, length L, state size N, groups G):
+    u, delta, z, y          (b, d, L)      any float dtype, loaded as fp32
+    A                       (d, N)         fp32
+    B, C                    (b, G, N, L)   variable ("grouped" when G > 1), or (d, N) time-invariant
+    D, delta_bias           (d,)
+    h0 / last state         (b, d, N)      fp32
+    seq_idx                 (b, L)         int32; the state restarts from zero where it changes
+    tile states             (b, d, T, N)   fp32, the state entering each L tile (T = cdiv(L, BLOCK_L))
+
+Each program owns BLOCK_D channels of one batch row and walks its stretch of L in tiles of
+BLOCK_L steps.  Inside a tile the recurrence h_t = a_t h_{t-1} + x_t is an associative scan of the
+pairs (a_t, x_t) over the (BLOCK_D, N, BLOCK_L) tile; the state entering the tile is carried in
+registers.  Nothing of size (b, d, L, N) is ever written to memory.
+
+Long sequences with few channels split L into ``nsplit`` stretches: a first pass (STATE_ONLY)
+returns each stretch's end state from zero and its decay product, a few tiny PyTorch steps chain
+them, and the full pass then starts every stretch from its true state.  The backward does the
+same in reverse for the gradient carried into each stretch.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _combine(a1, x1, a2, x2):
+    # (a1, x1) then (a2, x2): h -> a2 (a1 h + x1) + x2
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta (+ bias), softplus; returns (dt, pre-softplus value), both (BLOCK_D, BLOCK_L), 0 off the mask."""
+    v = tl.load(dl_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v = v + bias[:, None]
+    dt = v
+    if SOFTPLUS:
+        dt = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(v)))
+    dt = tl.where(io_mask, dt, 0.0)
+    return dt, v
+
+
+@triton.jit
+def _bc_tile(ptr, b, g, G, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, INV: tl.constexpr):
+    """B or C as a (BLOCK_D or 1, BLOCK_N, BLOCK_L or 1) fp32 tile."""
+    if INV:
+        v = tl.load(ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        return v.to(tl.float32)[:, :, None]
+    rows = ((b * G + g) * N + offs_n) * L
+    v = tl.load(ptr + rows[:, None] + t[None, :], mask=mask_n[:, None] & mask_t[None, :], other=0.0)
+    return v.to(tl.float32)[None, :, :]
+
+
+@triton.jit
+def _reset_tile(seq_ptr, b, L, t, mask_t, SHIFT: tl.constexpr):
+    """True where the state restarts at position t + SHIFT (seq_idx[t+SHIFT] != seq_idx[t+SHIFT-1])."""
+    tt = t + SHIFT
+    ok = (tt > 0) & (tt < L)
+    cur = tl.load(seq_ptr + b * L + tt, mask=ok, other=0)
+    prev = tl.load(seq_ptr + b * L + tt - 1, mask=ok, other=0)
+    return ok & (cur != prev)
+
+
+@triton.jit
+def _last(v, offs_l, BLOCK_L: tl.constexpr):
+    """v[..., BLOCK_L - 1] of a (BLOCK_D, BLOCK_N, BLOCK_L) tile."""
+    return tl.sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, v, 0.0), axis=2)
+
+
+@triton.jit
+def _first(v, offs_l):
+    return tl.sum(tl.where(offs_l[None, None, :] == 0, v, 0.0), axis=2)
+
+
+@triton.jit
+def scan_fwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, h0_ptr,
+    y_ptr, hs_ptr, hend_ptr, pend_ptr,
+    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, B_INV: tl.constexpr, C_INV: tl.constexpr,
+    STATE_ONLY: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Grid (b * cdiv(d, BLOCK_D), nsplit).  Full pass: writes y, the tile states and the end state
+    of each stretch (hend (b, d, nsplit, N)).  STATE_ONLY: writes hend from a zero start and the
+    decay product pend (b, d, nsplit, N) of each stretch."""
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    n_dblk = tl.cdiv(dim, BLOCK_D)
+    b = pid // n_dblk
+    d0 = (pid % n_dblk) * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    gb = d0 // dpg_b
+    gc = d0 // dpg_c
+
+    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    state_off = ((b * dim + offs_d[:, None]) * nsplit + s) * N + offs_n[None, :]  # into (b, d, nsplit, N)
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    if HAS_H0 and not STATE_ONLY:
+        h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0).to(tl.float32)
+    prod = tl.full([BLOCK_D, BLOCK_N], 1.0, dtype=tl.float32)
+
+    row = (b * dim + offs_d) * L
+    tile0 = s * tiles_per_split
+    t_begin = tile0 * BLOCK_L
+    # the last stretch may hold fewer tiles: its extra tiles lie past L, fully masked (identity steps)
+    n_tiles = tiles_per_split
+    for it in range(n_tiles):
+        t = t_begin + it * BLOCK_L + offs_l
+        mask_t = t < L
+        io_mask = mask_d[:, None] & mask_t[None, :]
+        dt, _ = _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        Bt = _bc_tile(B_ptr, b, gb, GB, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, B_INV)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        if HAS_SEQ:
+            reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0)
+            a = tl.where(reset[None, None, :], 0.0, a)
+        x = (dt * u)[:, None, :] * Bt
+        acum, hz = tl.associative_scan((a, x), axis=2, combine_fn=_combine)
+        if STATE_ONLY:
+            prod = prod * _last(acum, offs_l, BLOCK_L)
+            h = _last(hz, offs_l, BLOCK_L) + _last(acum, offs_l, BLOCK_L) * h
+        else:
+            tl.store(hs_ptr + ((b * dim + offs_d[:, None]) * n_tiles_total + tile0 + it) * N + offs_n[None, :],
+                     h, mask=mask_dn & (tile0 + it < n_tiles_total))
+            hfull = acum * h[:, :, None] + hz
+            Ct = _bc_tile(C_ptr, b, gc, GC, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, C_INV)
+            y = tl.sum(hfull * Ct, axis=1)
+            if HAS_D:
+                y += Dv[:, None] * u
+            if HAS_Z:
+                zv = tl.load(z_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+                y = y * zv * tl.sigmoid(zv)
+            tl.store(y_ptr + row[:, None] + t[None, :], y.to(y_ptr.dtype.element_ty), mask=io_mask)
+            h = _last(hfull, offs_l, BLOCK_L)
+    tl.store(hend_ptr + state_off, h, mask=mask_dn)
+    if STATE_ONLY:
+        tl.store(pend_ptr + state_off, prod, mask=mask_dn)
+
+
+@triton.jit
+def scan_bwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, hs_ptr, dout_ptr, qin_ptr,
+    du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr, qend_ptr, rend_ptr,
+    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_QIN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
+    B_INV: tl.constexpr, C_INV: tl.constexpr, STATE_ONLY: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Grid (b * cdiv(d, BLOCK_D), nsplit); walks its stretch of L backwards, tile by tile.
+
+    q_t = dL/dx_t = dL/dh_t obeys q_t = C_t dy_t + a_{t+1} q_{t+1}: a reverse scan of the pairs
+    (a_{t+1}, C_t dy_t).  qin (b, d, nsplit, N) is q entering each stretch from its right.
+    Full pass: recomputes the states of each tile from its stored entering state and writes du,
+    ddelta, dz; adds dA, dD, dbias (fp32, per program) and dB, dC (fp32, per tile, reduced over
+    the program's channels) with atomics; writes dh0 = a_0 q_0 (b, d, N).
+    STATE_ONLY: needs no u, B or states; writes q at the stretch's first step from a zero carry
+    (qend) and the product of the a_{t+1} of the stretch (rend)."""
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    n_dblk = tl.cdiv(dim, BLOCK_D)
+    b = pid // n_dblk
+    d0 = (pid % n_dblk) * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    gb = d0 // dpg_b
+    gc = d0 // dpg_c
+
+    An = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = An * 1.4426950408889634
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    state_off = ((b * dim + offs_d[:, None]) * nsplit + s) * N + offs_n[None, :]
+    q = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    if HAS_QIN and not STATE_ONLY:
+        q = tl.load(qin_ptr + state_off, mask=mask_dn, other=0.0)
+    rprod = tl.full([BLOCK_D, BLOCK_N], 1.0, dtype=tl.float32)
+    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dB_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dC_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    row = (b * dim + offs_d) * L
+    tile0 = s * tiles_per_split
+    t_begin = tile0 * BLOCK_L
+    # the last stretch may hold fewer tiles: its extra tiles lie past L, fully masked (identity steps)
+    n_tiles = tiles_per_split
+    for it_rev in range(n_tiles):
+        it = n_tiles - 1 - it_rev
+        t = t_begin + it * BLOCK_L + offs_l
+        mask_t = t < L
+        io_mask = mask_d[:, None] & mask_t[None, :]
+        # a_{t+1}: 1 past the end so that q_L (the last state's gradient) flows into q_{L-1}
+        tn = t + 1
+        next_mask = mask_d[:, None] & (tn < L)[None, :]
+        dtn, _ = _dt_tile(dl_ptr, bias, row, tn, next_mask, HAS_BIAS, SOFTPLUS)
+        an = tl.exp2(dtn[:, None, :] * A2[:, :, None])
+        if HAS_SEQ:
+            reset_n = _reset_tile(seq_ptr, b, L, t, mask_t, 1)
+            an = tl.where(reset_n[None, None, :], 0.0, an)
+        dout = tl.load(dout_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        dy = dout
+        if HAS_Z:
+            zv = tl.load(z_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zv)
+            dy = dout * zv * sz
+        Ct = _bc_tile(C_ptr, b, gc, GC, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, C_INV)
+        c = Ct * dy[:, None, :]
+        rcum, qz = tl.associative_scan((an, c), axis=2, combine_fn=_combine, reverse=True)
+        if STATE_ONLY:
+            rprod = rprod * _first(rcum, offs_l)
+            q = _first(qz, offs_l) + _first(rcum, offs_l) * q
+        else:
+            qt = rcum * q[:, :, None] + qz  # (BD, BN, BL)
+            q = _first(qt, offs_l)
+            # recompute the forward states of this tile
+            dt, v = _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS, SOFTPLUS)
+            u = tl.load(u_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            Bt = _bc_tile(B_ptr, b, gb, GB, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, B_INV)
+            a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+            if HAS_SEQ:
+                reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0)
+                a = tl.where(reset[None, None, :], 0.0, a)
+            dtu = dt * u
+            x = dtu[:, None, :] * Bt
+            acum, hz = tl.associative_scan((a, x), axis=2, combine_fn=_combine)
+            h_in = tl.load(hs_ptr + ((b * dim + offs_d[:, None]) * n_tiles_total + tile0 + it) * N + offs_n[None, :],
+                           mask=mask_dn & (tile0 + it < n_tiles_total), other=0.0)
+            h = acum * h_in[:, :, None] + hz
+            hm = h - x  # a_t h_{t-1}
+            if HAS_Z:
+                y = tl.sum(h * Ct, axis=1) + Dv[:, None] * u
+                dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
+                tl.store(dz_ptr + row[:, None] + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
+            qB = tl.sum(qt * Bt, axis=1)  # (BD, BL)
+            du = dt * qB + dy * Dv[:, None]
+            tl.store(du_ptr + row[:, None] + t[None, :], du.to(du_ptr.dtype.element_ty), mask=io_mask)
+            ddt = u * qB + tl.sum(qt * hm * An[:, :, None], axis=1)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(v)
+            ddt = tl.where(io_mask, ddt, 0.0)
+            tl.store(ddl_ptr + row[:, None] + t[None, :], ddt.to(ddl_ptr.dtype.element_ty), mask=io_mask)
+            dbias_acc += tl.sum(ddt, axis=1)
+            dD_acc += tl.sum(dy * u, axis=1)
+            dA_acc += tl.sum(qt * hm * dt[:, None, :], axis=2)
+            if B_INV:
+                dB_acc += tl.sum(qt * dtu[:, None, :], axis=2)
+            else:
+                dBt = tl.sum(qt * dtu[:, None, :], axis=0)  # (BN, BL)
+                rows = ((b * GB + gb) * N + offs_n) * L
+                tl.atomic_add(dB_ptr + rows[:, None] + t[None, :], dBt, mask=mask_n[:, None] & mask_t[None, :])
+            if C_INV:
+                dC_acc += tl.sum(h * dy[:, None, :], axis=2)
+            else:
+                dCt = tl.sum(h * dy[:, None, :], axis=0)
+                rows = ((b * GC + gc) * N + offs_n) * L
+                tl.atomic_add(dC_ptr + rows[:, None] + t[None, :], dCt, mask=mask_n[:, None] & mask_t[None, :])
+    if STATE_ONLY:
+        tl.store(qend_ptr + state_off, q, mask=mask_dn)
+        tl.store(rend_ptr + state_off, rprod, mask=mask_dn)
+    else:
+        dn_off = offs_d[:, None] * N + offs_n[None, :]
+        tl.atomic_add(dA_ptr + dn_off, dA_acc, mask=mask_dn)
+        if B_INV:
+            tl.atomic_add(dB_ptr + dn_off, dB_acc, mask=mask_dn)
+        if C_INV:
+            tl.atomic_add(dC_ptr + dn_off, dC_acc, mask=mask_dn)
+        if HAS_D:
+            tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
+        if HAS_BIAS:
+            tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
+        if HAS_H0:
+            if s == 0:
+                # dh_{-1} = a_0 q_0
+                t0 = tl.zeros([BLOCK_L], dtype=tl.int32) + offs_l * 0
+                m0 = mask_d[:, None] & (offs_l == 0)[None, :]
+                dt0, _ = _dt_tile(dl_ptr, bias, row, t0, m0, HAS_BIAS, SOFTPLUS)
+                dt0 = tl.sum(dt0, axis=1)  # (BD,)
+                a0 = tl.exp2(dt0[:, None] * A2)
+                tl.store(dh0_ptr + (b * dim + offs_d[:, None]) * N + offs_n[None, :], a0 * q, mask=mask_dn)

@@ -1,0 +1,118 @@
+"""Fused one-token decode step of the selective scan.
+
+    state (b, d, N) fp32, updated in place;  x, dt, z, y (b, d);  A (d, N);
+    B, C (b, G, N) (G = 1 for (b, N));  D, dt_bias (d,)
+
+    dt <- softplus(dt + dt_bias);  state <- exp(dt A) state + dt B x;  y = C . state + D x;  y *= silu(z)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+    dim, N, G, dpg,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (b, cdiv(d, BLOCK_D)); channels of one program share one group (BLOCK_D divides dpg)."""
+    b = tl.program_id(0)
+    d0 = tl.program_id(1) * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_n = offs_n < N
+    mask = mask_d[:, None] & mask_n[None, :]
+    g = d0 // dpg
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    st_ptr = state_ptr + b * dim * N + dn
+    h = tl.load(st_ptr, mask=mask, other=0.0)
+    A = tl.load(A_ptr + dn, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+    Bv = tl.load(B_ptr + (b * G + g) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + (b * G + g) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    a = tl.exp2(dt[:, None] * A * 1.4426950408889634)
+    h = a * h + (dt * x)[:, None] * Bv[None, :]
+    tl.store(st_ptr, h, mask=mask)
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
+    if HAS_Z:
+        z = tl.load(z_ptr + b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        y = y * z * tl.sigmoid(z)
+    tl.store(y_ptr + b * dim + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+@torch.library.custom_op("mambazoo::state_update", mutates_args=("state",))
+def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool) -> Tensor:
+    """One decode step; ``state`` must be contiguous fp32 (updated in place); returns y (b, d)."""
+    batch, dim, N = state.shape
+    Bk = B if B.dim() == 3 else B.unsqueeze(1)
+    Ck = C if C.dim() == 3 else C.unsqueeze(1)
+    if Bk.shape[1] != Ck.shape[1]:
+        G = max(Bk.shape[1], Ck.shape[1])
+        Bk = Bk.repeat_interleave(G // Bk.shape[1], dim=1)
+        Ck = Ck.repeat_interleave(G // Ck.shape[1], dim=1)
+    G = Bk.shape[1]
+    dpg = dim // G
+    block_d = _pow2_divisor(dpg, 32) if G > 1 else 32
+    y = torch.empty_like(x)
+    grid = (batch, triton.cdiv(dim, block_d))
+    state_update_kernel[grid](
+        state, x.contiguous(), dt.contiguous(), A.contiguous(), Bk.contiguous(), Ck.contiguous(), D,
+        z.contiguous() if z is not None else None, dt_bias, y,
+        dim, N, G, dpg,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), num_warps=4 if state.is_cuda else 1,
+    )
+    return y
+
+
+@state_update.register_fake
+def _state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.empty_like(x)
+
+
+def _shape(t):
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):
+    """Minimal boundary checks; raises ValueError naming the expected layout."""
+    if state.dim() != 3 or state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"state: expected a contiguous float32 (batch, dim, N), got {state.dtype} {_shape(state)}")
+    batch, dim, N = state.shape
+    for name, t in (("x", x), ("dt", dt), ("z", z)):
+        if t is not None and tuple(t.shape) != (batch, dim):
+            raise ValueError(f"{name}: expected (batch, dim) = ({batch}, {dim}), got {_shape(t)}")
+    if tuple(A.shape) != (dim, N):
+        raise ValueError(f"A: expected (dim, N) = ({dim}, {N}), got {_shape(A)}")
+    for name, t in (("B", B), ("C", C)):
+        ok = (t.dim() == 2 and tuple(t.shape) == (batch, N)) or (
+            t.dim() == 3 and t.shape[0] == batch and t.shape[2] == N and dim % t.shape[1] == 0)
+        if not ok:
+            raise ValueError(f"{name}: expected (batch, N) = ({batch}, {N}) or (batch, groups, N), got {_shape(t)}")
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f"{name}: expected (dim,) = ({dim},), got {_shape(t)}")

@@ -1,0 +1,231 @@
+"""The Triton selective-scan kernels against core's reference (CPU, TRITON_INTERPRET=1).
+
+Shapes are tiny (the interpreter is slow); the CPU tile is 16 steps, so L = 37 and 129 cross tiles.
+Errors are ||out - ref|| / ||ref|| per output and per gradient.
+"""
+
+import pytest
+import torch
+
+from core.scan import selective_scan_ref, selective_state_update_ref
+from kernels import ops, selective_scan_triton, selective_state_update
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def rel(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(batch=2, dim=4, L=37, N=4, dtype=torch.float32, b_shape="variable", c_shape="variable",
+                groups=2, D=True, z=True, bias=True, h0=True):
+    """Fresh random inputs; dt = softplus(delta + bias) spreads over about [1e-3, 1]."""
+    def bc(kind):
+        if kind == "variable":
+            return torch.randn(batch, N, L, dtype=dtype)
+        if kind == "grouped":
+            return torch.randn(batch, groups, N, L, dtype=dtype)
+        return torch.randn(dim, N, dtype=dtype)  # invariant
+
+    return dict(
+        u=torch.randn(batch, dim, L, dtype=dtype),
+        delta=(torch.rand(batch, dim, L) * 6 - 6).to(dtype),
+        A=-torch.rand(dim, N) * 3 - 0.1,
+        B=bc(b_shape),
+        C=bc(c_shape),
+        D=torch.randn(dim) if D else None,
+        z=torch.randn(batch, dim, L, dtype=dtype) if z else None,
+        delta_bias=torch.rand(dim) * 0.5 if bias else None,
+        initial_state=torch.randn(batch, dim, N) if h0 else None,
+    )
+
+
+def leaves(inp):
+    return {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in inp.items()}
+
+
+def run_both(inp, softplus=True, last=True, fn_ref=None, seq_idx=None):
+    """Forward and all gradients through the kernel and through the reference; returns both dicts."""
+    results = []
+    for impl in ("triton", "ref"):
+        x = leaves(inp)
+        args = [x[k] for k in NAMES[:8]]
+        if impl == "triton":
+            out = selective_scan_triton(*args, softplus, True, x["initial_state"], seq_idx)
+        elif fn_ref is not None:
+            out = fn_ref(x, softplus)
+        else:
+            out = selective_scan_ref(*args, softplus, True, x["initial_state"])
+        y, h = out
+        torch.manual_seed(1)
+        gy, gh = torch.randn_like(y), torch.randn_like(h)
+        loss = (y.float() * gy.float()).sum() + ((h * gh).sum() if last else 0)
+        loss.backward()
+        res = {"y": y.detach(), "last_state": h.detach()}
+        res.update({f"d{k}": v.grad for k, v in x.items() if v is not None})
+        results.append(res)
+    return results
+
+
+def assert_close(got, ref, tol):
+    for k in ref:
+        assert got[k] is not None, k
+        assert got[k].shape == ref[k].shape, (k, got[k].shape, ref[k].shape)
+        assert got[k].dtype == ref[k].dtype, (k, got[k].dtype, ref[k].dtype)
+        assert torch.isfinite(got[k]).all(), k
+        err = rel(got[k], ref[k])
+        assert err < tol, f"{k}: relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_and_gradients(dtype):
+    inp = make_inputs(dtype=dtype)
+    got, ref = run_both(inp)
+    assert_close(got, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("L", [1, 7, 129])
+def test_odd_lengths(L):
+    got, ref = run_both(make_inputs(L=L, batch=1, dim=3))
+    assert_close(got, ref, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("b_shape,c_shape", [("grouped", "grouped"), ("invariant", "invariant"),
+                                             ("invariant", "variable"), ("variable", "grouped")])
+def test_bc_layouts(b_shape, c_shape):
+    got, ref = run_both(make_inputs(dim=8, L=20, b_shape=b_shape, c_shape=c_shape))
+    assert_close(got, ref, TOL[torch.float32])
+
+
+def test_no_optional_inputs_no_softplus():
+    inp = make_inputs(D=False, z=False, bias=False, h0=False, L=19)
+    inp["delta"] = torch.rand_like(inp["delta"]) * 0.5  # dt used as is: keep it positive
+    got, ref = run_both(inp, softplus=False, last=False)
+    assert_close(got, ref, TOL[torch.float32])
+
+
+@pytest.fixture
+def split_l(monkeypatch):
+    """Force the long-sequence path: L split into stretches chained by the carry passes."""
+    monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 3)
+
+
+def test_split_sequence(split_l):
+    got, ref = run_both(make_inputs(L=100, batch=1, dim=3))
+    assert_close(got, ref, TOL[torch.float32])
+
+
+def _segments(seq_row):
+    """[(start, end)] of the runs of equal values in one row of seq_idx."""
+    cuts = [0] + [t for t in range(1, len(seq_row)) if seq_row[t] != seq_row[t - 1]] + [len(seq_row)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _ref_with_seq_idx(seq_idx):
+    """The oracle run per packed segment: zero state at each segment start (initial_state for the first)."""
+    def fn(x, softplus):
+        ys, lasts = [], []
+        for b in range(x["u"].shape[0]):
+            yb, h = [], x["initial_state"][b:b + 1] if x["initial_state"] is not None else None
+            for s, e in _segments(seq_idx[b].tolist()):
+                def cut(t):
+                    if t is None or t.dim() == 2:
+                        return t
+                    return t[b:b + 1, ..., s:e]
+                y, h = selective_scan_ref(cut(x["u"]), cut(x["delta"]), x["A"], cut(x["B"]), cut(x["C"]), x["D"],
+                                          cut(x["z"]), x["delta_bias"], softplus, True, h if s == 0 else None)
+                yb.append(y)
+            ys.append(torch.cat(yb, dim=-1))
+            lasts.append(h)
+        return torch.cat(ys), torch.cat(lasts)
+    return fn
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_seq_idx_boundaries(split, monkeypatch):
+    if split:
+        monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 3)
+    L = 45
+    seq_idx = torch.tensor([[0] * 10 + [1] * 16 + [2] * 19, [0] * 33 + [5] * 12], dtype=torch.int32)
+    got, ref = run_both(make_inputs(L=L), fn_ref=_ref_with_seq_idx(seq_idx), seq_idx=seq_idx)
+    assert_close(got, ref, TOL[torch.float32])
+
+
+def test_seq_idx_does_not_leak():
+    """Changing the first packed sequence leaves the second one's outputs untouched."""
+    inp = make_inputs(batch=1, L=24, h0=False)
+    seq_idx = torch.tensor([[0] * 9 + [1] * 15], dtype=torch.int32)
+    args = [inp[k] for k in NAMES[:8]]
+    y1 = selective_scan_triton(*args, True, False, None, seq_idx)
+    args[0] = args[0].clone()
+    args[0][..., :9] = torch.randn(1, 4, 9)
+    y2 = selective_scan_triton(*args, True, False, None, seq_idx)
+    assert torch.equal(y1[..., 9:], y2[..., 9:])
+    assert not torch.equal(y1[..., :9], y2[..., :9])
+
+
+@pytest.mark.parametrize("dtype,groups", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 2)])
+def test_state_update(dtype, groups):
+    batch, dim, N = 3, 8, 4
+    state = torch.randn(batch, dim, N)
+    bc = (batch, N) if groups == 1 else (batch, groups, N)
+    args = dict(x=torch.randn(batch, dim, dtype=dtype), dt=torch.randn(batch, dim, dtype=dtype),
+                A=-torch.rand(dim, N) * 3, B=torch.randn(*bc, dtype=dtype), C=torch.randn(*bc, dtype=dtype),
+                D=torch.randn(dim), z=torch.randn(batch, dim, dtype=dtype), dt_bias=torch.rand(dim))
+    s_ref = state.clone()
+    y_ref = selective_state_update_ref(s_ref, **args, dt_softplus=True)
+    y = selective_state_update(state, **args, dt_softplus=True)
+    assert y.dtype == dtype and y.shape == (batch, dim)
+    assert rel(y, y_ref) < TOL[dtype]
+    assert rel(state, s_ref) < 1e-5
+
+
+def test_state_update_matches_scan():
+    """Two decode steps equal the last two outputs of the scan over the same two steps."""
+    inp = make_inputs(batch=2, dim=4, L=2, z=False, h0=False)
+    y = selective_scan_triton(*[inp[k] for k in NAMES[:8]], True)
+    state = torch.zeros(2, 4, 4)
+    for t in range(2):
+        yt = selective_state_update(state, inp["u"][..., t], inp["delta"][..., t], inp["A"], inp["B"][..., t],
+                                    inp["C"][..., t], inp["D"], None, inp["delta_bias"], True)
+        assert rel(yt, y[..., t]) < 1e-5
+
+
+def test_bad_inputs_raise_value_error():
+    inp = make_inputs()
+    args = [inp[k] for k in NAMES[:8]]
+    with pytest.raises(ValueError, match="delta"):
+        selective_scan_triton(args[0], args[1][..., :-1], *args[2:])
+    with pytest.raises(ValueError, match="B"):
+        selective_scan_triton(*args[:3], args[3][:, :-1], *args[4:])
+    with pytest.raises(ValueError, match="seq_idx"):
+        selective_scan_triton(*args, seq_idx=torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="state"):
+        selective_state_update(torch.zeros(2, 4, 4, dtype=torch.float16), torch.zeros(2, 4), torch.zeros(2, 4),
+                               torch.zeros(4, 4), torch.zeros(2, 4), torch.zeros(2, 4))
+
+
+def test_torch_compile_full_graph():
+    """The registered ops trace without graph breaks (backend aot_eager: no C++ compiler needed)."""
+    inp = make_inputs(L=9, batch=1, dim=2, h0=False)
+
+    def f(u, delta, A, B, C, D, z, bias):
+        return selective_scan_triton(u, delta, A, B, C, D, z, bias, True).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    x = leaves(inp)
+    args = [x[k] for k in NAMES[:8]]
+    loss = compiled(*args)
+    loss.backward()
+    ref = selective_scan_ref(*[inp[k] for k in NAMES[:8]], True).sum()
+    assert rel(loss.detach(), ref) < 1e-5
+    assert args[0].grad is not None
+
+
+def test_opcheck():
+    inp = make_inputs(L=5, batch=1, dim=2, N=2)
+    args = (*[inp[k] for k in NAMES], None, True)
+    torch.library.opcheck(torch.ops.mambazoo.scan_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
