@@ -1,0 +1,67 @@
+"""AuM-style audio classifier: the audio front end's log-mel spectrogram (batch, 1, n_mels, frames)
+is cut into 16x16 patches and read by the Vision Mamba backbone (middle class token, absolute
+position embedding, bidirectional "v2" blocks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zoo.audio.frontend import AudioFrontend
+from zoo.vim.model import VisionMamba
+
+
+class AudioMamba(nn.Module):
+    """wave (batch, samples) at ``sample_rate`` -> logits (batch, num_classes).
+
+    Args:
+        sample_rate, n_mels, frames, n_fft, win_length, hop_length, freq_mask, time_mask: the front end's
+            (see AudioFrontend); a batch at another rate is resampled when ``forward`` is told it.
+        patch_size, stride, embed_dim, depth, d_state, num_classes, drop_path_rate, drop_rate:
+            the backbone's (see VisionMamba), applied to an image of (n_mels, frames) pixels.
+    """
+
+    def __init__(self, num_classes: int = 527, sample_rate: int = 16000, n_mels: int = 128, frames: int = 1024,
+                 n_fft: int = 1024, win_length: int = 400, hop_length: int = 160, freq_mask: int = 24,
+                 time_mask: int = 96, patch_size=16, stride=None, embed_dim: int = 192, depth: int = 24, d_state: int = 16,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "token"):
+        super().__init__()
+        self.frontend = AudioFrontend(sample_rate, n_mels, frames, n_fft, win_length, hop_length, freq_mask,
+                                      time_mask)
+        self.backbone = VisionMamba(
+            img_size=(n_mels, frames), patch_size=patch_size, stride=stride, in_chans=1,
+            num_classes=num_classes, embed_dim=embed_dim, depth=depth, d_state=d_state,
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate, global_pool=global_pool)
+        self.num_classes, self.sample_rate = num_classes, sample_rate
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.backbone.reset_classifier(num_classes, global_pool)
+        self.num_classes = num_classes
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def load_pretrained(self, path) -> None:
+        """Load a local weights file (see zoo.vim.weights.load_weights); a head of another size stays fresh."""
+        from zoo.vim.weights import load_weights
+
+        report = load_weights(self, path, strict=False)
+        head = ("backbone.head.weight", "backbone.head.bias")
+        problems = [k for k in report["missing"] if k not in head] + report["unexpected"]
+        problems += [m for m in report["mismatched"] if m.split(":")[0] not in head]
+        if problems:
+            raise ValueError(f"{path}: the weights do not fit AudioMamba: " + "; ".join(problems[:20]))
+
+    def spectrogram(self, wave: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
+        """wave (batch, samples) -> (batch, 1, n_mels, frames); masked in training mode."""
+        return self.frontend(wave, sample_rate)
+
+    def forward_features(self, wave: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
+        """wave (batch, samples) -> normalized tokens (batch, 1 + num_patches, embed_dim)."""
+        return self.backbone.forward_features(self.spectrogram(wave, sample_rate))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.backbone.forward_head(x, pre_logits)
+
+    def forward(self, wave: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(wave, sample_rate))

@@ -1,0 +1,25 @@
+"""Vision Mamba (Vim): bidirectional Mamba over image patches with a middle class token.
+
+Registers the named configs (``zoo.create_model('vim-tiny')``, see ``zoo.vim.configs``) and the timm
+architectures ``vim_{tiny,small,base}_patch16_224`` (``timm.create_model`` after ``import zoo.vim``)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from zoo.registry import register_model
+from zoo.vim import timm_models  # noqa: F401  (registers the timm names)
+from zoo.vim.configs import DESCRIPTIONS, VIM_CONFIGS
+from zoo.vim.model import PatchEmbed, VisionMamba
+from zoo.vim.weights import load_weights, read_state_dict
+
+
+def build_vim(name: str, **overrides) -> VisionMamba:
+    """The named config ``name`` with keyword ``overrides`` of VisionMamba's arguments."""
+    return VisionMamba(**{**VIM_CONFIGS[name], **overrides})
+
+
+for _name in VIM_CONFIGS:
+    register_model(_name, DESCRIPTIONS[_name])(partial(build_vim, _name))
+
+__all__ = ["PatchEmbed", "VisionMamba", "build_vim", "load_weights", "read_state_dict"]

@@ -1,0 +1,219 @@
+"""Vision Mamba (Vim): patch embedding -> tokens with a class token in the middle and absolute
+position embeddings -> depth x bidirectional ("v2") Mamba blocks -> RMSNorm -> class head.
+
+Token order: patches row-major, the class token inserted at index ``num_patches // 2`` (Vim's
+"middle class token"). Both scan directions run in training and in inference: the mixer is
+``core.Mamba(bidirectional=True)``, which has no recurrent path at all.
+
+Position embeddings are stored in timm's layout, (1, 1 + num_patches, dim) with the class token's
+row first, and added before the class token is moved to the middle; this lets
+``timm.layers.resample_abs_pos_embed`` interpolate them to a new image size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+
+from core.block import Block
+from core.mamba import Mamba
+from core.norm import RMSNorm
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    v = tuple(int(s) for s in v)
+    if len(v) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {v!r}")
+    return v
+
+
+class PatchEmbed(nn.Module):
+    """Image -> patch tokens with a strided convolution (overlapping when stride < patch).
+
+    x (batch, in_chans, H, W) -> (batch, gh * gw, dim), gh = (H - ph) // sh + 1 (same for w).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, stride=None, in_chans=3, embed_dim=192):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.stride = _pair(stride if stride is not None else patch_size)
+        self.in_chans = in_chans
+        for name, v in (("img_size", self.img_size), ("patch_size", self.patch_size), ("stride", self.stride)):
+            if min(v) < 1:
+                raise ValueError(f"{name}: expected positive sizes, got {v}")
+        if any(i < p for i, p in zip(self.img_size, self.patch_size)):
+            raise ValueError(f"img_size {self.img_size} is smaller than one patch {self.patch_size}")
+        self.grid_size = self.grid_for(self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride)
+
+    def grid_for(self, hw) -> tuple[int, int]:
+        """The token grid (gh, gw) that an image of size hw = (H, W) is cut into."""
+        return tuple((s - p) // st + 1 for s, p, st in zip(hw, self.patch_size, self.stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"image: expected (batch, channels, H, W), got a {x.dim()}-d tensor {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"image: expected {self.in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if x.shape[2] < self.patch_size[0] or x.shape[3] < self.patch_size[1]:
+            raise ValueError(f"image: {tuple(x.shape[2:])} is smaller than one patch {self.patch_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionMamba(nn.Module):
+    """Vision Mamba classifier. x (batch, in_chans, H, W) -> logits (batch, num_classes).
+
+    Args:
+        img_size, patch_size, stride: the image and patch geometry (ints or (h, w) pairs);
+            stride < patch_size gives overlapping patches (Vim's "stride 8" variants).
+        embed_dim, depth: width and number of blocks; d_state, d_conv, expand: the mixer's.
+        global_pool: 'token' (the middle class token, Vim), 'avg' (mean of the patch tokens) or ''.
+        drop_path_rate: stochastic depth, rising linearly from 0 to this value over the blocks.
+        dynamic_img_size: accept other image sizes at run time, resampling the position embedding
+            on the fly (otherwise a size other than img_size raises ValueError).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, stride=None, in_chans=3, num_classes=1000,
+                 embed_dim=192, depth=24, d_state=16, d_conv=4, expand=2, global_pool="token",
+                 drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-5, dynamic_img_size=False):
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool: expected 'token', 'avg' or '', got {global_pool!r}")
+        if depth < 1 or embed_dim < 1:
+            raise ValueError(f"depth, embed_dim: expected positive ints, got {depth}, {embed_dim}")
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.dynamic_img_size = dynamic_img_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, stride, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, 0 at the first block
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, Mamba(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand,
+                                   bidirectional=True, norm_eps=norm_eps, layer_idx=i),
+                  norm_eps=norm_eps, drop_path=rates[i])
+            for i in range(depth)
+        )
+        self.norm = RMSNorm(embed_dim, eps=norm_eps)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # -- initialization ---------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """trunc-normal(0.02) embeddings and linears, zero biases (except dt_proj's), and the
+        GPT-2 / Mamba rescaling of each block's out_proj by 1 / sqrt(depth)."""
+        if self.pos_embed.is_meta:
+            return
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and not name.endswith("dt_proj"):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for blk in self.blocks:
+            with torch.no_grad():
+                blk.mixer.out_proj.weight.div_(math.sqrt(len(self.blocks)))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that timm's optimizer factory keeps out of weight decay."""
+        skip = {"pos_embed", "cls_token"}
+        skip |= {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+        return skip
+
+    # -- timm interface ---------------------------------------------------------------------------
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head by a fresh one with ``num_classes`` outputs (0: no head, features)."""
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"global_pool: expected 'token', 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        w = self.pos_embed
+        self.head = nn.Linear(self.embed_dim, num_classes, device=w.device) if num_classes > 0 else nn.Identity()
+        if num_classes > 0 and not w.is_meta:
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def set_img_size(self, img_size) -> None:
+        """Change the model's image size for good, resampling the position embedding (bicubic)."""
+        pe = self.patch_embed
+        new = _pair(img_size)
+        if any(i < p for i, p in zip(new, pe.patch_size)):
+            raise ValueError(f"img_size {new} is smaller than one patch {pe.patch_size}")
+        grid = pe.grid_for(new)
+        with torch.no_grad():
+            resized = resample_abs_pos_embed(self.pos_embed.data, list(grid), list(pe.grid_size), num_prefix_tokens=1)
+        self.pos_embed = nn.Parameter(resized)
+        pe.img_size, pe.grid_size, pe.num_patches = new, grid, grid[0] * grid[1]
+
+    def load_pretrained(self, path) -> None:
+        """Load a local weights file (timm calls this for ``pretrained=True,
+        pretrained_cfg_overlay=dict(file=...)``): the position embedding is resampled, a head of
+        another size is kept fresh; any other mismatch raises ValueError naming the keys."""
+        from zoo.vim.weights import load_weights
+
+        report = load_weights(self, path, strict=False)
+        head = ("head.weight", "head.bias")
+        problems = [k for k in report["missing"] if k not in head] + report["unexpected"]
+        problems += [m for m in report["mismatched"] if m.split(":")[0] not in head]
+        if problems:
+            raise ValueError(f"{path}: the weights do not fit {type(self).__name__}: " + "; ".join(problems[:20]))
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens (batch, gh*gw, dim) -> (batch, 1 + gh*gw, dim): class token at gh*gw // 2."""
+        pe = self.pos_embed
+        if grid != self.patch_embed.grid_size:
+            pe = resample_abs_pos_embed(pe, list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=1)
+        cls = (self.cls_token + pe[:, :1]).expand(x.shape[0], -1, -1)
+        x = x + pe[:, 1:]
+        mid = x.shape[1] // 2
+        return torch.cat([x[:, :mid], cls.to(x.dtype), x[:, mid:]], dim=1)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The block stack alone: tokens (batch, L, dim) -> (batch, L, dim) fp32, before the final norm."""
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, in_chans, H, W) -> normalized tokens (batch, 1 + num_patches, dim), class token in the middle."""
+        if x.dim() == 4 and tuple(x.shape[2:]) != self.patch_embed.img_size and not self.dynamic_img_size:
+            raise ValueError(
+                f"image: expected {self.patch_embed.img_size} pixels, got {tuple(x.shape[2:])}; build the model "
+                f"with img_size={tuple(x.shape[2:])} (position embeddings are interpolated) or dynamic_img_size=True"
+            )
+        tokens = self.patch_embed(x)
+        grid = self.patch_embed.grid_for(x.shape[2:])
+        x = self.pos_drop(self._pos_embed(tokens, grid))
+        return self.norm(self.forward_tokens(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (batch, 1 + num_patches, dim) -> logits (batch, num_classes), or the pooled
+        features (batch, dim) when ``pre_logits``."""
+        if self.global_pool == "token":
+            x = x[:, (x.shape[1] - 1) // 2]
+        elif self.global_pool == "avg":
+            mid = (x.shape[1] - 1) // 2
+            x = torch.cat([x[:, :mid], x[:, mid + 1:]], dim=1).mean(1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+

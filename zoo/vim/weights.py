@@ -1,0 +1,95 @@
+"""Load a Vim / AuM state dict from a local file (safetensors or a torch checkpoint), adapting the
+position embedding to the model's image size and naming every mismatched key on failure."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from timm.layers import resample_abs_pos_embed
+
+# Wrappers under which training code commonly nests the model's own state dict.
+_NESTED = ("state_dict_ema", "model_ema", "state_dict", "model")
+_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch checkpoint (also Lightning's, nested under
+    'state_dict'; prefixes 'module.', 'model.', '_orig_mod.' are stripped). Never downloads."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        for key in _NESTED:
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+                break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors (or a checkpoint holding one)")
+    for prefix in _PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _owner_grid(model: nn.Module, key: str):
+    """The patch grid of the module that owns the position embedding ``key``, or None."""
+    owner = model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model
+    pe = getattr(owner, "patch_embed", None)
+    return getattr(pe, "grid_size", None)
+
+
+def adapt_pos_embed(state_dict: dict, model: nn.Module, src_grid=None) -> dict:
+    """Resample every '*pos_embed' of ``state_dict`` whose token count differs from the model's.
+
+    The source grid is ``src_grid`` (gh, gw) if given, else assumed square."""
+    own = model.state_dict()
+    out = dict(state_dict)
+    for key, v in state_dict.items():
+        if not key.endswith("pos_embed") or key not in own or v.shape == own[key].shape:
+            continue
+        grid = _owner_grid(model, key)
+        if grid is None or v.dim() != 3 or v.shape[-1] != own[key].shape[-1]:
+            continue  # left for the mismatch report
+        n = v.shape[1] - 1
+        old = tuple(src_grid) if src_grid is not None else (math.isqrt(n),) * 2
+        if old[0] * old[1] != n:
+            raise ValueError(f"{key}: the file's {n} patch positions do not form the grid {old}; "
+                             "pass src_grid=(gh, gw)")
+        out[key] = resample_abs_pos_embed(v.float(), list(grid), list(old), num_prefix_tokens=1).to(v.dtype)
+    return out
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True, src_grid=None) -> dict[str, list[str]]:
+    """Load ``path`` into ``model``; position embeddings are resampled to the model's image size.
+
+    With ``strict`` any missing, unexpected or wrongly shaped key raises ValueError listing them
+    all; otherwise the matching tensors are loaded and the lists are returned, e.g. to fine-tune
+    with a new head: ``{'missing': [...], 'unexpected': [...], 'mismatched': [...]}``."""
+    sd = adapt_pos_embed(read_state_dict(path), model, src_grid)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = sorted(
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(sd) & set(own) if sd[k].shape != own[k].shape
+    )
+    report = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    if strict and (missing or unexpected or mismatched):
+        lines = [f"{path}: the weights do not fit {type(model).__name__}"]
+        for name, keys in report.items():
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+                lines.append(f"  {name} ({len(keys)}): {shown}")
+        lines.append("  (a different num_classes? load with strict=False and keep the new head)")
+        raise ValueError("\n".join(lines))
+    bad = {m.split(":")[0] for m in mismatched}
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in bad}, strict=False)
+    return report
