@@ -1,9 +1,10 @@
 """timm entry points: ``timm.create_model('vim_tiny_patch16_224', num_classes=..., in_chans=...,
 img_size=...)`` after ``import zoo.vim``.
 
-No weights are hosted: ``pretrained=True`` needs a local file, given as
-``pretrained_cfg_overlay=dict(file='vim_tiny.safetensors')`` (position embeddings are resampled to
-``img_size``; a head of another size is left fresh)."""
+No weights are hosted: ``pretrained=True`` needs a local file (safetensors or a torch / Lightning
+checkpoint), given as ``pretrained_cfg_overlay=dict(file='vim_tiny.safetensors', num_classes=10)``
+where num_classes is the file's (timm drops the head when it differs from the model's). Position
+embeddings are resampled to ``img_size``; 3-channel patch weights are adapted to ``in_chans``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from zoo.vim.configs import TIMM_NAMES, VIM_CONFIGS
 from zoo.vim.model import VisionMamba
+from zoo.vim.weights import checkpoint_filter_fn
 
 
 def _cfg(**kwargs) -> dict:
@@ -19,7 +21,7 @@ def _cfg(**kwargs) -> dict:
         url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
         interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head",
-        custom_load=True, license="apache-2.0", **kwargs,
+        license="apache-2.0", **kwargs,
     )
 
 
@@ -28,7 +30,7 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in TIMM_NAMES})
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
     args = {**VIM_CONFIGS[TIMM_NAMES[variant]], **kwargs}
-    return build_model_with_cfg(VisionMamba, variant, pretrained, **args)
+    return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args)
 
 
 @register_model

@@ -27,12 +27,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         sd = load_file(str(path))
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-        for key in _NESTED:
-            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-                sd = sd[key]
-                break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict of tensors (or a checkpoint holding one)")
+    return clean_state_dict(sd, str(path))
+
+
+def clean_state_dict(sd: dict, source: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """Unwrap a checkpoint ('state_dict', 'model', ... entries) and strip a prefix shared by all keys
+    ('module.', 'model.', '_orig_mod.')."""
+    for key in _NESTED:
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{source}: expected a state dict of tensors (or a checkpoint holding one)")
     for prefix in _PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
@@ -65,6 +73,11 @@ def adapt_pos_embed(state_dict: dict, model: nn.Module, src_grid=None) -> dict:
                              "pass src_grid=(gh, gw)")
         out[key] = resample_abs_pos_embed(v.float(), list(grid), list(old), num_prefix_tokens=1).to(v.dtype)
     return out
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """timm's ``pretrained_filter_fn``: unwrap the checkpoint and resample its position embedding."""
+    return adapt_pos_embed(clean_state_dict(state_dict), model)
 
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True, src_grid=None) -> dict[str, list[str]]:

@@ -1,0 +1,176 @@
+"""Vision Mamba: named configs, both scan directions, timm round trip, weights, bad input."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+
+import zoo
+import zoo.vim  # noqa: F401  (registers the timm names)
+from zoo.vim import VisionMamba, load_weights
+
+TINY = dict(embed_dim=16, depth=2, d_state=4)  # small enough for CPU tests
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name, millions", [("vim-tiny", 7), ("vim-small", 26), ("vim-base", 98)])
+def test_published_parameter_counts(name, millions):
+    with torch.device("meta"):
+        m = zoo.create_model(name)
+    assert abs(n_params(m) / 1e6 - millions) < 0.05 * millions
+    assert m.patch_embed.num_patches == 196 and m.pos_embed.shape == (1, 197, m.embed_dim)
+
+
+@pytest.mark.parametrize("name", ["vim-tiny", "vim-small", "vim-base", "vim-tiny-fashion"])
+def test_named_config_output_shapes(name):
+    # full width, one block, on the meta device: shapes without memory or time
+    with torch.device("meta"):
+        m = zoo.create_model(name, depth=1)
+        c, h = m.patch_embed.in_chans, m.patch_embed.img_size[0]
+        feats = m.forward_features(torch.empty(2, c, h, h))
+        logits = m.forward_head(feats)
+    assert feats.shape == (2, 1 + m.patch_embed.num_patches, m.embed_dim)
+    assert logits.shape == (2, m.num_classes)
+
+
+def test_fashion_config_runs_on_cpu():
+    m = zoo.create_model("vim-tiny-fashion", depth=1)
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def _swap_directions(model):
+    swapped = copy.deepcopy(model)
+    for blk in swapped.blocks:
+        blk.mixer.fwd, blk.mixer.bwd = blk.mixer.bwd, blk.mixer.fwd
+    return swapped
+
+
+def test_flipping_the_sequence_swaps_the_directions():
+    model = VisionMamba(img_size=16, patch_size=4, num_classes=3, **TINY).eval()
+    tokens = torch.randn(2, 17, 16)
+    with torch.no_grad():
+        out = model.forward_tokens(tokens)
+        flipped = model.forward_tokens(tokens.flip(1)).flip(1)
+        swapped = _swap_directions(model).forward_tokens(tokens)
+    # compare what the blocks add to the residual stream, not the stream itself
+    d_out, d_flipped, d_swapped = out - tokens, flipped - tokens, swapped - tokens
+    torch.testing.assert_close(d_flipped, d_swapped, rtol=1e-4, atol=1e-6)
+    # the two directions really differ: ignoring either one would make these equal
+    assert (d_flipped - d_out).abs().mean() > 0.1 * d_out.abs().mean()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_backward_branch_is_used_in_training_and_inference(train):
+    model = VisionMamba(img_size=16, patch_size=4, num_classes=3, **TINY).train(train)
+    tokens = torch.randn(2, 17, 16)
+    before = (model.forward_tokens(tokens) - tokens).detach()  # what the blocks add
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.mixer.bwd.D.add_(1.0)
+    after = (model.forward_tokens(tokens) - tokens).detach()
+    assert (after - before).abs().mean() > 0.1 * before.abs().mean()
+    # and the backward parameters get gradients through the whole model
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert all(blk.mixer.bwd.x_proj.weight.grad.abs().sum() > 0 for blk in model.blocks)
+
+
+def test_middle_class_token_and_heads():
+    m = VisionMamba(img_size=16, patch_size=4, num_classes=3, **TINY).eval()
+    x = torch.randn(2, 3, 16, 16)
+    feats = m.forward_features(x)
+    assert feats.shape == (2, 17, 16)
+    torch.testing.assert_close(m.forward_head(feats, pre_logits=True), feats[:, 8])
+    m.reset_classifier(0)
+    assert m(x).shape == (2, 16)
+    m.reset_classifier(7, global_pool="avg")
+    assert m(x).shape == (2, 7)
+
+
+def test_overlapping_patches_and_rectangular_images():
+    m = VisionMamba(img_size=(16, 24), patch_size=8, stride=4, num_classes=2, **TINY)
+    assert m.patch_embed.grid_size == (3, 5)
+    assert m(torch.randn(1, 3, 16, 24)).shape == (1, 2)
+
+
+def test_drop_path_only_in_training():
+    m = VisionMamba(img_size=16, patch_size=4, num_classes=3, drop_path_rate=0.9, **TINY)
+    x = torch.randn(4, 3, 16, 16)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, m(x))
+
+
+def _from_file(path, **kwargs):
+    """timm.create_model from a local file; the overlay describes the file (its classes and channels)."""
+    overlay = dict(file=str(path), num_classes=5, input_size=(1, 32, 32))
+    return timm.create_model("vim_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay,
+                             in_chans=1, **TINY, **kwargs).eval()
+
+
+def test_timm_create_model_and_image_size_change(tmp_path):
+    m = timm.create_model("vim_tiny_patch16_224", num_classes=5, in_chans=1, img_size=32, **TINY).eval()
+    assert m.pretrained_cfg["architecture"] == "vim_tiny_patch16_224"
+    x = torch.randn(2, 1, 32, 32)
+    assert m(x).shape == (2, 5)
+    from safetensors.torch import save_file
+
+    path = tmp_path / "vim.safetensors"
+    save_file(m.state_dict(), str(path))
+    torch.testing.assert_close(_from_file(path, num_classes=5, img_size=32)(x), m(x))
+    # a larger image: the position embedding is interpolated on load
+    big = _from_file(path, num_classes=5, img_size=48)
+    assert big.pos_embed.shape == (1, 1 + 9, 16)
+    torch.testing.assert_close(big.pos_embed, resample_abs_pos_embed(m.pos_embed, [3, 3], [2, 2]))
+    torch.testing.assert_close(big.blocks[1].mixer.bwd.A_log, m.blocks[1].mixer.bwd.A_log)
+    assert big(torch.randn(2, 1, 48, 48)).shape == (2, 5)
+    # another number of classes: everything but the head is loaded
+    other = _from_file(path, num_classes=9, img_size=32)
+    torch.testing.assert_close(other.pos_embed, m.pos_embed)
+    assert other(x).shape == (2, 9)
+    # set_img_size agrees with the interpolation on load
+    m.set_img_size(48)
+    torch.testing.assert_close(m.pos_embed, big.pos_embed)
+
+
+def test_load_weights_from_torch_checkpoint_and_mismatch_errors(tmp_path):
+    m = VisionMamba(img_size=16, patch_size=4, num_classes=3, **TINY).eval()
+    ckpt = tmp_path / "last.ckpt"  # Lightning layout: nested, prefixed by the LightningModule's attribute
+    torch.save({"state_dict": {f"model.{k}": v for k, v in m.state_dict().items()}, "epoch": 3}, ckpt)
+    other = VisionMamba(img_size=16, patch_size=4, num_classes=3, **TINY).eval()
+    load_weights(other, ckpt)
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(other(x), m(x))
+    wrong = VisionMamba(img_size=16, patch_size=4, num_classes=4, embed_dim=16, depth=3, d_state=4)
+    with pytest.raises(ValueError, match=r"(?s)missing \(\d+\): blocks\.2\..*mismatched \(2\): head\.bias"):
+        load_weights(wrong, ckpt)
+    report = load_weights(wrong, ckpt, strict=False)
+    assert "head.weight: file (3, 16) vs model (4, 16)" in report["mismatched"]
+    with pytest.raises(FileNotFoundError):
+        load_weights(wrong, tmp_path / "nope.safetensors")
+
+
+def test_bad_images_raise_clear_errors():
+    m = VisionMamba(img_size=16, patch_size=4, in_chans=3, num_classes=3, **TINY)
+    with pytest.raises(ValueError, match="expected 3 channels, got 1"):
+        m(torch.randn(2, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"expected \(16, 16\) pixels"):
+        m(torch.randn(2, 3, 20, 20))
+    with pytest.raises(ValueError, match="expected \\(batch, channels, H, W\\)"):
+        m(torch.randn(3, 16, 16))
+    dyn = VisionMamba(img_size=16, patch_size=4, num_classes=3, dynamic_img_size=True, **TINY)
+    assert dyn(torch.randn(1, 3, 24, 20)).shape == (1, 3)
+    with pytest.raises(ValueError, match="smaller than one patch"):
+        dyn(torch.randn(1, 3, 2, 16))
+    with pytest.raises(ValueError, match="smaller than one patch"):
+        VisionMamba(img_size=8, patch_size=16, **TINY)
+    with pytest.raises(ValueError, match="global_pool"):
+        VisionMamba(img_size=16, patch_size=4, global_pool="max", **TINY)
