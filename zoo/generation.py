@@ -101,15 +101,20 @@ def _decoder(model, batch: int, max_len: int, device, cuda_graph: bool):
 @torch.inference_mode()
 def stream_generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, eos: int | None = None,
-                    cuda_graph: bool = True, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                    cuda_graph: bool = True, generator: torch.Generator | None = None,
+                    cache_len: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the new tokens (batch,) one step at a time. Sequences that emitted ``eos`` keep emitting
-    it; the stream stops when all have (or after max_new_tokens)."""
+    it; the stream stops when all have (or after max_new_tokens). ``cache_len`` sizes the KV caches
+    (default prompt length + max_new_tokens; a captured graph is reused for the same batch and size)."""
     model.check_input_ids(input_ids)
     _check_sampling(max_new_tokens, temperature, top_k, top_p, eos, model.config.vocab_size)
     if max_new_tokens == 0:
         return
     batch, L = input_ids.shape
-    cache, step = _decoder(model, batch, L + max_new_tokens, input_ids.device, cuda_graph)
+    cache_len = L + max_new_tokens if cache_len is None else cache_len
+    if cache_len < L + max_new_tokens:
+        raise ValueError(f"cache_len: expected >= prompt + new tokens = {L + max_new_tokens}, got {cache_len}")
+    cache, step = _decoder(model, batch, cache_len, input_ids.device, cuda_graph)
     h = model.forward_hidden(input_ids, cache)[:, -1:]  # prefill; logits of the last token only
     with model.autocast():
         logits = model._logits(h)[:, 0]
@@ -128,14 +133,14 @@ def stream_generate(model, input_ids: torch.Tensor, max_new_tokens: int, tempera
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos: int | None = None,
              streamer: Callable[[torch.Tensor], None] | None = None, cuda_graph: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, cache_len: int | None = None) -> torch.Tensor:
     """Prompt input_ids (batch, L) int64 -> (batch, L + n) with n <= max_new_tokens new tokens
     (fewer when every sequence emitted ``eos``). ``streamer(tokens (batch,))`` is called per step."""
     if streamer is not None and not callable(streamer):
         raise ValueError(f"streamer: expected a callable taking a (batch,) tensor, got {type(streamer).__name__}")
     out = [input_ids]
     for tok in stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos,
-                               cuda_graph, generator):
+                               cuda_graph, generator, cache_len):
         if streamer is not None:
             streamer(tok)
         out.append(tok[:, None])
