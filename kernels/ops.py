@@ -7,6 +7,7 @@ an autograd formula, so ``torch.compile`` traces models that call them without g
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -18,9 +19,13 @@ from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 # Tile sizes (block_l is shared: the backward starts its tiles from the forward's tile states). GPU values were picked by scripts/bench_scan.py (see docs/kernel_notes.md); the CPU
 # interpreter uses small tiles so that tests cross several tiles and splits at tiny lengths.
 CONFIG = {
-    "cuda": dict(block_l=64, block_d=4, fwd_warps=4, bwd_block_d=4, bwd_warps=4, min_programs=528, nsplit=0),
+    "cuda": dict(block_l=16, block_d=8, fwd_warps=4, bwd_block_d=8, bwd_warps=4, min_programs=528, nsplit=0),
     "cpu": dict(block_l=16, block_d=4, fwd_warps=1, bwd_block_d=4, bwd_warps=1, min_programs=1, nsplit=0),
 }
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _cfg(device: torch.device) -> dict:
@@ -45,8 +50,13 @@ def _bc_layout(X: Tensor, dim: int):
     return X.contiguous(), G, dim // G, False
 
 
-def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict):
+def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict, warps: int = 1, N: int = 16):
+    """(block_d, tiles, stretches, tiles per stretch).  On the GPU the (L, D, N) tile puts N on the
+    lanes, the rest of a warp on D and the warps on D, so that L stays inside each thread: block_d
+    is raised to (32 // N) * warps where the groups allow it."""
     batch, dim, L = u.shape
+    if u.is_cuda:
+        block_d = max(block_d, max(1, 32 // min(32, triton.next_power_of_2(N))) * warps)
     for X in (B, C):
         if X.dim() == 4 and X.shape[1] > 1:
             block_d = _pow2_divisor(dim // X.shape[1], block_d)
@@ -64,7 +74,8 @@ def _n_tiles(L: int, device: torch.device) -> int:
 
 def _flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv):
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, B_INV=B_inv, C_INV=C_inv)
+                HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, B_INV=B_inv, C_INV=C_inv,
+                FAST=not _interpreting())
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus):
@@ -77,7 +88,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
-    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["block_d"], cfg["block_l"], cfg)
+    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["block_d"], cfg["block_l"], cfg, cfg["fwd_warps"], N)
     block_n = triton.next_power_of_2(N)
     y = torch.empty_like(u)
     hs = u.new_empty(batch, dim, n_tiles, N, dtype=torch.float32)
@@ -114,7 +125,7 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
-    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["bwd_block_d"], cfg["block_l"], cfg)
+    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["bwd_block_d"], cfg["block_l"], cfg, cfg["bwd_warps"], N)
     block_n = triton.next_power_of_2(N)
     f32 = dict(dtype=torch.float32, device=u.device)
     du = torch.empty_like(u)

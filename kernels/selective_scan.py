@@ -11,7 +11,7 @@ Shapes (``batch`` b, channels ``dim`` d, length L, state size N, groups G):
 
 Each program owns BLOCK_D channels of one batch row and walks its stretch of L in tiles of
 BLOCK_L steps.  Inside a tile the recurrence h_t = a_t h_{t-1} + x_t is an associative scan of the
-pairs (a_t, x_t) over the (BLOCK_D, N, BLOCK_L) tile; the state entering the tile is carried in
+pairs (a_t, x_t) over the (BLOCK_L, BLOCK_D, N) tile; the state entering the tile is carried in
 registers.  Nothing of size (b, d, L, N) is ever written to memory.
 
 Long sequences with few channels split L into ``nsplit`` stretches: a first pass (STATE_ONLY)
@@ -35,27 +35,32 @@ def _combine(a1, x1, a2, x2):
 
 
 @triton.jit
-def _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """delta (+ bias), softplus; returns (dt, pre-softplus value), both (BLOCK_D, BLOCK_L), 0 off the mask."""
-    v = tl.load(dl_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+def _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """delta (+ bias), softplus; returns (dt, pre-softplus value), both (BLOCK_L, BLOCK_D), 0 off the mask."""
+    v = tl.load(dl_ptr + row[None, :] + t[:, None], mask=io_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        v = v + bias[:, None]
+        v = v + bias[None, :]
     dt = v
     if SOFTPLUS:
-        dt = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(v)))
+        e = 1.0 + tl.exp2(v * 1.4426950408889634)
+        if FAST:  # one special-function op instead of libdevice's polynomial log
+            lg = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [e], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            lg = tl.log2(e)
+        dt = tl.where(v > 20.0, v, lg * 0.6931471805599453)
     dt = tl.where(io_mask, dt, 0.0)
     return dt, v
 
 
 @triton.jit
 def _bc_tile(ptr, b, g, G, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, INV: tl.constexpr):
-    """B or C as a (BLOCK_D or 1, BLOCK_N, BLOCK_L or 1) fp32 tile."""
+    """B or C as a (BLOCK_L or 1, BLOCK_D or 1, BLOCK_N) fp32 tile."""
     if INV:
         v = tl.load(ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        return v.to(tl.float32)[:, :, None]
+        return v.to(tl.float32)[None, :, :]
     rows = ((b * G + g) * N + offs_n) * L
-    v = tl.load(ptr + rows[:, None] + t[None, :], mask=mask_n[:, None] & mask_t[None, :], other=0.0)
-    return v.to(tl.float32)[None, :, :]
+    v = tl.load(ptr + rows[None, :] + t[:, None], mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+    return v.to(tl.float32)[:, None, :]
 
 
 @triton.jit
@@ -70,13 +75,13 @@ def _reset_tile(seq_ptr, b, L, t, mask_t, SHIFT: tl.constexpr):
 
 @triton.jit
 def _last(v, offs_l, BLOCK_L: tl.constexpr):
-    """v[..., BLOCK_L - 1] of a (BLOCK_D, BLOCK_N, BLOCK_L) tile."""
-    return tl.sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, v, 0.0), axis=2)
+    """v[BLOCK_L - 1] of a (BLOCK_L, BLOCK_D, BLOCK_N) tile."""
+    return tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, v, 0.0), axis=0)
 
 
 @triton.jit
 def _first(v, offs_l):
-    return tl.sum(tl.where(offs_l[None, None, :] == 0, v, 0.0), axis=2)
+    return tl.sum(tl.where(offs_l[:, None, None] == 0, v, 0.0), axis=0)
 
 
 @triton.jit
@@ -87,7 +92,7 @@ def scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, B_INV: tl.constexpr, C_INV: tl.constexpr,
     STATE_ONLY: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, FAST: tl.constexpr,
 ):
     """Grid (b * cdiv(d, BLOCK_D), nsplit).  Full pass: writes y, the tile states and the end state
     of each stretch (hend (b, d, nsplit, N)).  STATE_ONLY: writes hend from a zero start and the
@@ -128,31 +133,31 @@ def scan_fwd_kernel(
     for it in range(n_tiles):
         t = t_begin + it * BLOCK_L + offs_l
         mask_t = t < L
-        io_mask = mask_d[:, None] & mask_t[None, :]
-        dt, _ = _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        io_mask = mask_t[:, None] & mask_d[None, :]
+        dt, _ = _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS, SOFTPLUS, FAST)
+        u = tl.load(u_ptr + row[None, :] + t[:, None], mask=io_mask, other=0.0).to(tl.float32)
         Bt = _bc_tile(B_ptr, b, gb, GB, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, B_INV)
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         if HAS_SEQ:
             reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0)
-            a = tl.where(reset[None, None, :], 0.0, a)
-        x = (dt * u)[:, None, :] * Bt
-        acum, hz = tl.associative_scan((a, x), axis=2, combine_fn=_combine)
+            a = tl.where(reset[:, None, None], 0.0, a)
+        x = (dt * u)[:, :, None] * Bt
+        acum, hz = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
         if STATE_ONLY:
             prod = prod * _last(acum, offs_l, BLOCK_L)
             h = _last(hz, offs_l, BLOCK_L) + _last(acum, offs_l, BLOCK_L) * h
         else:
             tl.store(hs_ptr + ((b * dim + offs_d[:, None]) * n_tiles_total + tile0 + it) * N + offs_n[None, :],
                      h, mask=mask_dn & (tile0 + it < n_tiles_total))
-            hfull = acum * h[:, :, None] + hz
+            hfull = acum * h[None, :, :] + hz
             Ct = _bc_tile(C_ptr, b, gc, GC, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, C_INV)
-            y = tl.sum(hfull * Ct, axis=1)
+            y = tl.sum(hfull * Ct, axis=2)
             if HAS_D:
-                y += Dv[:, None] * u
+                y += Dv[None, :] * u
             if HAS_Z:
-                zv = tl.load(z_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+                zv = tl.load(z_ptr + row[None, :] + t[:, None], mask=io_mask, other=0.0).to(tl.float32)
                 y = y * zv * tl.sigmoid(zv)
-            tl.store(y_ptr + row[:, None] + t[None, :], y.to(y_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(y_ptr + row[None, :] + t[:, None], y.to(y_ptr.dtype.element_ty), mask=io_mask)
             h = _last(hfull, offs_l, BLOCK_L)
     tl.store(hend_ptr + state_off, h, mask=mask_dn)
     if STATE_ONLY:
@@ -167,7 +172,7 @@ def scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_QIN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_INV: tl.constexpr, C_INV: tl.constexpr, STATE_ONLY: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, FAST: tl.constexpr,
 ):
     """Grid (b * cdiv(d, BLOCK_D), nsplit); walks its stretch of L backwards, tile by tile.
 
@@ -221,72 +226,72 @@ def scan_bwd_kernel(
         it = n_tiles - 1 - it_rev
         t = t_begin + it * BLOCK_L + offs_l
         mask_t = t < L
-        io_mask = mask_d[:, None] & mask_t[None, :]
+        io_mask = mask_t[:, None] & mask_d[None, :]
         # a_{t+1}: 1 past the end so that q_L (the last state's gradient) flows into q_{L-1}
         tn = t + 1
-        next_mask = mask_d[:, None] & (tn < L)[None, :]
-        dtn, _ = _dt_tile(dl_ptr, bias, row, tn, next_mask, HAS_BIAS, SOFTPLUS)
-        an = tl.exp2(dtn[:, None, :] * A2[:, :, None])
+        next_mask = (tn < L)[:, None] & mask_d[None, :]
+        dtn, _ = _dt_tile(dl_ptr, bias, row, tn, next_mask, HAS_BIAS, SOFTPLUS, FAST)
+        an = tl.exp2(dtn[:, :, None] * A2[None, :, :])
         if HAS_SEQ:
             reset_n = _reset_tile(seq_ptr, b, L, t, mask_t, 1)
-            an = tl.where(reset_n[None, None, :], 0.0, an)
-        dout = tl.load(dout_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            an = tl.where(reset_n[:, None, None], 0.0, an)
+        dout = tl.load(dout_ptr + row[None, :] + t[:, None], mask=io_mask, other=0.0).to(tl.float32)
         dy = dout
         if HAS_Z:
-            zv = tl.load(z_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            zv = tl.load(z_ptr + row[None, :] + t[:, None], mask=io_mask, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zv)
             dy = dout * zv * sz
         Ct = _bc_tile(C_ptr, b, gc, GC, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, C_INV)
-        c = Ct * dy[:, None, :]
-        rcum, qz = tl.associative_scan((an, c), axis=2, combine_fn=_combine, reverse=True)
+        c = Ct * dy[:, :, None]
+        rcum, qz = tl.associative_scan((an, c), axis=0, combine_fn=_combine, reverse=True)
         if STATE_ONLY:
             rprod = rprod * _first(rcum, offs_l)
             q = _first(qz, offs_l) + _first(rcum, offs_l) * q
         else:
-            qt = rcum * q[:, :, None] + qz  # (BD, BN, BL)
+            qt = rcum * q[None, :, :] + qz  # (BL, BD, BN)
             q = _first(qt, offs_l)
             # recompute the forward states of this tile
-            dt, v = _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS, SOFTPLUS)
-            u = tl.load(u_ptr + row[:, None] + t[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            dt, v = _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS, SOFTPLUS, FAST)
+            u = tl.load(u_ptr + row[None, :] + t[:, None], mask=io_mask, other=0.0).to(tl.float32)
             Bt = _bc_tile(B_ptr, b, gb, GB, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, B_INV)
-            a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+            a = tl.exp2(dt[:, :, None] * A2[None, :, :])
             if HAS_SEQ:
                 reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0)
-                a = tl.where(reset[None, None, :], 0.0, a)
+                a = tl.where(reset[:, None, None], 0.0, a)
             dtu = dt * u
-            x = dtu[:, None, :] * Bt
-            acum, hz = tl.associative_scan((a, x), axis=2, combine_fn=_combine)
+            x = dtu[:, :, None] * Bt
+            acum, hz = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
             h_in = tl.load(hs_ptr + ((b * dim + offs_d[:, None]) * n_tiles_total + tile0 + it) * N + offs_n[None, :],
                            mask=mask_dn & (tile0 + it < n_tiles_total), other=0.0)
-            h = acum * h_in[:, :, None] + hz
+            h = acum * h_in[None, :, :] + hz
             hm = h - x  # a_t h_{t-1}
             if HAS_Z:
-                y = tl.sum(h * Ct, axis=1) + Dv[:, None] * u
+                y = tl.sum(h * Ct, axis=2) + Dv[None, :] * u
                 dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
-                tl.store(dz_ptr + row[:, None] + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
-            qB = tl.sum(qt * Bt, axis=1)  # (BD, BL)
-            du = dt * qB + dy * Dv[:, None]
-            tl.store(du_ptr + row[:, None] + t[None, :], du.to(du_ptr.dtype.element_ty), mask=io_mask)
-            ddt = u * qB + tl.sum(qt * hm * An[:, :, None], axis=1)
+                tl.store(dz_ptr + row[None, :] + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
+            qB = tl.sum(qt * Bt, axis=2)  # (BL, BD)
+            du = dt * qB + dy * Dv[None, :]
+            tl.store(du_ptr + row[None, :] + t[:, None], du.to(du_ptr.dtype.element_ty), mask=io_mask)
+            ddt = u * qB + tl.sum(qt * hm * An[None, :, :], axis=2)
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(v)
             ddt = tl.where(io_mask, ddt, 0.0)
-            tl.store(ddl_ptr + row[:, None] + t[None, :], ddt.to(ddl_ptr.dtype.element_ty), mask=io_mask)
-            dbias_acc += tl.sum(ddt, axis=1)
-            dD_acc += tl.sum(dy * u, axis=1)
-            dA_acc += tl.sum(qt * hm * dt[:, None, :], axis=2)
+            tl.store(ddl_ptr + row[None, :] + t[:, None], ddt.to(ddl_ptr.dtype.element_ty), mask=io_mask)
+            dbias_acc += tl.sum(ddt, axis=0)
+            dD_acc += tl.sum(dy * u, axis=0)
+            dA_acc += tl.sum(qt * hm * dt[:, :, None], axis=0)
             if B_INV:
-                dB_acc += tl.sum(qt * dtu[:, None, :], axis=2)
+                dB_acc += tl.sum(qt * dtu[:, :, None], axis=0)
             else:
-                dBt = tl.sum(qt * dtu[:, None, :], axis=0)  # (BN, BL)
+                dBt = tl.sum(qt * dtu[:, :, None], axis=1)  # (BL, BN)
                 rows = ((b * GB + gb) * N + offs_n) * L
-                tl.atomic_add(dB_ptr + rows[:, None] + t[None, :], dBt, mask=mask_n[:, None] & mask_t[None, :])
+                tl.atomic_add(dB_ptr + rows[None, :] + t[:, None], dBt, mask=mask_t[:, None] & mask_n[None, :])
             if C_INV:
-                dC_acc += tl.sum(h * dy[:, None, :], axis=2)
+                dC_acc += tl.sum(h * dy[:, :, None], axis=0)
             else:
-                dCt = tl.sum(h * dy[:, None, :], axis=0)
+                dCt = tl.sum(h * dy[:, :, None], axis=1)
                 rows = ((b * GC + gc) * N + offs_n) * L
-                tl.atomic_add(dC_ptr + rows[:, None] + t[None, :], dCt, mask=mask_n[:, None] & mask_t[None, :])
+                tl.atomic_add(dC_ptr + rows[None, :] + t[:, None], dCt, mask=mask_t[:, None] & mask_n[None, :])
     if STATE_ONLY:
         tl.store(qend_ptr + state_off, q, mask=mask_dn)
         tl.store(rend_ptr + state_off, rprod, mask=mask_dn)
@@ -305,8 +310,8 @@ def scan_bwd_kernel(
             if s == 0:
                 # dh_{-1} = a_0 q_0
                 t0 = tl.zeros([BLOCK_L], dtype=tl.int32) + offs_l * 0
-                m0 = mask_d[:, None] & (offs_l == 0)[None, :]
-                dt0, _ = _dt_tile(dl_ptr, bias, row, t0, m0, HAS_BIAS, SOFTPLUS)
-                dt0 = tl.sum(dt0, axis=1)  # (BD,)
+                m0 = (offs_l == 0)[:, None] & mask_d[None, :]
+                dt0, _ = _dt_tile(dl_ptr, bias, row, t0, m0, HAS_BIAS, SOFTPLUS, FAST)
+                dt0 = tl.sum(dt0, axis=0)  # (BD,)
                 a0 = tl.exp2(dt0[:, None] * A2)
                 tl.store(dh0_ptr + (b * dim + offs_d[:, None]) * N + offs_n[None, :], a0 * q, mask=mask_dn)

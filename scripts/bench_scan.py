@@ -1,0 +1,370 @@
+"""Benchmark the Triton selective scan and decode step against core's reference and mamba-ssm.
+
+Run on a GPU from the repository root (the peer is optional, see shared/anchors/README.md):
+
+    PYTHONPATH=.:$PYTHONPATH python scripts/bench_scan.py [--sweep] [--json FILE]
+
+It first checks the kernels against core.selective_scan_ref on the GPU (forward and all
+gradients, several layouts), then times, median of triton.testing.do_bench, bf16 inputs with D,
+z gate, delta bias and softplus: our kernel, mamba-ssm's CUDA kernel (``selective_scan_cuda``
+importable, else skipped) and core's chunked reference (forward, where it fits), with the peak
+memory of forward+backward and the two floors (bytes once over the measured copy bandwidth; one
+exp2 per (b, d, L, N) on the special-function units).  --sweep first times tile configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import types
+
+import torch
+from triton.testing import do_bench
+
+from core.scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
+from kernels import ops, selective_scan_triton, selective_state_update
+
+SHAPES = [(8, 1536, 2048, 16), (4, 4096, 4096, 16), (1, 1536, 65536, 16), (128, 384, 197, 16)]
+DEV = "cuda"
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(b, d, L, N, dtype=torch.bfloat16, groups=0, h0=False):
+    """Mamba-like inputs: A = -(1..N) (S4D-real), dt = softplus(delta + bias) around [1e-3, 1e-1]."""
+    g = torch.Generator(device=DEV).manual_seed(b * 7 + d + L)
+    rn = lambda *s, dt=dtype: torch.randn(*s, device=DEV, generator=g).to(dt)  # noqa: E731
+    bc = (b, groups, N, L) if groups else (b, N, L)
+    dt0 = torch.exp(torch.rand(d, device=DEV, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    x = dict(u=rn(b, d, L), delta=rn(b, d, L) * 0.5,
+             A=-torch.arange(1, N + 1, device=DEV, dtype=torch.float32).repeat(d, 1),
+             B=rn(*bc), C=rn(*bc), D=torch.ones(d, device=DEV), z=rn(b, d, L),
+             delta_bias=dt0 + torch.log(-torch.expm1(-dt0)))
+    x["initial_state"] = torch.randn(b, d, N, device=DEV, generator=g) if h0 else None
+    return x
+
+
+ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+# ------------------------------------------------------------------------------------------ peer
+def load_peer():
+    """mamba-ssm's CUDA scan (selective_scan_cuda) and its Triton decode step, or (None, None)."""
+    try:
+        import selective_scan_cuda
+    except ImportError:
+        return None, None
+    upd = None
+    for root in os.environ.get("PYTHONPATH", "").split(":"):
+        if os.path.isdir(os.path.join(root, "mamba_ssm")):
+            pkg = types.ModuleType("mamba_ssm")  # skip mamba_ssm/__init__.py (it imports every model)
+            pkg.__path__ = [os.path.join(root, "mamba_ssm")]
+            sys.modules["mamba_ssm"] = pkg
+            try:
+                from mamba_ssm.ops.triton.selective_state_update import selective_state_update as upd
+            except Exception as e:  # noqa: BLE001
+                print(f"peer decode step unavailable: {e!r}")
+            break
+    return selective_scan_cuda, upd
+
+
+class PeerScan(torch.autograd.Function):
+    """Autograd wrapper around mamba-ssm's selective_scan_cuda.fwd / bwd (z, D, delta bias)."""
+
+    @staticmethod
+    def forward(ctx, cuda_ext, u, delta, A, B, C, D, z, bias, softplus):
+        B4, C4 = B.unsqueeze(1), C.unsqueeze(1)
+        out, xs, *rest = cuda_ext.fwd(u, delta, A, B4, C4, D, z, bias, softplus)
+        ctx.ext, ctx.softplus = cuda_ext, softplus
+        ctx.save_for_backward(u, delta, A, B4, C4, D, z, bias, xs, out)
+        return rest[0]
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B4, C4, D, z, bias, xs, out = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dbias, dz = ctx.ext.bwd(u, delta, A, B4, C4, D, z, bias, dout.contiguous(), xs,
+                                                          out, None, ctx.softplus, False)
+        return None, du, ddelta, dA, dB.squeeze(1), dC.squeeze(1), dD, dz, dbias, None
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_against_reference():
+    """Kernel vs the sequential oracle on the GPU: forward, last state and all gradients."""
+    print("== correctness on GPU (relative error vs core.selective_scan_ref) ==")
+    cases = [("fp32", dict(dtype=torch.float32, h0=True), 1e-4, None),
+             ("bf16", dict(dtype=torch.bfloat16, h0=True), 2e-2, None),
+             ("fp32 groups=2", dict(dtype=torch.float32, groups=2), 1e-4, None),
+             ("fp32 split=4", dict(dtype=torch.float32, h0=True), 1e-4, 4)]
+    worst = 0.0
+    for name, kw, tol, nsplit in cases:
+        x = make(2, 64, 333, 16, **kw)
+        outs = []
+        for impl in ("triton", "ref"):
+            old = ops.CONFIG["cuda"]["nsplit"]
+            ops.CONFIG["cuda"]["nsplit"] = nsplit or old
+            leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+            args = [leaves[k] for k in ORDER]
+            fn = selective_scan_triton if impl == "triton" else selective_scan_ref
+            y, h = fn(*args, True, True, leaves["initial_state"])
+            gen = torch.Generator(device=DEV).manual_seed(5)
+            gy = torch.randn(y.shape, device=DEV, generator=gen)
+            gh = torch.randn(h.shape, device=DEV, generator=gen)
+            ((y.float() * gy).sum() + (h * gh).sum()).backward()
+            ops.CONFIG["cuda"]["nsplit"] = old
+            res = {"y": y, "last": h}
+            res.update({"d" + k: v.grad for k, v in leaves.items() if v is not None})
+            outs.append(res)
+        errs = {k: rel(outs[0][k], outs[1][k]) for k in outs[1]}
+        bad = {k: e for k, e in errs.items() if not e < tol}
+        worst = max(worst, max(errs.values()) / tol)
+        print(f"{name:14s} " + " ".join(f"{k}={e:.1e}" for k, e in errs.items()) + ("  FAIL" if bad else "  ok"))
+    # seq_idx: packed sequences vs the oracle run per segment
+    x = make(1, 64, 300, 16, dtype=torch.float32)
+    seq = torch.tensor([[0] * 70 + [1] * 130 + [2] * 100], device=DEV, dtype=torch.int32)
+    args = [x[k] for k in ORDER]
+    y, h = selective_scan_triton(*args, True, True, None, seq)
+    ys = []
+    for s, e in ((0, 70), (70, 200), (200, 300)):
+        cut = lambda t: t[..., s:e]  # noqa: E731
+        yr, hr = selective_scan_ref(cut(x["u"]), cut(x["delta"]), x["A"], cut(x["B"]), cut(x["C"]), x["D"],
+                                    cut(x["z"]), x["delta_bias"], True, True)
+        ys.append(yr)
+    e1, e2 = rel(y, torch.cat(ys, -1)), rel(h, hr)
+    print(f"seq_idx        y={e1:.1e} last={e2:.1e}" + ("  ok" if max(e1, e2) < 1e-4 else "  FAIL"))
+    # decode step
+    st = torch.randn(4, 64, 16, device=DEV)
+    d = make(4, 64, 1, 16, dtype=torch.float32)
+    a = (d["u"][..., 0], d["delta"][..., 0], d["A"], d["B"][..., 0], d["C"][..., 0], d["D"], d["z"][..., 0],
+         d["delta_bias"], True)
+    st2 = st.clone()
+    e3 = rel(selective_state_update(st, *a), selective_state_update_ref(st2, *a))
+    print(f"decode step    y={e3:.1e} state={rel(st, st2):.1e}" + ("  ok" if e3 < 1e-5 else "  FAIL"))
+    return worst < 1 and max(e1, e2) < 1e-4 and e3 < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ timing
+def bench(fn, grad_to_none=None, rep=100):
+    return do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def copy_bandwidth():
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a))
+    return 2 * a.numel() / ms / 1e9  # TB/s, read + write
+
+
+def peak_mib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def fwd_bwd_fns(impl, x, peer=None):
+    """(forward fn, forward+backward fn, leaves) for one implementation on inputs x."""
+    leaves = {k: (v.detach().clone().requires_grad_(v.is_floating_point()) if v is not None else None)
+              for k, v in x.items() if k in ORDER}
+    args = [leaves[k] for k in ORDER]
+    if impl == "ours":
+        f = lambda: selective_scan_triton(*args, True)  # noqa: E731
+    elif impl == "peer":
+        f = lambda: PeerScan.apply(peer, *args, True)  # noqa: E731
+    else:
+        f = lambda: selective_scan_chunked(*args, True)  # noqa: E731
+    dy = torch.randn_like(x["u"])
+
+    def fb():
+        f().backward(dy)
+
+    def fwd():
+        with torch.no_grad():
+            return f()
+
+    return fwd, fb, list(leaves.values())
+
+
+def floors(b, d, L, N, bw):
+    X, Y = b * d * L * 2, b * N * L * 2
+    fwd_bytes, fb_bytes = 4 * X + 2 * Y, 11 * X + 6 * Y
+    exp_ms = b * d * L * N / (132 * 16 * 1.755e9) * 1e3
+    return fwd_bytes / bw / 1e9, fb_bytes / bw / 1e9, exp_ms
+
+
+def sweep(peer):
+    """Time tile configurations of the forward and backward kernels alone at shapes 1 and 4."""
+    print("== sweep (ms, median) ==")
+    base = dict(ops.CONFIG["cuda"])
+    results = []
+    for shape in (SHAPES[0], SHAPES[3]):
+        x = make(*shape)
+        args = [x[k] for k in ORDER]
+        for bl, bd, w in ((8, 8, 4), (16, 8, 4), (16, 16, 8), (16, 4, 2), (32, 8, 4), (8, 16, 8)):
+            if True:
+                ops.CONFIG["cuda"].update(block_l=bl, block_d=bd, fwd_warps=w, bwd_block_d=bd, bwd_warps=w)
+                try:
+                    y, last, hs = ops.scan_forward(*args, None, None, True)
+                    tf = bench(lambda: ops.scan_forward(*args, None, None, True), rep=50)
+                    dy = torch.randn_like(y)
+                    tb = bench(lambda: ops.scan_backward(dy, None, *args, None, hs, True, False), rep=50)
+                except Exception as e:  # noqa: BLE001 (e.g. out of resources)
+                    print(f"{shape} bl={bl} bd={bd} w={w}: {type(e).__name__}: {str(e)[:100]}")
+                    continue
+                results.append(dict(shape=shape, block_l=bl, block_d=bd, warps=w, fwd=tf, bwd=tb))
+                print(f"{str(shape):22s} bl={bl:3d} bd={bd:2d} w={w}  fwd {tf:.3f}  bwd {tb:.3f}", flush=True)
+    ops.CONFIG["cuda"].clear()
+    ops.CONFIG["cuda"].update(base)
+    first = [r for r in results if r["shape"] == SHAPES[0]]
+    if first:  # adopt the fastest forward+backward at the first shape for the rest of the run
+        r = min(first, key=lambda r: r["fwd"] + r["bwd"])
+        ops.CONFIG["cuda"].update(block_l=r["block_l"], block_d=r["block_d"], fwd_warps=r["warps"],
+                                  bwd_block_d=r["block_d"], bwd_warps=r["warps"])
+        print("adopted", ops.CONFIG["cuda"], flush=True)
+    # long sequence: how many stretches
+    x = make(*SHAPES[2])
+    args = [x[k] for k in ORDER]
+    for ns in (1, 2, 4):
+        ops.CONFIG["cuda"]["nsplit"] = ns
+        y, last, hs = ops.scan_forward(*args, None, None, True)
+        dy = torch.randn_like(y)
+        tf = bench(lambda: ops.scan_forward(*args, None, None, True), rep=50)
+        tb = bench(lambda: ops.scan_backward(dy, None, *args, None, hs, True, False), rep=50)
+        print(f"{str(SHAPES[2]):22s} nsplit={ns:2d}  fwd {tf:.3f}  bwd {tb:.3f}", flush=True)
+        results.append(dict(shape=SHAPES[2], nsplit=ns, fwd=tf, bwd=tb))
+    ops.CONFIG["cuda"]["nsplit"] = 0
+    best = min((r for r in results if "nsplit" in r), key=lambda r: r["fwd"] + r["bwd"])
+    bd = ops._plan(x["u"], x["B"], x["C"], ops.CONFIG["cuda"]["block_d"], ops.CONFIG["cuda"]["block_l"],
+                   ops.CONFIG["cuda"], ops.CONFIG["cuda"]["fwd_warps"], 16)[0]
+    ops.CONFIG["cuda"]["min_programs"] = best["nsplit"] * SHAPES[2][1] // bd if best["nsplit"] > 1 else 1
+    print("adopted", ops.CONFIG["cuda"], flush=True)
+    return results
+
+
+def scan_table(peer, bw):
+    rows = []
+    for shape in SHAPES:
+        b, d, L, N = shape
+        x = make(*shape)
+        ff, fb_ms, exp_ms = floors(*shape, bw)
+        row = dict(shape=shape, floor_fwd=ff, floor_fb=fb_ms, floor_exp=exp_ms)
+        for impl in ("ours", "peer", "ref"):
+            if impl == "peer" and peer is None:
+                continue
+            if impl == "ref" and shape not in (SHAPES[0], SHAPES[3]):
+                continue
+            fwd, fb, leaves = fwd_bwd_fns(impl, x, peer)
+            try:
+                row[f"{impl}_fwd"] = bench(fwd, rep=100 if impl != "ref" else 300)
+                if impl != "ref":
+                    row[f"{impl}_fb"] = bench(fb, grad_to_none=leaves)
+                    row[f"{impl}_peak"] = peak_mib(fb)
+            except torch.OutOfMemoryError:
+                row[f"{impl}_fwd"] = float("nan")
+            torch.cuda.empty_cache()
+        if peer is not None:  # the two kernels agree on the first shape's output
+            with torch.no_grad():
+                row["ours_vs_peer"] = rel(fwd_bwd_fns("ours", x)[0](), fwd_bwd_fns("peer", x, peer)[0]())
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def decode_table(peer_upd):
+    b, d, N = 64, 1536, 16
+    x = make(b, d, 1, N)
+    st = torch.randn(b, d, N, device=DEV)
+    a = (x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0], x["D"], x["z"][..., 0],
+         x["delta_bias"])
+    row = dict(ours=bench(lambda: selective_state_update(st, *a, True)))
+    # graph replay: the kernel without Python launch overhead
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            selective_state_update(st, *a, True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        selective_state_update(st, *a, True)
+    row["ours_graph"] = bench(g.replay)
+    if peer_upd is not None:
+        row["peer"] = bench(lambda: peer_upd(st, *a, dt_softplus=True))
+        st1, st2 = st.clone(), st.clone()
+        row["ours_vs_peer"] = rel(selective_state_update(st1, *a, True), peer_upd(st2, *a, dt_softplus=True))
+    row["floor_us"] = (2 * b * d * N * 4) / 3.0e12 * 1e6
+    print("decode", {k: round(v, 5) for k, v in row.items()}, flush=True)
+    return row
+
+
+def conv_note(bw):
+    """Depthwise causal conv1d (width 4) as the mixer runs it (F.conv1d), vs our scan, shape 1."""
+    b, d, L = 8, 1536, 2048
+    x = torch.randn(b, d, L, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(d, 1, 4, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    f = lambda: torch.nn.functional.silu(torch.nn.functional.conv1d(x, w, bias, padding=3, groups=d)[..., :L])  # noqa
+    dy = torch.randn(b, d, L, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        tf = bench(f)
+    tfb = bench(lambda: f().backward(dy), grad_to_none=[x, w, bias])
+    print(f"conv1d+silu (8,1536,2048) bf16: fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms; "
+          f"floor fwd {2 * x.numel() * 2 / bw / 1e9:.3f} ms", flush=True)
+    return dict(fwd=tf, fb=tfb)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", action="store_true", help="time tile configurations first")
+    p.add_argument("--sweep-only", action="store_true", help="check and sweep, no table")
+    p.add_argument("--json", default=None, help="write all numbers to this file")
+    a = p.parse_args()
+    t0 = time.time()
+    print(torch.cuda.get_device_name(), torch.__version__, "config", ops.CONFIG["cuda"])
+    ok = check_against_reference()
+    if not ok:
+        print("CORRECTNESS CHECK FAILED")
+    peer, peer_upd = load_peer()
+    print("peer:", "selective_scan_cuda loaded" if peer else "absent (skipped)",
+          "| decode step:", "loaded" if peer_upd else "absent")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw:.2f} TB/s")
+    out = dict(device=torch.cuda.get_device_name(), bandwidth=bw, config=dict(ops.CONFIG["cuda"]), ok=ok)
+    if a.sweep or a.sweep_only:
+        out["sweep"] = sweep(peer)
+    if a.sweep_only:
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(out, fh, indent=1, default=str)
+        return
+    out["decode"] = decode_table(peer_upd)
+    out["conv"] = conv_note(bw)
+    out["scan"] = scan_table(peer, bw)
+    print("\n| shape (b, d, L, N) | pass | ours | mamba-ssm | chunked ref | floor (bytes / exp) | peak ours / peer |")
+    print("|---|---|---|---|---|---|---|")
+    f = lambda v: f"{v:.3f} ms" if isinstance(v, float) and v == v else "-"  # noqa: E731
+    for r in out["scan"]:
+        s = ", ".join(map(str, r["shape"]))
+        print(f"| {s} | fwd | {f(r.get('ours_fwd'))} | {f(r.get('peer_fwd'))} | {f(r.get('ref_fwd'))} | "
+              f"{r['floor_fwd']:.3f} / {r['floor_exp']:.3f} ms | |")
+        pk = f"{r.get('ours_peak', 0):.0f} / {r.get('peer_peak', 0):.0f} MiB"
+        print(f"| {s} | fwd+bwd | {f(r.get('ours_fb'))} | {f(r.get('peer_fb'))} | - | "
+              f"{r['floor_fb']:.3f} / {2 * r['floor_exp']:.3f} ms | {pk} |")
+    dd = out["decode"]
+    print(f"\ndecode step (64, 1536, 16): ours {dd['ours']*1e3:.1f} us (graph replay {dd['ours_graph']*1e3:.1f} us), "
+          f"peer {dd.get('peer', float('nan'))*1e3:.1f} us")
+    print(f"total {time.time() - t0:.0f} s")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
