@@ -4,6 +4,7 @@ attention) at several image sizes, bf16 autocast, forward_features only. Needs a
     PYTHONPATH=. python scripts/bench_vision.py --sizes 224 512 1024 1248 --batch 64
 
 Each (model, size) starts at --batch and halves on out-of-memory. Prints a markdown table.
+With --profile it also prints the top CUDA kernels of one vim-tiny batch at the largest size.
 """
 
 from __future__ import annotations
@@ -48,6 +49,23 @@ def measure_fitting(name: str, img_size: int, batch: int, iters: int, warmup: in
     return {"img_s": float("nan"), "peak_gb": float("nan"), "batch": 0}
 
 
+def profile_vim(img_size: int, batch: int, rows: int = 20) -> None:
+    """Print the CUDA kernels that take the most time in one vim-tiny forward_features batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = timm.create_model("vim_tiny_patch16_224", img_size=img_size, num_classes=0).cuda().eval()
+    x = torch.randn(batch, 3, img_size, img_size, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(2):
+            model.forward_features(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.forward_features(x)
+            torch.cuda.synchronize()
+    print(f"\nvim-tiny, {img_size} px, batch {batch}: top CUDA kernels")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 512, 1024, 1248])
@@ -55,6 +73,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--unfused", action="store_true", help="also DeiT-Ti with unfused attention")
+    ap.add_argument("--profile", action="store_true", help="also profile vim-tiny at the largest size")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_vision needs a CUDA GPU")
@@ -75,6 +94,8 @@ def main() -> None:
     print("\n| image size | model | batch | images/s | peak memory (GB) |\n|---|---|---|---|---|")
     for size, label, r in rows:
         print(f"| {size} | {label} | {r['batch']} | {r['img_s']:,.1f} | {r['peak_gb']:.2f} |")
+    if args.profile:
+        profile_vim(max(args.sizes), min(args.batch, 16))
 
 
 if __name__ == "__main__":
