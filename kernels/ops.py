@@ -19,7 +19,7 @@ from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 # Tile sizes (block_l is shared: the backward starts its tiles from the forward's tile states). GPU values were picked by scripts/bench_scan.py (see docs/kernel_notes.md); the CPU
 # interpreter uses small tiles so that tests cross several tiles and splits at tiny lengths.
 CONFIG = {
-    "cuda": dict(block_l=16, block_d=8, fwd_warps=4, bwd_block_d=8, bwd_warps=4, min_programs=528, nsplit=0),
+    "cuda": dict(block_l=8, block_d=32, fwd_warps=4, bwd_block_d=8, bwd_warps=4, min_programs=264, nsplit=0),
     "cpu": dict(block_l=16, block_d=4, fwd_warps=1, bwd_block_d=4, bwd_warps=1, min_programs=1, nsplit=0),
 }
 
@@ -50,13 +50,13 @@ def _bc_layout(X: Tensor, dim: int):
     return X.contiguous(), G, dim // G, False
 
 
-def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict, warps: int = 1, N: int = 16):
-    """(block_d, tiles, stretches, tiles per stretch).  On the GPU the (L, D, N) tile puts N on the
-    lanes, the rest of a warp on D and the warps on D, so that L stays inside each thread: block_d
-    is raised to (32 // N) * warps where the groups allow it."""
+def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict, min_block_d: int = 1):
+    """(block_d, tiles, stretches, tiles per stretch).  The backward's (L, D, N) tile puts N on the
+    lanes, the rest of a warp on D and the warps on D, so that L stays inside each thread: its
+    block_d is raised to min_block_d = (32 // N) * warps where the groups allow it."""
     batch, dim, L = u.shape
     if u.is_cuda:
-        block_d = max(block_d, max(1, 32 // min(32, triton.next_power_of_2(N))) * warps)
+        block_d = max(block_d, min_block_d)
     for X in (B, C):
         if X.dim() == 4 and X.shape[1] > 1:
             block_d = _pow2_divisor(dim // X.shape[1], block_d)
@@ -88,7 +88,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
-    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["block_d"], cfg["block_l"], cfg, cfg["fwd_warps"], N)
+    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["block_d"], cfg["block_l"], cfg)
     block_n = triton.next_power_of_2(N)
     y = torch.empty_like(u)
     hs = u.new_empty(batch, dim, n_tiles, N, dtype=torch.float32)
@@ -125,7 +125,8 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
-    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["bwd_block_d"], cfg["block_l"], cfg, cfg["bwd_warps"], N)
+    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["bwd_block_d"], cfg["block_l"], cfg,
+                                                      max(1, 32 // min(32, triton.next_power_of_2(N))) * cfg["bwd_warps"])
     block_n = triton.next_power_of_2(N)
     f32 = dict(dtype=torch.float32, device=u.device)
     du = torch.empty_like(u)

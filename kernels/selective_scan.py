@@ -74,14 +74,37 @@ def _reset_tile(seq_ptr, b, L, t, mask_t, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _take_right(a, b):
+    return b
+
+
+@triton.jit
+def _take_left(a, b):
+    return a
+
+
+@triton.jit
 def _last(v, offs_l, BLOCK_L: tl.constexpr):
-    """v[BLOCK_L - 1] of a (BLOCK_L, BLOCK_D, BLOCK_N) tile."""
-    return tl.sum(tl.where(offs_l[:, None, None] == BLOCK_L - 1, v, 0.0), axis=0)
+    """v[BLOCK_L - 1] of a tile whose axis 0 is L (a reduction that keeps its right operand: free
+    when L lies inside each thread)."""
+    return tl.reduce(v, 0, _take_right)
 
 
 @triton.jit
 def _first(v, offs_l):
-    return tl.sum(tl.where(offs_l[:, None, None] == 0, v, 0.0), axis=0)
+    """v[0] along axis 0."""
+    return tl.reduce(v, 0, _take_left)
+
+
+@triton.jit
+def _bc_tile_t(ptr, b, g, G, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, INV: tl.constexpr):
+    """B or C as a (BLOCK_L or 1, BLOCK_N, BLOCK_D or 1) fp32 tile (the forward's axis order)."""
+    if INV:
+        v = tl.load(ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        return v.to(tl.float32)[None, :, :]
+    rows = ((b * G + g) * N + offs_n) * L
+    v = tl.load(ptr + rows[None, :] + t[:, None], mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+    return v.to(tl.float32)[:, :, None]
 
 
 @triton.jit
@@ -96,7 +119,12 @@ def scan_fwd_kernel(
 ):
     """Grid (b * cdiv(d, BLOCK_D), nsplit).  Full pass: writes y, the tile states and the end state
     of each stretch (hend (b, d, nsplit, N)).  STATE_ONLY: writes hend from a zero start and the
-    decay product pend (b, d, nsplit, N) of each stretch."""
+    decay product pend (b, d, nsplit, N) of each stretch.
+
+    Tiles are (BLOCK_L, BLOCK_N, BLOCK_D): on the GPU the lanes of a warp take 32 channels, the
+    warps split N, and each thread holds all BLOCK_L steps, so the scan over L and most of the
+    C.h reduction over N stay inside a thread, and per-(t, d) work (softplus, D, gate) is not
+    repeated for every n."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
     n_dblk = tl.cdiv(dim, BLOCK_D)
@@ -107,11 +135,11 @@ def scan_fwd_kernel(
     offs_l = tl.arange(0, BLOCK_L)
     mask_d = offs_d < dim
     mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
     gb = d0 // dpg_b
     gc = d0 // dpg_c
 
-    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -119,39 +147,40 @@ def scan_fwd_kernel(
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
-    state_off = ((b * dim + offs_d[:, None]) * nsplit + s) * N + offs_n[None, :]  # into (b, d, nsplit, N)
-    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    state_off = ((b * dim + offs_d[None, :]) * nsplit + s) * N + offs_n[:, None]  # (BN, BD) into (b, d, nsplit, N)
+    h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if HAS_H0 and not STATE_ONLY:
-        h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0).to(tl.float32)
-    prod = tl.full([BLOCK_D, BLOCK_N], 1.0, dtype=tl.float32)
+        h = tl.load(h0_ptr + state_off, mask=mask_nd, other=0.0).to(tl.float32)
+    prod = tl.full([BLOCK_N, BLOCK_D], 1.0, dtype=tl.float32)
 
     row = (b * dim + offs_d) * L
     tile0 = s * tiles_per_split
     t_begin = tile0 * BLOCK_L
     # the last stretch may hold fewer tiles: its extra tiles lie past L, fully masked (identity steps)
-    n_tiles = tiles_per_split
-    for it in range(n_tiles):
+    for it in range(tiles_per_split):
         t = t_begin + it * BLOCK_L + offs_l
         mask_t = t < L
         io_mask = mask_t[:, None] & mask_d[None, :]
         dt, _ = _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS, SOFTPLUS, FAST)
         u = tl.load(u_ptr + row[None, :] + t[:, None], mask=io_mask, other=0.0).to(tl.float32)
-        Bt = _bc_tile(B_ptr, b, gb, GB, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, B_INV)
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+        Bt = _bc_tile_t(B_ptr, b, gb, GB, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, B_INV)
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
         if HAS_SEQ:
             reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0)
             a = tl.where(reset[:, None, None], 0.0, a)
-        x = (dt * u)[:, :, None] * Bt
-        acum, hz = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
+        x = (dt * u)[:, None, :] * Bt
         if STATE_ONLY:
+            acum, hz = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
             prod = prod * _last(acum, offs_l, BLOCK_L)
             h = _last(hz, offs_l, BLOCK_L) + _last(acum, offs_l, BLOCK_L) * h
         else:
-            tl.store(hs_ptr + ((b * dim + offs_d[:, None]) * n_tiles_total + tile0 + it) * N + offs_n[None, :],
-                     h, mask=mask_dn & (tile0 + it < n_tiles_total))
-            hfull = acum * h[None, :, :] + hz
-            Ct = _bc_tile(C_ptr, b, gc, GC, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, C_INV)
-            y = tl.sum(hfull * Ct, axis=2)
+            tl.store(hs_ptr + ((b * dim + offs_d[None, :]) * n_tiles_total + tile0 + it) * N + offs_n[:, None],
+                     h, mask=mask_nd & (tile0 + it < n_tiles_total))
+            # the carried state enters at the tile's first step; the products of a are then dead code
+            x = tl.where(offs_l[:, None, None] == 0, x + a * h[None, :, :], x)
+            _, hfull = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
+            Ct = _bc_tile_t(C_ptr, b, gc, GC, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, C_INV)
+            y = tl.sum(hfull * Ct, axis=1)
             if HAS_D:
                 y += Dv[None, :] * u
             if HAS_Z:
@@ -159,9 +188,9 @@ def scan_fwd_kernel(
                 y = y * zv * tl.sigmoid(zv)
             tl.store(y_ptr + row[None, :] + t[:, None], y.to(y_ptr.dtype.element_ty), mask=io_mask)
             h = _last(hfull, offs_l, BLOCK_L)
-    tl.store(hend_ptr + state_off, h, mask=mask_dn)
+    tl.store(hend_ptr + state_off, h, mask=mask_nd)
     if STATE_ONLY:
-        tl.store(pend_ptr + state_off, prod, mask=mask_dn)
+        tl.store(pend_ptr + state_off, prod, mask=mask_nd)
 
 
 @triton.jit

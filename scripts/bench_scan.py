@@ -204,29 +204,45 @@ def sweep(peer):
     print("== sweep (ms, median) ==")
     base = dict(ops.CONFIG["cuda"])
     results = []
+    fwd_cfgs = ((8, 32, 4), (16, 32, 8), (16, 16, 4), (8, 32, 2), (8, 64, 8), (16, 32, 4))
+    bwd_cfgs = ((8, 8, 4), (8, 16, 8), (16, 8, 4), (8, 4, 2), (16, 16, 8))
     for shape in (SHAPES[0], SHAPES[3]):
         x = make(*shape)
         args = [x[k] for k in ORDER]
-        for bl, bd, w in ((8, 8, 4), (16, 8, 4), (16, 16, 8), (16, 4, 2), (32, 8, 4), (8, 16, 8)):
-            if True:
-                ops.CONFIG["cuda"].update(block_l=bl, block_d=bd, fwd_warps=w, bwd_block_d=bd, bwd_warps=w)
+        for kind, cfgs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
+            for bl, bd, w in cfgs:
+                ops.CONFIG["cuda"].update(block_l=bl)
+                if kind == "fwd":
+                    ops.CONFIG["cuda"].update(block_d=bd, fwd_warps=w)
+                else:
+                    ops.CONFIG["cuda"].update(bwd_block_d=bd, bwd_warps=w)
                 try:
                     y, last, hs = ops.scan_forward(*args, None, None, True)
-                    tf = bench(lambda: ops.scan_forward(*args, None, None, True), rep=50)
-                    dy = torch.randn_like(y)
-                    tb = bench(lambda: ops.scan_backward(dy, None, *args, None, hs, True, False), rep=50)
+                    if kind == "fwd":
+                        ms = bench(lambda: ops.scan_forward(*args, None, None, True), rep=50)
+                    else:
+                        dy = torch.randn_like(y)
+                        ms = bench(lambda: ops.scan_backward(dy, None, *args, None, hs, True, False), rep=50)
                 except Exception as e:  # noqa: BLE001 (e.g. out of resources)
-                    print(f"{shape} bl={bl} bd={bd} w={w}: {type(e).__name__}: {str(e)[:100]}")
+                    print(f"{shape} {kind} bl={bl} bd={bd} w={w}: {type(e).__name__}: {str(e)[:100]}")
                     continue
-                results.append(dict(shape=shape, block_l=bl, block_d=bd, warps=w, fwd=tf, bwd=tb))
-                print(f"{str(shape):22s} bl={bl:3d} bd={bd:2d} w={w}  fwd {tf:.3f}  bwd {tb:.3f}", flush=True)
+                results.append(dict(shape=shape, kind=kind, block_l=bl, block_d=bd, warps=w, ms=ms))
+                print(f"{str(shape):22s} {kind} bl={bl:3d} bd={bd:2d} w={w}  {ms:.3f} ms", flush=True)
     ops.CONFIG["cuda"].clear()
     ops.CONFIG["cuda"].update(base)
     first = [r for r in results if r["shape"] == SHAPES[0]]
-    if first:  # adopt the fastest forward+backward at the first shape for the rest of the run
-        r = min(first, key=lambda r: r["fwd"] + r["bwd"])
-        ops.CONFIG["cuda"].update(block_l=r["block_l"], block_d=r["block_d"], fwd_warps=r["warps"],
-                                  bwd_block_d=r["block_d"], bwd_warps=r["warps"])
+    best = None
+    for bl in sorted({r["block_l"] for r in first}):
+        f = [r for r in first if r["block_l"] == bl and r["kind"] == "fwd"]
+        g = [r for r in first if r["block_l"] == bl and r["kind"] == "bwd"]
+        if f and g:
+            f, g = min(f, key=lambda r: r["ms"]), min(g, key=lambda r: r["ms"])
+            if best is None or f["ms"] + g["ms"] < best[0]["ms"] + best[1]["ms"]:
+                best = (f, g)
+    if best:  # adopt the fastest forward+backward at the first shape for the rest of the run
+        f, g = best
+        ops.CONFIG["cuda"].update(block_l=f["block_l"], block_d=f["block_d"], fwd_warps=f["warps"],
+                                  bwd_block_d=g["block_d"], bwd_warps=g["warps"])
         print("adopted", ops.CONFIG["cuda"], flush=True)
     # long sequence: how many stretches
     x = make(*SHAPES[2])
@@ -241,8 +257,7 @@ def sweep(peer):
         results.append(dict(shape=SHAPES[2], nsplit=ns, fwd=tf, bwd=tb))
     ops.CONFIG["cuda"]["nsplit"] = 0
     best = min((r for r in results if "nsplit" in r), key=lambda r: r["fwd"] + r["bwd"])
-    bd = ops._plan(x["u"], x["B"], x["C"], ops.CONFIG["cuda"]["block_d"], ops.CONFIG["cuda"]["block_l"],
-                   ops.CONFIG["cuda"], ops.CONFIG["cuda"]["fwd_warps"], 16)[0]
+    bd = ops.CONFIG["cuda"]["block_d"]
     ops.CONFIG["cuda"]["min_programs"] = best["nsplit"] * SHAPES[2][1] // bd if best["nsplit"] > 1 else 1
     print("adopted", ops.CONFIG["cuda"], flush=True)
     return results
