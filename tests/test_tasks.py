@@ -1,0 +1,117 @@
+"""zoo.tasks: optimizer rules, schedule, MoE aux losses, metrics, mixup/cutmix, the LTI swap."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from core.mamba import Mamba
+from zoo.tasks import (CausalLMTask, ClassificationTask, collect_aux_loss, cosine_with_warmup, make_lti, mix_batch,
+                       param_groups, split_decay)
+from zoo.tasks.metrics import SequenceMetrics
+
+TINY_LM = dict(n_layer=2, d_model=16, d_state=4)
+
+
+def test_weight_decay_only_on_matrices():
+    model = zoo.create_model("jamba-tiny", n_layer=2, d_model=32, layout="MA", n_heads=2, n_kv_heads=2)
+    model.register_parameter("flagged", nn.Parameter(torch.zeros(3, 3)))
+    model.flagged._no_weight_decay = True
+    decay, no_decay = split_decay(model)
+    assert "layers.0.mixer.in_proj.weight" in decay
+    assert "layers.0.mixer.fwd.x_proj.weight" in decay and "layers.0.mixer.out_proj.weight" in decay
+    for name in ("layers.0.mixer.fwd.A_log", "layers.0.mixer.fwd.D", "layers.0.mixer.fwd.dt_proj.bias",
+                 "layers.0.norm.weight", "norm_f.weight", "embedding.weight", "flagged"):
+        assert name in no_decay, name
+    # every parameter is in exactly one group
+    groups = param_groups(model, 0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters()})
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+
+
+def test_tied_head_gets_no_decay_and_lti_params_none():
+    model = make_lti(zoo.create_model("mambabyte-tiny", **TINY_LM))
+    decay, no_decay = split_decay(model)
+    assert "embedding.weight" in no_decay and not any(n.startswith("lm_head") for n in decay)
+    lti = [n for n in no_decay if ".lti." in n]
+    assert lti and not any(".lti." in n for n in decay)  # B, C (2-d) of the LTI SSM stay undecayed
+
+
+def test_cosine_schedule_with_warmup():
+    f = [cosine_with_warmup(s, 10, 110, 0.1) for s in range(130)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:110], f[11:111]))  # non-increasing after warmup
+    assert f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1) and f[129] == pytest.approx(0.1)
+
+
+def test_moe_aux_loss_is_added_and_cleared():
+    task = CausalLMTask("moe-mamba-tiny", dict(n_layer=2, d_model=16, d_state=4), aux_loss_weight=2.0)
+    x = torch.randint(0, 256, (2, 9))
+    task.model(x[:, :-1])
+    aux = collect_aux_loss(task.model)
+    assert aux is not None and aux.item() > 0
+    assert collect_aux_loss(task.model) is None  # cleared once read
+    plain = CausalLMTask("mambabyte-tiny", TINY_LM)
+    plain.model(x[:, :-1])
+    assert collect_aux_loss(plain.model) is None
+
+
+def test_lm_task_step_loss_plus_aux(monkeypatch):
+    task = CausalLMTask("moe-mamba-tiny", dict(n_layer=2, d_model=16, d_state=4), aux_loss_weight=3.0)
+    logged = {}
+    monkeypatch.setattr(task, "log", lambda k, v, **kw: logged.__setitem__(k, v))
+    monkeypatch.setattr(task, "log_throughput", lambda *a: None)
+    monkeypatch.setattr(task, "_trainer", type("T", (), {"optimizers": [], "world_size": 1})())
+    batch = torch.randint(0, 256, (2, 9))
+    total = task.training_step(batch, 0)
+    assert total.item() == pytest.approx(logged["train/loss"].item() + 3.0 * logged["train/aux_loss"].item(), rel=1e-5)
+
+
+def test_sequence_metrics_values():
+    m = SequenceMetrics(bytes_per_token=1.0)
+    logits = torch.zeros(2, 3, 4)
+    logits[0, :, 1] = 5.0  # predicts 1 everywhere in row 0
+    targets = torch.tensor([[1, 1, -100], [2, -100, -100]])
+    m.update(logits, targets)
+    out = m.compute()
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert out["loss"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert out["bpb"].item() == pytest.approx(ce.item() / math.log(2), rel=1e-5)
+    assert out["ppl"].item() == pytest.approx(math.exp(ce.item()), rel=1e-4)
+    assert out["acc"].item() == pytest.approx(2 / 3) and out["seq_acc"].item() == pytest.approx(0.5)
+
+
+def test_mixup_and_cutmix():
+    x = torch.arange(4.0)[:, None, None, None].expand(4, 1, 8, 8).clone()
+    y = torch.arange(4)
+    g = torch.Generator().manual_seed(0)
+    xm, ya, yb, lam = mix_batch(x, y, mixup_alpha=0.4, cutmix_alpha=0.0, generator=g)
+    perm = [int(v) for v in yb]
+    assert torch.allclose(xm[:, 0, 0, 0], lam * y.float() + (1 - lam) * torch.tensor(perm).float())
+    xc, ya, yb, lam = mix_batch(x, y, mixup_alpha=0.0, cutmix_alpha=1.0, generator=g)
+    for i in range(4):  # the fraction of pixels kept from the sample itself is lam
+        own = (xc[i] == float(i)).float().mean().item()
+        assert own == pytest.approx(lam) or int(yb[i]) == i
+
+
+def test_make_lti_swaps_every_mixer():
+    model = make_lti(zoo.create_model("mambabyte-tiny", **TINY_LM))
+    mixers = [m for m in model.modules() if isinstance(m, Mamba)]
+    assert mixers and all(not m.selective for m in mixers)
+    assert model(torch.randint(0, 256, (1, 12))).shape == (1, 12, 256)
+
+
+def test_classification_task_trains_a_step():
+    task = ClassificationTask("vim-tiny-fashion", num_classes=10, model_kwargs=dict(depth=1, embed_dim=32),
+                              mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    task.log = lambda *a, **k: None
+    task.log_throughput = lambda *a: None
+    task._trainer = type("T", (), {"optimizers": [], "world_size": 1})()
+    loss = task.training_step((x, y), 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in task.model.parameters() if p.requires_grad)

@@ -1,0 +1,80 @@
+"""What every task shares: a model built by registry name + overrides, the optimizer rules,
+throughput logging and the non-finite-loss stop."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import lightning.pytorch as pl
+import torch
+
+from zoo.registry import create_model
+from zoo.tasks.optim import build_optimizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss was NaN or infinite; the message names the step and the
+    checkpoint saved just before stopping."""
+
+
+class ZooTask(pl.LightningModule):
+    """Base LightningModule. ``model`` is a registry name (``zoo.list_models()``) and
+    ``model_kwargs`` the overrides of its config, so a task is fully described by plain YAML.
+
+    lr, weight_decay, betas: AdamW (decay on matrices only, see ``zoo.tasks.optim``);
+    warmup_steps, min_lr_ratio: the cosine schedule; schedule_steps: its length (default: the
+    trainer's max_steps / estimated stepping batches).
+    """
+
+    def __init__(self, model: str, model_kwargs: dict | None = None, lr: float = 1e-3,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, schedule_steps: int | None = None):
+        super().__init__()
+        self.model_name = model
+        self.model = create_model(model, **(model_kwargs or {}))
+        self._last_step_time: float | None = None
+
+    # -- optimizer ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        total = hp.schedule_steps or self.trainer.estimated_stepping_batches
+        return build_optimizer(self.model, hp.lr, hp.weight_decay, hp.betas, hp.warmup_steps, total,
+                               hp.min_lr_ratio)
+
+    # -- shared training-step plumbing -------------------------------------------------------
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop with a clear message and a checkpoint when the loss is NaN or infinite."""
+        if torch.isfinite(loss.detach()).all():
+            return
+        step = self.global_step
+        ckpt_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None) or self.trainer.default_root_dir
+        path = os.path.join(ckpt_dir, f"nonfinite-step{step}.ckpt")
+        self.trainer.save_checkpoint(path)
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss.item()}) at step {step}; training stopped. The weights "
+            f"before this step are saved in {path}. Lower the learning rate, raise warmup or check the "
+            f"data, then resume with --ckpt_path {path}")
+
+    def log_throughput(self, items: int, unit: str) -> None:
+        """Log items/second of the training loop (shown in the progress bar)."""
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            dt = now - self._last_step_time
+            if dt > 0:
+                self.log(f"train/{unit}_s", items * self.trainer.world_size / dt, prog_bar=True,
+                         on_step=True, on_epoch=False, sync_dist=False)
+        self._last_step_time = now
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._last_step_time = None  # time spent validating is not training throughput
+
+
+def lr_of(trainer: pl.Trainer) -> float:
+    """The current learning rate of the first parameter group (nan when there is no optimizer)."""
+    opts = trainer.optimizers
+    return opts[0].param_groups[0]["lr"] if opts else math.nan

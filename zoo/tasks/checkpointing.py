@@ -1,0 +1,95 @@
+"""Checkpoint files written atomically, and the PNG of training curves written at the end of fit."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temporary file beside the target, fsync, then ``os.replace``: a save
+    that fails (or is killed) part-way leaves the previous file at that path untouched."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """A CSVLogger metrics.csv -> {metric: [(step, value), ...]} (empty cells skipped)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for k, v in row.items():
+                if k in ("step", "epoch") or v in (None, ""):
+                    continue
+                series.setdefault(k, []).append((step, float(v)))
+    return series
+
+
+def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path:
+    """Training and validation loss (left) and the validation metrics bpb / acc (right) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = read_metrics_csv(metrics_csv)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("train/loss", "val/loss"):
+        if key in s:
+            steps, vals = zip(*s[key])
+            ax1.plot(steps, vals, label=key, marker="o" if key.startswith("val") else None,
+                     lw=1 if key.startswith("train") else 2)
+    ax1.set_xlabel("step"), ax1.set_ylabel("loss (nats)"), ax1.legend(), ax1.grid(alpha=0.3)
+    right = [k for k in s if k.split("/")[0].startswith("val") and k.split("/")[-1] in ("bpb", "acc")]
+    for key in right:
+        steps, vals = zip(*s[key])
+        ax2.plot(steps, vals, label=key, marker="o")
+    ax2.set_xlabel("step"), ax2.grid(alpha=0.3)
+    if right:
+        ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+class CurvesPNG(pl.Callback):
+    """At the end of fit, plot the CSV logger's metrics to ``out_png`` (rank zero only)."""
+
+    def __init__(self, out_png: str | os.PathLike, title: str = ""):
+        self.out_png, self.title = Path(out_png), title
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, pl.loggers.CSVLogger)]
+        if not csv_loggers:
+            return
+        logger = csv_loggers[0]
+        logger.save()
+        path = Path(logger.log_dir) / "metrics.csv"
+        if path.is_file():
+            print(f"training curves: {plot_curves(path, self.out_png, self.title)}", flush=True)
