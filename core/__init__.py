@@ -4,6 +4,27 @@ from core.block import Block, drop_path
 from core.cache import InferenceCache, MambaState
 from core.mamba import Mamba, dt_bias_init, s4d_real_a_log
 from core.norm import RMSNorm
+from core.ssm import (
+    A_INIT_KINDS,
+    LTISSM,
+    a_log_init,
+    discretize_b,
+    discretize_bilinear_dense,
+    discretize_gbt_dense,
+    discretize_zoh,
+    discretize_zoh_dense,
+    fft_causal_conv,
+    hippo_legs,
+    hippo_legs_diag,
+    hippo_legs_encode,
+    hippo_legs_nplr,
+    hippo_legs_reconstruct,
+    hippo_legs_transitions,
+    legendre_reconstruct,
+    s4d_lin,
+    s4d_real,
+    ssm_kernel,
+)
 from core.scan import (
     check_scan_inputs,
     scan_backend,
@@ -14,6 +35,25 @@ from core.scan import (
 )
 
 __all__ = [
+    "A_INIT_KINDS",
+    "LTISSM",
+    "a_log_init",
+    "discretize_b",
+    "discretize_bilinear_dense",
+    "discretize_gbt_dense",
+    "discretize_zoh",
+    "discretize_zoh_dense",
+    "fft_causal_conv",
+    "hippo_legs",
+    "hippo_legs_diag",
+    "hippo_legs_encode",
+    "hippo_legs_nplr",
+    "hippo_legs_reconstruct",
+    "hippo_legs_transitions",
+    "legendre_reconstruct",
+    "s4d_lin",
+    "s4d_real",
+    "ssm_kernel",
     "Block",
     "InferenceCache",
     "Mamba",
