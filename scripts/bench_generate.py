@@ -12,8 +12,11 @@ Models (random weights, greedy decoding, 256 new tokens, prompts 2k/16k, batch 1
   ~124M parameters) from the same code: SDPA, preallocated KV cache, decode step in a CUDA graph.
 
 Per point: one warm-up generate (compiles kernels, captures the graph), a prefill-only generate
-(1 new token) and the full generate; decode tok/s = batch * (new - 1) / (t_full - t_prefill),
-end-to-end tok/s = batch * new / t_full. Peak memory is torch.cuda.max_memory_allocated of the full run.
+(1 new token) and the full generate; end-to-end tok/s = batch * new / t_full. Decode tok/s =
+batch * (new - 1) / t_decode where t_decode is, with --timing subtract (default), t_full - t_prefill
+(noisy when the prefill dominates), and with --timing stream the time from the first new token to the
+last, taken with a streamer that copies every token to the host (mamba_ssm's streamer protocol; the
+same per-step copy for every model). Peak memory is torch.cuda.max_memory_allocated of the full run.
 """
 
 from __future__ import annotations
@@ -55,13 +58,35 @@ def transformer_config(small: bool) -> LMConfig:
                     n_heads=12)
 
 
+class FirstTokenClock:
+    """Streamer (mamba_ssm protocol put/end, or a plain callable) that notes when the first new token
+    reached the host. ``skip`` = how many puts come before it (mamba_ssm puts the prompt first)."""
+
+    def __init__(self, skip=0):
+        self.skip, self.t_first = skip, None
+
+    def put(self, tokens):
+        tokens.cpu()
+        if self.skip == 0 and self.t_first is None:
+            self.t_first = time.perf_counter()
+        self.skip -= 1
+
+    __call__ = put
+
+    def end(self):
+        pass
+
+
 class Ours:
+    stream_skip = 0
+
     def __init__(self, name, model):
         self.name, self.model = name, model
 
     def points(self, prompt, new):
         m, cache_len = self.model, prompt.shape[1] + new
-        g = lambda n: generate(m, prompt, n, temperature=0, cache_len=cache_len)  # noqa: E731
+        g = lambda n, streamer=None: generate(m, prompt, n, temperature=0, cache_len=cache_len,  # noqa: E731
+                                              streamer=streamer)
         g(2)  # warm-up: kernels compiled, decode graph captured for (batch, cache_len)
         return g
 
@@ -76,7 +101,7 @@ class Peer:
         d, n, v = (64, 2, 512) if small else (768, 24, 50277)
         cfg = MambaConfig(d_model=d, n_layer=n, vocab_size=v, ssm_cfg={"layer": "Mamba1"}, rms_norm=True,
                           residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
-        self.name = "mamba_ssm"
+        self.name, self.stream_skip = "mamba_ssm", 1
         self.model = MambaLMHeadModel(cfg, device=device, dtype=dtype).eval()
 
     def points(self, prompt, new):
@@ -84,20 +109,24 @@ class Peer:
 
         m, (b, L) = self.model, prompt.shape
         m._decoding_cache = update_graph_cache(m, getattr(m, "_decoding_cache", None), b, L, L + new)
-        g = lambda n: m.generate(prompt, max_length=L + n, cg=True, top_k=1)  # noqa: E731
+        g = lambda n, streamer=None: m.generate(prompt, max_length=L + n, cg=True, top_k=1,  # noqa: E731
+                                                streamer=streamer)
         g(2)
         return g
 
 
-def bench_point(runner, batch, L, new, device, vocab):
+def bench_point(runner, batch, L, new, device, vocab, timing="subtract"):
     prompt = torch.randint(0, vocab, (batch, L), device=device)
     g = runner.points(prompt, new)
     t_pre = timed(lambda: g(1), device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t_all = timed(lambda: g(new), device)
+    clock = FirstTokenClock(runner.stream_skip) if timing == "stream" else None
+    t_all = timed(lambda: g(new, streamer=clock), device)
+    t_end = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    t_dec = max(t_all - t_pre, 1e-9)
+    t_dec = (t_end - clock.t_first) if clock is not None else t_all - t_pre
+    t_dec = max(t_dec, 1e-9)
     return dict(model=runner.name, batch=batch, prompt=L, new=new, prefill_s=round(t_pre, 4),
                 decode_tok_s=round(batch * (new - 1) / t_dec, 1), e2e_tok_s=round(batch * new / t_all, 1),
                 ms_per_step=round(1e3 * t_dec / (new - 1), 3), peak_gib=round(peak, 2))
@@ -118,6 +147,7 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--models", default="ours-mamba-130m,ours-jamba-tiny,mamba_ssm,transformer")
+    ap.add_argument("--timing", choices=("subtract", "stream"), default="subtract")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -157,7 +187,7 @@ def main(argv=None):
                         print(rows[-1], flush=True)
                         continue
                 try:
-                    rows.append(bench_point(runner, b, L, new, device, vocab))
+                    rows.append(bench_point(runner, b, L, new, device, vocab, args.timing))
                 except torch.OutOfMemoryError:
                     rows.append(dict(model=name, batch=b, prompt=L, new=new, note="OOM"))
                 print(rows[-1], flush=True)
