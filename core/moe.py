@@ -150,8 +150,10 @@ class MoE(nn.Module):
         else:
             out = torch.zeros_like(xt)
             flat_w = weights.reshape(-1)
-            order = torch.argsort(r.experts.reshape(-1), stable=True)
-            counts = torch.bincount(r.experts.reshape(-1), minlength=self.n_experts).tolist()
+            # dropped assignments are routed to a virtual expert E, which is never computed
+            flat_e = r.experts.reshape(-1).masked_fill(~r.keep.reshape(-1), self.n_experts)
+            order = torch.argsort(flat_e, stable=True)
+            counts = torch.bincount(flat_e, minlength=self.n_experts + 1)[: self.n_experts].tolist()
             start = 0
             for e, n in enumerate(counts):
                 if n:

@@ -82,3 +82,11 @@ def test_generate_bad_input():
         m.generate(ok, 2, eos=512)
     with pytest.raises(ValueError, match="streamer"):
         m.generate(ok, 2, streamer="print")
+
+
+def test_generate_in_train_mode_uses_eval_and_restores():
+    m = create_model("moe-mamba-tiny").train()  # capacity dropping would apply in training
+    ids = torch.randint(0, 200, (2, 6))
+    out = m.generate(ids, 3, temperature=0)
+    assert m.training
+    assert torch.equal(out, _greedy_by_full_forward(m.eval(), ids, 3))

@@ -114,20 +114,31 @@ def stream_generate(model, input_ids: torch.Tensor, max_new_tokens: int, tempera
     cache_len = L + max_new_tokens if cache_len is None else cache_len
     if cache_len < L + max_new_tokens:
         raise ValueError(f"cache_len: expected >= prompt + new tokens = {L + max_new_tokens}, got {cache_len}")
-    cache, step = _decoder(model, batch, cache_len, input_ids.device, cuda_graph)
-    h = model.forward_hidden(input_ids, cache)[:, -1:]  # prefill; logits of the last token only
-    with model.autocast():
-        logits = model._logits(h)[:, 0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    for i in range(max_new_tokens):
-        tok = sample(logits, temperature, top_k, top_p, generator)
-        if eos is not None:
-            tok = tok.masked_fill(finished, eos)
-            finished |= tok == eos
-        yield tok
-        if i + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
-            return
-        logits = step(tok)
+    was_training = model.training
+    model.eval()  # no MoE token dropping, no drop-path while decoding
+    try:
+        cache, step = _decoder(model, batch, cache_len, input_ids.device, cuda_graph)
+        h = model.forward_hidden(input_ids, cache)[:, -1:]  # prefill; logits of the last token only
+        with model.autocast():
+            logits = model._logits(h)[:, 0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            tok = sample(logits, temperature, top_k, top_p, generator)
+            if eos is not None:
+                tok = tok.masked_fill(finished, eos)
+                finished |= tok == eos
+            yield tok
+            if i + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
+                return
+            logits = step(tok)
+    finally:
+        model.train(was_training)
+
+
+def release_decoder(model) -> None:
+    """Drop the CUDA graph and cache that ``generate`` keeps on the model for reuse (frees its memory)."""
+    if getattr(model, "_graph_decoder", None) is not None:
+        model._graph_decoder = None
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
