@@ -82,7 +82,7 @@ def _make_cli_class():
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger
 
-    from zoo.tasks.checkpointing import AtomicCheckpointIO, CurvesPNG
+    from zoo.tasks.checkpointing import AtomicCheckpointIO, CurvesPNG, LastCheckpoint
 
     class ZooCLI(LightningCLI):
         """LightningCLI with the zoo's run folder, loggers, checkpoints and curves."""
@@ -120,12 +120,12 @@ def _make_cli_class():
             plugins = trainer_cfg.get("plugins") or []
             plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
             trainer_cfg["plugins"] = plugins + [AtomicCheckpointIO()]
-            ours = [
-                ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}", monitor=cfg["monitor"],
-                                mode=cfg["monitor_mode"], save_top_k=1, save_last=True, auto_insert_metric_name=False,
-                                every_n_train_steps=cfg["checkpoint_every_n_steps"]),
-                CurvesPNG(run_dir / "curves.png", title=run_dir.name),
-            ]
+            ckpt_dir = run_dir / "checkpoints"
+            # last.ckpt (after each validation and every N steps), and the best one by the monitor
+            self.last_ckpt = LastCheckpoint(ckpt_dir, every_n_train_steps=cfg["checkpoint_every_n_steps"])
+            self.best_ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step}", monitor=cfg["monitor"],
+                                             mode=cfg["monitor_mode"], save_top_k=1, auto_insert_metric_name=False)
+            ours = [self.last_ckpt, self.best_ckpt, CurvesPNG(run_dir / "curves.png", title=run_dir.name)]
             extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
             return self._instantiate_trainer({**trainer_cfg, **kwargs}, extra + ours)
 
@@ -135,15 +135,14 @@ def _make_cli_class():
         def after_fit(self) -> None:
             trainer = self.trainer
             if trainer.global_rank == 0:
-                ckpt = trainer.checkpoint_callback
                 shown = {k: float(v) for k, v in trainer.callback_metrics.items()
                          if k.split("/")[0].startswith("val") and v.numel() == 1}
                 print(f"fit done in {time.time() - self._t0:.1f} s, {trainer.global_step} steps; "
                       + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
-                      + f"\ncheckpoints: last {ckpt.last_model_path or '-'}, best {ckpt.best_model_path or '-'}",
+                      + f"\ncheckpoints: last {self.last_ckpt.last_model_path or '-'}, best {self.best_ckpt.best_model_path or '-'}",
                       flush=True)
             if self._cfg()["test_after_fit"]:
-                best = trainer.checkpoint_callback.best_model_path
+                best = self.best_ckpt.best_model_path or self.last_ckpt.last_model_path
                 trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
     return ZooCLI
@@ -193,7 +192,10 @@ def load_task(checkpoint: str, map_location="cpu"):
     hp = dict(ckpt.get("hyper_parameters", {}))
     if "model" not in hp or "bytes_per_token" not in hp:
         raise ValueError(f"{p} is not a checkpoint of a language-model task (CausalLMTask)")
-    task = CausalLMTask(**hp)
+    import inspect
+
+    known = inspect.signature(CausalLMTask.__init__).parameters
+    task = CausalLMTask(**{k: v for k, v in hp.items() if k in known})
     task.load_state_dict(ckpt["state_dict"])
     return task.eval(), p
 

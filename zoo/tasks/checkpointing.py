@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -30,6 +31,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Writes only ``last.ckpt`` (overwritten atomically through the trainer's checkpoint IO):
+    after every validation, every ``every_n_train_steps`` steps when set, and at the end of each
+    training epoch when there is no validation. Best checkpoints are a separate ModelCheckpoint."""
+
+    def __init__(self, dirpath, every_n_train_steps: int | None = None):
+        super().__init__(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True,
+                         every_n_train_steps=every_n_train_steps, enable_version_counter=False)
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        # no top-k files; marking the step as saved lets ModelCheckpoint go on to write last.ckpt
+        self._last_global_step_saved = trainer.global_step
 
 
 def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
