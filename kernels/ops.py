@@ -16,11 +16,12 @@ from torch import Tensor
 
 from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 
-# Tile sizes (block_l is shared: the backward starts its tiles from the forward's tile states). GPU values were picked by scripts/bench_scan.py (see docs/kernel_notes.md); the CPU
+# Tile sizes (block_l is shared; the forward stores the state every `chunk` steps for the backward). GPU values were picked by scripts/bench_scan.py (see docs/kernel_notes.md); the CPU
 # interpreter uses small tiles so that tests cross several tiles and splits at tiny lengths.
 CONFIG = {
-    "cuda": dict(block_l=8, block_d=32, fwd_warps=4, bwd_block_d=8, bwd_warps=4, min_programs=264, nsplit=0),
-    "cpu": dict(block_l=16, block_d=4, fwd_warps=1, bwd_block_d=4, bwd_warps=1, min_programs=1, nsplit=0),
+    "cuda": dict(block_l=8, chunk=64, block_d=32, fwd_warps=2, bwd_block_d=32, bwd_warps=4, min_programs=264,
+                 nsplit=0),
+    "cpu": dict(block_l=8, chunk=16, block_d=4, fwd_warps=1, bwd_block_d=4, bwd_warps=1, min_programs=1, nsplit=0),
 }
 
 
@@ -50,26 +51,28 @@ def _bc_layout(X: Tensor, dim: int):
     return X.contiguous(), G, dim // G, False
 
 
-def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict, min_block_d: int = 1):
-    """(block_d, tiles, stretches, tiles per stretch).  The backward's (L, D, N) tile puts N on the
-    lanes, the rest of a warp on D and the warps on D, so that L stays inside each thread: its
-    block_d is raised to min_block_d = (32 // N) * warps where the groups allow it."""
+def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict):
+    """(block_d, tiles, stretches, tiles per stretch, K tiles per checkpoint, checkpoints).
+
+    block_d shrinks to divide the channels of a group; stretches hold whole checkpoint chunks."""
     batch, dim, L = u.shape
-    if u.is_cuda:
-        block_d = max(block_d, min_block_d)
     for X in (B, C):
         if X.dim() == 4 and X.shape[1] > 1:
             block_d = _pow2_divisor(dim // X.shape[1], block_d)
+    K = max(1, cfg["chunk"] // block_l)
     n_tiles = max(1, triton.cdiv(L, block_l))
+    n_chunks = triton.cdiv(n_tiles, K)
     progs = batch * triton.cdiv(dim, block_d)
-    nsplit = cfg["nsplit"] or max(1, min(n_tiles, triton.cdiv(cfg["min_programs"], progs)))
-    tiles_per_split = triton.cdiv(n_tiles, nsplit)
-    nsplit = triton.cdiv(n_tiles, tiles_per_split)
-    return block_d, n_tiles, nsplit, tiles_per_split
+    nsplit = cfg["nsplit"] or max(1, min(n_chunks, triton.cdiv(cfg["min_programs"], progs)))
+    chunks_per_split = triton.cdiv(n_chunks, nsplit)
+    nsplit = triton.cdiv(n_chunks, chunks_per_split)
+    return block_d, n_tiles, nsplit, chunks_per_split * K, K, n_chunks
 
 
-def _n_tiles(L: int, device: torch.device) -> int:
-    return max(1, triton.cdiv(L, _cfg(device)["block_l"]))
+def _n_chunks(L: int, device: torch.device) -> int:
+    cfg = _cfg(device)
+    K = max(1, cfg["chunk"] // cfg["block_l"])
+    return triton.cdiv(max(1, triton.cdiv(L, cfg["block_l"])), K)
 
 
 def _flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv):
@@ -88,15 +91,15 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
-    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["block_d"], cfg["block_l"], cfg)
+    block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["block_d"], cfg["block_l"], cfg)
     block_n = triton.next_power_of_2(N)
     y = torch.empty_like(u)
-    hs = u.new_empty(batch, dim, n_tiles, N, dtype=torch.float32)
+    hs = u.new_empty(batch, dim, n_chunks, N, dtype=torch.float32)
     hend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)
     grid = (batch * triton.cdiv(dim, block_d), nsplit)
     common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=cfg["block_l"], num_warps=cfg["fwd_warps"],
                   **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv))
-    sizes = (dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit)
+    sizes = (dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K)
     h0 = initial_state.float().contiguous().unsqueeze(2) if initial_state is not None else None
     if nsplit > 1:
         # pass 1: each stretch from a zero state; then chain the stretches
@@ -125,8 +128,7 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
-    block_d, n_tiles, nsplit, tiles_per_split = _plan(u, B, C, cfg["bwd_block_d"], cfg["block_l"], cfg,
-                                                      max(1, 32 // min(32, triton.next_power_of_2(N))) * cfg["bwd_warps"])
+    block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["bwd_block_d"], cfg["block_l"], cfg)
     block_n = triton.next_power_of_2(N)
     f32 = dict(dtype=torch.float32, device=u.device)
     du = torch.empty_like(u)
@@ -139,9 +141,10 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
     dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
     dh0 = u.new_empty(batch, dim, N, dtype=torch.float32) if has_h0 else None
     grid = (batch * triton.cdiv(dim, block_d), nsplit)
+    scratch = u.new_empty(grid[0] * nsplit * K * block_n * block_d, dtype=torch.float32)
     common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=cfg["block_l"], num_warps=cfg["bwd_warps"],
                   **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv))
-    sizes = (dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit)
+    sizes = (dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K)
     qin = None
     if dlast is not None:
         qin = dlast.float().contiguous().unsqueeze(2)
@@ -149,7 +152,7 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
         qend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)
         rend = torch.empty_like(qend)
         scan_bwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, hs, dout, None,
-                              du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, qend, rend,
+                              du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, qend, rend, scratch,
                               *sizes, HAS_QIN=False, HAS_H0=False, STATE_ONLY=True, **common)
         q = qin[:, :, 0] if qin is not None else u.new_zeros(batch, dim, N, dtype=torch.float32)
         carries = [q]
@@ -158,7 +161,7 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
             carries.append(q)
         qin = torch.stack(carries[::-1], dim=2).contiguous()
     scan_bwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, hs, dout, qin,
-                          du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, None, None,
+                          du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, None, None, scratch,
                           *sizes, HAS_QIN=qin is not None, HAS_H0=has_h0, STATE_ONLY=False, **common)
     def empty():  # a distinct tensor each time: custom-op outputs may not alias one another
         return u.new_empty(0)
@@ -184,7 +187,7 @@ def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, 
     batch, dim, L = u.shape
     N = A.shape[1]
     return (torch.empty_like(u), u.new_empty(batch, dim, N, dtype=torch.float32),
-            u.new_empty(batch, dim, _n_tiles(L, u.device), N, dtype=torch.float32))
+            u.new_empty(batch, dim, _n_chunks(L, u.device), N, dtype=torch.float32))
 
 
 @torch.library.custom_op("mambazoo::scan_bwd", mutates_args=())

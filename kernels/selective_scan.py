@@ -53,17 +53,6 @@ def _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl
 
 
 @triton.jit
-def _bc_tile(ptr, b, g, G, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, INV: tl.constexpr):
-    """B or C as a (BLOCK_L or 1, BLOCK_D or 1, BLOCK_N) fp32 tile."""
-    if INV:
-        v = tl.load(ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        return v.to(tl.float32)[None, :, :]
-    rows = ((b * G + g) * N + offs_n) * L
-    v = tl.load(ptr + rows[None, :] + t[:, None], mask=mask_t[:, None] & mask_n[None, :], other=0.0)
-    return v.to(tl.float32)[:, None, :]
-
-
-@triton.jit
 def _reset_tile(seq_ptr, b, L, t, mask_t, SHIFT: tl.constexpr):
     """True where the state restarts at position t + SHIFT (seq_idx[t+SHIFT] != seq_idx[t+SHIFT-1])."""
     tt = t + SHIFT
@@ -97,21 +86,25 @@ def _first(v, offs_l):
 
 
 @triton.jit
-def _bc_tile_t(ptr, b, g, G, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, INV: tl.constexpr):
-    """B or C as a (BLOCK_L or 1, BLOCK_N, BLOCK_D or 1) fp32 tile (the forward's axis order)."""
-    if INV:
-        v = tl.load(ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        return v.to(tl.float32)[None, :, :]
+def _bc_var(ptr, b, g, G, N, L, offs_n, t, mask_n, mask_t):
+    """Variable B or C as a (BLOCK_L, BLOCK_N, 1) fp32 tile."""
     rows = ((b * G + g) * N + offs_n) * L
     v = tl.load(ptr + rows[None, :] + t[:, None], mask=mask_t[:, None] & mask_n[None, :], other=0.0)
     return v.to(tl.float32)[:, :, None]
 
 
 @triton.jit
+def _bc_inv(ptr, N, offs_d, offs_n, mask_d, mask_n):
+    """Time-invariant B or C (d, N) as a (1, BLOCK_N, BLOCK_D) fp32 tile."""
+    v = tl.load(ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    return v.to(tl.float32)[None, :, :]
+
+
+@triton.jit
 def scan_fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, h0_ptr,
     y_ptr, hs_ptr, hend_ptr, pend_ptr,
-    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit,
+    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, B_INV: tl.constexpr, C_INV: tl.constexpr,
     STATE_ONLY: tl.constexpr,
@@ -163,7 +156,10 @@ def scan_fwd_kernel(
         io_mask = mask_t[:, None] & mask_d[None, :]
         dt, _ = _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS, SOFTPLUS, FAST)
         u = tl.load(u_ptr + row[None, :] + t[:, None], mask=io_mask, other=0.0).to(tl.float32)
-        Bt = _bc_tile_t(B_ptr, b, gb, GB, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, B_INV)
+        if B_INV:
+            Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
+        else:
+            Bt = _bc_var(B_ptr, b, gb, GB, N, L, offs_n, t, mask_n, mask_t)
         a = tl.exp2(dt[:, None, :] * A2[None, :, :])
         if HAS_SEQ:
             reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0)
@@ -174,12 +170,16 @@ def scan_fwd_kernel(
             prod = prod * _last(acum, offs_l, BLOCK_L)
             h = _last(hz, offs_l, BLOCK_L) + _last(acum, offs_l, BLOCK_L) * h
         else:
-            tl.store(hs_ptr + ((b * dim + offs_d[None, :]) * n_tiles_total + tile0 + it) * N + offs_n[:, None],
-                     h, mask=mask_nd & (tile0 + it < n_tiles_total))
+            if (tile0 + it) % K == 0:  # a checkpoint for the backward every K tiles
+                tl.store(hs_ptr + ((b * dim + offs_d[None, :]) * n_chunks + (tile0 + it) // K) * N + offs_n[:, None],
+                         h, mask=mask_nd & (tile0 + it < n_tiles_total))
             # the carried state enters at the tile's first step; the products of a are then dead code
             x = tl.where(offs_l[:, None, None] == 0, x + a * h[None, :, :], x)
             _, hfull = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
-            Ct = _bc_tile_t(C_ptr, b, gc, GC, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, C_INV)
+            if C_INV:
+                Ct = _bc_inv(C_ptr, N, offs_d, offs_n, mask_d, mask_n)
+            else:
+                Ct = _bc_var(C_ptr, b, gc, GC, N, L, offs_n, t, mask_n, mask_t)
             y = tl.sum(hfull * Ct, axis=1)
             if HAS_D:
                 y += Dv[None, :] * u
@@ -196,8 +196,8 @@ def scan_fwd_kernel(
 @triton.jit
 def scan_bwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, hs_ptr, dout_ptr, qin_ptr,
-    du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr, qend_ptr, rend_ptr,
-    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit,
+    du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr, qend_ptr, rend_ptr, scratch_ptr,
+    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_QIN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_INV: tl.constexpr, C_INV: tl.constexpr, STATE_ONLY: tl.constexpr,
@@ -211,7 +211,8 @@ def scan_bwd_kernel(
     ddelta, dz; adds dA, dD, dbias (fp32, per program) and dB, dC (fp32, per tile, reduced over
     the program's channels) with atomics; writes dh0 = a_0 q_0 (b, d, N).
     STATE_ONLY: needs no u, B or states; writes q at the stretch's first step from a zero carry
-    (qend) and the product of the a_{t+1} of the stretch (rend)."""
+    (qend) and the product of the a_{t+1} of the stretch (rend).
+    Tiles are (BLOCK_L, BLOCK_N, BLOCK_D) as in the forward."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
     n_dblk = tl.cdiv(dim, BLOCK_D)
@@ -222,11 +223,13 @@ def scan_bwd_kernel(
     offs_l = tl.arange(0, BLOCK_L)
     mask_d = offs_d < dim
     mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
     gb = d0 // dpg_b
     gc = d0 // dpg_c
+    first = offs_l[:, None, None] == 0
+    last = offs_l[:, None, None] == BLOCK_L - 1
 
-    An = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    An = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)  # (BN, BD)
     A2 = An * 1.4426950408889634
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
@@ -235,14 +238,14 @@ def scan_bwd_kernel(
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
-    state_off = ((b * dim + offs_d[:, None]) * nsplit + s) * N + offs_n[None, :]
-    q = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    state_off = ((b * dim + offs_d[None, :]) * nsplit + s) * N + offs_n[:, None]  # (BN, BD)
+    q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if HAS_QIN and not STATE_ONLY:
-        q = tl.load(qin_ptr + state_off, mask=mask_dn, other=0.0)
-    rprod = tl.full([BLOCK_D, BLOCK_N], 1.0, dtype=tl.float32)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dB_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dC_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        q = tl.load(qin_ptr + state_off, mask=mask_nd, other=0.0)
+    rprod = tl.full([BLOCK_N, BLOCK_D], 1.0, dtype=tl.float32)
+    dA_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dB_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dC_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
@@ -250,9 +253,38 @@ def scan_bwd_kernel(
     tile0 = s * tiles_per_split
     t_begin = tile0 * BLOCK_L
     # the last stretch may hold fewer tiles: its extra tiles lie past L, fully masked (identity steps)
+    scratch = scratch_ptr + (pid * nsplit + s) * K * BLOCK_N * BLOCK_D + offs_n[:, None] * BLOCK_D + offs_d[None, :] - d0
     n_tiles = tiles_per_split
     for it_rev in range(n_tiles):
         it = n_tiles - 1 - it_rev
+        j = it % K
+        if not STATE_ONLY:
+            if j == K - 1:
+                # entering a chunk from its end: re-derive the states entering each of its K tiles
+                # from the chunk's checkpoint into this program's scratch (b, d, N per tile)
+                tc = tile0 + it - j
+                hc = tl.load(hs_ptr + ((b * dim + offs_d[None, :]) * n_chunks + tc // K) * N + offs_n[:, None],
+                            mask=mask_nd & (tc < n_tiles_total), other=0.0)
+                for jj in range(K):
+                    tl.store(scratch + jj * BLOCK_N * BLOCK_D, hc)
+                    t = (tc + jj) * BLOCK_L + offs_l
+                    mask_t = t < L
+                    io_mask = mask_t[:, None] & mask_d[None, :]
+                    dt, _ = _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS, SOFTPLUS, FAST)
+                    u = tl.load(u_ptr + row[None, :] + t[:, None], mask=io_mask, other=0.0).to(tl.float32)
+                    if B_INV:
+                        Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
+                    else:
+                        Bt = _bc_var(B_ptr, b, gb, GB, N, L, offs_n, t, mask_n, mask_t)
+                    a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+                    if HAS_SEQ:
+                        reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0)
+                        a = tl.where(reset[:, None, None], 0.0, a)
+                    x = (dt * u)[:, None, :] * Bt
+                    _, hh = tl.associative_scan((a, tl.where(first, x + a * hc[None, :, :], x)), axis=0,
+                                                combine_fn=_combine)
+                    hc = _last(hh, offs_l, BLOCK_L)
+                tl.debug_barrier()
         t = t_begin + it * BLOCK_L + offs_l
         mask_t = t < L
         io_mask = mask_t[:, None] & mask_d[None, :]
@@ -260,7 +292,7 @@ def scan_bwd_kernel(
         tn = t + 1
         next_mask = (tn < L)[:, None] & mask_d[None, :]
         dtn, _ = _dt_tile(dl_ptr, bias, row, tn, next_mask, HAS_BIAS, SOFTPLUS, FAST)
-        an = tl.exp2(dtn[:, :, None] * A2[None, :, :])
+        an = tl.exp2(dtn[:, None, :] * A2[None, :, :])
         if HAS_SEQ:
             reset_n = _reset_tile(seq_ptr, b, L, t, mask_t, 1)
             an = tl.where(reset_n[:, None, None], 0.0, an)
@@ -270,67 +302,75 @@ def scan_bwd_kernel(
             zv = tl.load(z_ptr + row[None, :] + t[:, None], mask=io_mask, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zv)
             dy = dout * zv * sz
-        Ct = _bc_tile(C_ptr, b, gc, GC, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, C_INV)
-        c = Ct * dy[:, :, None]
-        rcum, qz = tl.associative_scan((an, c), axis=0, combine_fn=_combine, reverse=True)
+        if C_INV:
+            Ct = _bc_inv(C_ptr, N, offs_d, offs_n, mask_d, mask_n)
+        else:
+            Ct = _bc_var(C_ptr, b, gc, GC, N, L, offs_n, t, mask_n, mask_t)
+        c = Ct * dy[:, None, :]
         if STATE_ONLY:
+            rcum, qz = tl.associative_scan((an, c), axis=0, combine_fn=_combine, reverse=True)
             rprod = rprod * _first(rcum, offs_l)
             q = _first(qz, offs_l) + _first(rcum, offs_l) * q
         else:
-            qt = rcum * q[None, :, :] + qz  # (BL, BD, BN)
+            # the carried q enters at the tile's last step; the products of a are then dead code
+            c = tl.where(last, c + an * q[None, :, :], c)
+            _, qt = tl.associative_scan((an, c), axis=0, combine_fn=_combine, reverse=True)
             q = _first(qt, offs_l)
-            # recompute the forward states of this tile
+            # recompute the forward states of this tile from its stored entering state
             dt, v = _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS, SOFTPLUS, FAST)
             u = tl.load(u_ptr + row[None, :] + t[:, None], mask=io_mask, other=0.0).to(tl.float32)
-            Bt = _bc_tile(B_ptr, b, gb, GB, N, L, offs_d, offs_n, t, mask_d, mask_n, mask_t, B_INV)
-            a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+            if B_INV:
+                Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
+            else:
+                Bt = _bc_var(B_ptr, b, gb, GB, N, L, offs_n, t, mask_n, mask_t)
+            a = tl.exp2(dt[:, None, :] * A2[None, :, :])
             if HAS_SEQ:
                 reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0)
                 a = tl.where(reset[:, None, None], 0.0, a)
             dtu = dt * u
-            x = dtu[:, :, None] * Bt
-            acum, hz = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
-            h_in = tl.load(hs_ptr + ((b * dim + offs_d[:, None]) * n_tiles_total + tile0 + it) * N + offs_n[None, :],
-                           mask=mask_dn & (tile0 + it < n_tiles_total), other=0.0)
-            h = acum * h_in[None, :, :] + hz
+            x = dtu[:, None, :] * Bt
+            h_in = tl.load(scratch + j * BLOCK_N * BLOCK_D)
+            _, h = tl.associative_scan((a, tl.where(first, x + a * h_in[None, :, :], x)), axis=0,
+                                       combine_fn=_combine)
             hm = h - x  # a_t h_{t-1}
             if HAS_Z:
-                y = tl.sum(h * Ct, axis=2) + Dv[None, :] * u
+                y = tl.sum(h * Ct, axis=1) + Dv[None, :] * u
                 dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
                 tl.store(dz_ptr + row[None, :] + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
-            qB = tl.sum(qt * Bt, axis=2)  # (BL, BD)
+            qB = tl.sum(qt * Bt, axis=1)  # (BL, BD)
             du = dt * qB + dy * Dv[None, :]
             tl.store(du_ptr + row[None, :] + t[:, None], du.to(du_ptr.dtype.element_ty), mask=io_mask)
-            ddt = u * qB + tl.sum(qt * hm * An[None, :, :], axis=2)
+            qhm = qt * hm
+            ddt = u * qB + tl.sum(qhm * An[None, :, :], axis=1)
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(v)
             ddt = tl.where(io_mask, ddt, 0.0)
             tl.store(ddl_ptr + row[None, :] + t[:, None], ddt.to(ddl_ptr.dtype.element_ty), mask=io_mask)
             dbias_acc += tl.sum(ddt, axis=0)
             dD_acc += tl.sum(dy * u, axis=0)
-            dA_acc += tl.sum(qt * hm * dt[:, :, None], axis=0)
+            dA_acc += tl.sum(qhm * dt[:, None, :], axis=0)
             if B_INV:
-                dB_acc += tl.sum(qt * dtu[:, :, None], axis=0)
+                dB_acc += tl.sum(qt * dtu[:, None, :], axis=0)
             else:
-                dBt = tl.sum(qt * dtu[:, :, None], axis=1)  # (BL, BN)
+                dBt = tl.sum(qt * dtu[:, None, :], axis=2)  # (BL, BN)
                 rows = ((b * GB + gb) * N + offs_n) * L
                 tl.atomic_add(dB_ptr + rows[None, :] + t[:, None], dBt, mask=mask_t[:, None] & mask_n[None, :])
             if C_INV:
-                dC_acc += tl.sum(h * dy[:, :, None], axis=0)
+                dC_acc += tl.sum(h * dy[:, None, :], axis=0)
             else:
-                dCt = tl.sum(h * dy[:, :, None], axis=1)
+                dCt = tl.sum(h * dy[:, None, :], axis=2)
                 rows = ((b * GC + gc) * N + offs_n) * L
                 tl.atomic_add(dC_ptr + rows[None, :] + t[:, None], dCt, mask=mask_t[:, None] & mask_n[None, :])
     if STATE_ONLY:
-        tl.store(qend_ptr + state_off, q, mask=mask_dn)
-        tl.store(rend_ptr + state_off, rprod, mask=mask_dn)
+        tl.store(qend_ptr + state_off, q, mask=mask_nd)
+        tl.store(rend_ptr + state_off, rprod, mask=mask_nd)
     else:
-        dn_off = offs_d[:, None] * N + offs_n[None, :]
-        tl.atomic_add(dA_ptr + dn_off, dA_acc, mask=mask_dn)
+        nd_off = offs_d[None, :] * N + offs_n[:, None]
+        tl.atomic_add(dA_ptr + nd_off, dA_acc, mask=mask_nd)
         if B_INV:
-            tl.atomic_add(dB_ptr + dn_off, dB_acc, mask=mask_dn)
+            tl.atomic_add(dB_ptr + nd_off, dB_acc, mask=mask_nd)
         if C_INV:
-            tl.atomic_add(dC_ptr + dn_off, dC_acc, mask=mask_dn)
+            tl.atomic_add(dC_ptr + nd_off, dC_acc, mask=mask_nd)
         if HAS_D:
             tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
         if HAS_BIAS:
@@ -338,9 +378,9 @@ def scan_bwd_kernel(
         if HAS_H0:
             if s == 0:
                 # dh_{-1} = a_0 q_0
-                t0 = tl.zeros([BLOCK_L], dtype=tl.int32) + offs_l * 0
+                t0 = offs_l * 0
                 m0 = (offs_l == 0)[:, None] & mask_d[None, :]
                 dt0, _ = _dt_tile(dl_ptr, bias, row, t0, m0, HAS_BIAS, SOFTPLUS, FAST)
                 dt0 = tl.sum(dt0, axis=0)  # (BD,)
-                a0 = tl.exp2(dt0[:, None] * A2)
-                tl.store(dh0_ptr + (b * dim + offs_d[:, None]) * N + offs_n[None, :], a0 * q, mask=mask_dn)
+                a0 = tl.exp2(dt0[None, :] * A2)
+                tl.store(dh0_ptr + (b * dim + offs_d[None, :]) * N + offs_n[:, None], a0 * q, mask=mask_nd)

@@ -204,8 +204,8 @@ def sweep(peer):
     print("== sweep (ms, median) ==")
     base = dict(ops.CONFIG["cuda"])
     results = []
-    fwd_cfgs = ((8, 32, 4), (16, 32, 8), (16, 16, 4), (8, 32, 2), (8, 64, 8), (16, 32, 4))
-    bwd_cfgs = ((8, 8, 4), (8, 16, 8), (16, 8, 4), (8, 4, 2), (16, 16, 8))
+    fwd_cfgs = ((4, 32, 2), (8, 32, 2), (8, 32, 4), (4, 32, 4), (4, 32, 1))
+    bwd_cfgs = ((4, 32, 4), (8, 32, 4), (4, 32, 2), (8, 16, 4), (4, 16, 2))
     for shape in (SHAPES[0], SHAPES[3]):
         x = make(*shape)
         args = [x[k] for k in ORDER]
