@@ -19,7 +19,7 @@ from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 # Tile sizes (block_l is shared; the forward stores the state every `chunk` steps for the backward). GPU values were picked by scripts/bench_scan.py (see docs/kernel_notes.md); the CPU
 # interpreter uses small tiles so that tests cross several tiles and splits at tiny lengths.
 CONFIG = {
-    "cuda": dict(block_l=8, chunk=64, block_d=32, fwd_warps=2, bwd_block_d=32, bwd_warps=4, min_programs=264,
+    "cuda": dict(block_l=4, chunk=64, block_d=32, fwd_warps=1, bwd_block_d=16, bwd_warps=2, min_programs=264,
                  nsplit=0),
     "cpu": dict(block_l=8, chunk=16, block_d=4, fwd_warps=1, bwd_block_d=4, bwd_warps=1, min_programs=1, nsplit=0),
 }

@@ -200,12 +200,13 @@ def floors(b, d, L, N, bw):
 
 
 def sweep(peer):
-    """Time tile configurations of the forward and backward kernels alone at shapes 1 and 4."""
+    """Tile configurations (shapes 1 and 4), then how many programs to aim for when splitting L
+    (shapes 1 and 3); adopts the fastest for the table."""
     print("== sweep (ms, median) ==")
     base = dict(ops.CONFIG["cuda"])
     results = []
-    fwd_cfgs = ((4, 32, 2), (8, 32, 2), (8, 32, 4), (4, 32, 4), (4, 32, 1))
-    bwd_cfgs = ((4, 32, 4), (8, 32, 4), (4, 32, 2), (8, 16, 4), (4, 16, 2))
+    fwd_cfgs = ((4, 32, 1), (8, 32, 1), (4, 64, 2))
+    bwd_cfgs = ((4, 16, 2), (4, 16, 1), (4, 32, 2))
     for shape in (SHAPES[0], SHAPES[3]):
         x = make(*shape)
         args = [x[k] for k in ORDER]
@@ -228,8 +229,8 @@ def sweep(peer):
                     continue
                 results.append(dict(shape=shape, kind=kind, block_l=bl, block_d=bd, warps=w, ms=ms))
                 print(f"{str(shape):22s} {kind} bl={bl:3d} bd={bd:2d} w={w}  {ms:.3f} ms", flush=True)
-    ops.CONFIG["cuda"].clear()
-    ops.CONFIG["cuda"].update(base)
+        ops.CONFIG["cuda"].clear()
+        ops.CONFIG["cuda"].update(base)
     first = [r for r in results if r["shape"] == SHAPES[0]]
     best = None
     for bl in sorted({r["block_l"] for r in first}):
@@ -239,26 +240,31 @@ def sweep(peer):
             f, g = min(f, key=lambda r: r["ms"]), min(g, key=lambda r: r["ms"])
             if best is None or f["ms"] + g["ms"] < best[0]["ms"] + best[1]["ms"]:
                 best = (f, g)
-    if best:  # adopt the fastest forward+backward at the first shape for the rest of the run
+    if best:
         f, g = best
         ops.CONFIG["cuda"].update(block_l=f["block_l"], block_d=f["block_d"], fwd_warps=f["warps"],
                                   bwd_block_d=g["block_d"], bwd_warps=g["warps"])
-        print("adopted", ops.CONFIG["cuda"], flush=True)
-    # long sequence: how many stretches
-    x = make(*SHAPES[2])
-    args = [x[k] for k in ORDER]
-    for ns in (1, 2, 4):
-        ops.CONFIG["cuda"]["nsplit"] = ns
-        y, last, hs = ops.scan_forward(*args, None, None, True)
-        dy = torch.randn_like(y)
-        tf = bench(lambda: ops.scan_forward(*args, None, None, True), rep=50)
-        tb = bench(lambda: ops.scan_backward(dy, None, *args, None, hs, True, False), rep=50)
-        print(f"{str(SHAPES[2]):22s} nsplit={ns:2d}  fwd {tf:.3f}  bwd {tb:.3f}", flush=True)
-        results.append(dict(shape=SHAPES[2], nsplit=ns, fwd=tf, bwd=tb))
-    ops.CONFIG["cuda"]["nsplit"] = 0
-    best = min((r for r in results if "nsplit" in r), key=lambda r: r["fwd"] + r["bwd"])
-    bd = ops.CONFIG["cuda"]["block_d"]
-    ops.CONFIG["cuda"]["min_programs"] = best["nsplit"] * SHAPES[2][1] // bd if best["nsplit"] > 1 else 1
+    print("adopted", ops.CONFIG["cuda"], flush=True)
+    scores = {}
+    for shape in (SHAPES[0], SHAPES[2]):
+        x = make(*shape)
+        args = [x[k] for k in ORDER]
+        times = {}
+        for mp in (1, 528, 1056, 2112, 4224):
+            ops.CONFIG["cuda"]["min_programs"] = mp
+            y, last, hs = ops.scan_forward(*args, None, None, True)
+            dy = torch.randn_like(y)
+            tf = bench(lambda: ops.scan_forward(*args, None, None, True), rep=50)
+            tb = bench(lambda: ops.scan_backward(dy, None, *args, None, hs, True, False), rep=50)
+            nsplit = ops._plan(x["u"], x["B"], x["C"], ops.CONFIG["cuda"]["block_d"], ops.CONFIG["cuda"]["block_l"],
+                               ops.CONFIG["cuda"])[2]
+            print(f"{str(shape):22s} min_programs={mp:5d} (fwd nsplit {nsplit:3d})  fwd {tf:.3f}  bwd {tb:.3f}",
+                  flush=True)
+            results.append(dict(shape=shape, min_programs=mp, fwd=tf, bwd=tb))
+            times[mp] = tf + tb
+        for mp, ms in times.items():
+            scores[mp] = scores.get(mp, 0.0) + ms / min(times.values())
+    ops.CONFIG["cuda"]["min_programs"] = min(scores, key=scores.get)
     print("adopted", ops.CONFIG["cuda"], flush=True)
     return results
 
