@@ -9,6 +9,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Test tensors are tiny: one thread avoids the cost of splitting each small op across cores.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
