@@ -97,6 +97,15 @@ def _make_cli_class():
             parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=None,
                                 help="also save last.ckpt every N steps (default: after each validation)")
             parser.add_argument("--test_after_fit", type=bool, default=False, help="run the test set on the best checkpoint")
+            parser.add_argument("--threads", type=int | None, default=None,
+                                help="torch CPU threads (1 is fastest for tiny models on a busy 2-core CPU)")
+
+        def before_instantiate_classes(self) -> None:
+            threads = self._cfg()["threads"]
+            if threads:
+                import torch
+
+                torch.set_num_threads(threads)
 
         def _cfg(self):
             return self.config[self.subcommand] if self.subcommand else self.config

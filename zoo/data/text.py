@@ -67,7 +67,8 @@ def _is_val(path: Path, val_fraction: float) -> bool:
 
 def load_byte_corpus(path=None, val_fraction: float = 0.02, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train bytes, validation bytes) as uint8 arrays. Several files: split by a hash of each
-    path (at least one file each side); one file: the last ``val_fraction`` of it is validation."""
+    path relative to their common folder (the same split wherever the corpus is installed; at
+    least one file each side); one file: the last ``val_fraction`` of it is validation."""
     files = resolve_files(path)
     if len(files) == 1:
         data = np.frombuffer(files[0].read_bytes(), dtype=np.uint8)
@@ -75,7 +76,8 @@ def load_byte_corpus(path=None, val_fraction: float = 0.02, max_bytes: int | Non
             data = data[:max_bytes]
         cut = int(len(data) * (1 - val_fraction))
         return data[:cut], data[cut:]
-    val = [f for f in files if _is_val(f, val_fraction)] or files[-1:]
+    root = Path(os.path.commonpath([str(f) for f in files]))
+    val = [f for f in files if _is_val(f.relative_to(root), val_fraction)] or files[-1:]
     held_out = set(val)
     train = [f for f in files if f not in held_out] or files[:1]
     def join(fs, limit):
@@ -97,26 +99,27 @@ def window_batch(data: np.ndarray, seq_len: int, batch_size: int, rng: np.random
 
 
 class Windows(Dataset):
-    """Consecutive non-overlapping windows (seq_len + 1 tokens, consecutive windows share one) of
-    ``data``, at most ``max_windows``."""
+    """Non-overlapping windows of ``seq_len + 1`` tokens (consecutive windows share one) tiling
+    ``data``; with ``max_windows``, that many of them spread evenly over the data."""
 
     def __init__(self, data: np.ndarray, seq_len: int, max_windows: int | None = None):
-        n = (len(data) - 1) // seq_len
-        self.data, self.seq_len = data, seq_len
-        self.n = min(n, max_windows) if max_windows else n
-        if self.n < 1:
+        total = (len(data) - 1) // seq_len
+        if total < 1:
             raise ValueError(f"validation data has {len(data)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        self.data, self.seq_len = data, seq_len
+        n = min(total, max_windows) if max_windows else total
+        self.starts = [(i * total // n) * seq_len for i in range(n)]
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.starts)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        s = i * self.seq_len
+        s = self.starts[i]
         return torch.from_numpy(np.asarray(self.data[s:s + self.seq_len + 1], dtype=np.int64))
 
     def covered(self) -> np.ndarray:
-        """The tokens the windows cover (the first one is context only, never scored)."""
-        return np.asarray(self.data[: self.n * self.seq_len + 1])
+        """The tokens the windows score, concatenated (each window's first token is context only)."""
+        return np.concatenate([np.asarray(self.data[s + 1:s + self.seq_len + 1]) for s in self.starts])
 
 
 class _WindowDataModule(pl.LightningDataModule):
@@ -230,7 +233,7 @@ def _dump_val(args) -> None:
     dm = ByteDataModule(path=args.path, seq_len=args.seq_len, val_fraction=args.val_fraction,
                         val_max_windows=args.val_max_windows)
     dm.setup()
-    data = dm.val_windows().covered() if args.val_max_windows else dm.val_data
+    data = Windows(dm.val_data, dm.seq_len, args.val_max_windows).covered()  # the bytes the test set scores
     Path(args.out).write_bytes(data.tobytes())
     print(f"wrote {len(data)} validation bytes to {args.out}")
 
@@ -248,7 +251,7 @@ def main(argv=None) -> None:
         if name == "dump-val":
             p.add_argument("--seq-len", type=int, default=256)
             p.add_argument("--val-max-windows", type=int, default=None,
-                           help="as the datamodule's val_max_windows (default: every validation byte)")
+                           help="as the datamodule's val_max_windows (default: all, i.e. the test set)")
     args = ap.parse_args(argv)
     (_export if args.cmd == "export" else _dump_val)(args)
 
