@@ -17,7 +17,7 @@ from kernels import _interpret
 _interpret.apply()
 
 from kernels.ops import scan_fwd
-from kernels.state_update import check_state_update, state_update
+from kernels.state_update import check_state_update, launch_state_update, state_update
 
 __all__ = ["selective_scan_triton", "selective_state_update"]
 
@@ -71,4 +71,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """One fused decode step (DESIGN.md contract); updates ``state`` (batch, dim, N) fp32 in place and
     returns y (batch, dim) in x's dtype."""
     check_state_update(state, x, dt, A, B, C, D, z, dt_bias)
-    return state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    if torch.compiler.is_compiling():
+        return state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    # eager decoding is launch-bound: skip the custom-op dispatcher (tens of microseconds a call)
+    return launch_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))

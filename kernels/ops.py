@@ -19,9 +19,10 @@ from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 # Tile sizes (block_l is shared; the forward stores the state every `chunk` steps for the backward). GPU values were picked by scripts/bench_scan.py (see docs/kernel_notes.md); the CPU
 # interpreter uses small tiles so that tests cross several tiles and splits at tiny lengths.
 CONFIG = {
-    "cuda": dict(block_l=4, chunk=64, block_d=32, fwd_warps=1, bwd_block_d=16, bwd_warps=2, min_programs=264,
-                 nsplit=0),
-    "cpu": dict(block_l=8, chunk=16, block_d=4, fwd_warps=1, bwd_block_d=4, bwd_warps=1, min_programs=1, nsplit=0),
+    "cuda": dict(block_l=4, chunk=64, block_d=32, fwd_warps=1, bwd_block_d=16, bwd_warps=1, min_programs=1056,
+                 split_below=132, nsplit=0),
+    "cpu": dict(block_l=8, chunk=16, block_d=4, fwd_warps=1, bwd_block_d=4, bwd_warps=1, min_programs=1,
+                split_below=1, nsplit=0),
 }
 
 
@@ -63,7 +64,10 @@ def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict
     n_tiles = max(1, triton.cdiv(L, block_l))
     n_chunks = triton.cdiv(n_tiles, K)
     progs = batch * triton.cdiv(dim, block_d)
-    nsplit = cfg["nsplit"] or max(1, min(n_chunks, triton.cdiv(cfg["min_programs"], progs)))
+    nsplit = cfg["nsplit"]
+    if not nsplit:  # split L only where the channels alone cannot fill the GPU (long single sequences)
+        nsplit = triton.cdiv(cfg["min_programs"], progs) if progs < cfg["split_below"] else 1
+        nsplit = max(1, min(n_chunks, nsplit))
     chunks_per_split = triton.cdiv(n_chunks, nsplit)
     nsplit = triton.cdiv(n_chunks, chunks_per_split)
     return block_d, n_tiles, nsplit, chunks_per_split * K, K, n_chunks

@@ -63,9 +63,8 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
-@torch.library.custom_op("mambazoo::state_update", mutates_args=("state",))
-def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                 z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool) -> Tensor:
+def launch_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                        D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool) -> Tensor:
     """One decode step; ``state`` must be contiguous fp32 (updated in place); returns y (b, d)."""
     batch, dim, N = state.shape
     Bk = B if B.dim() == 3 else B.unsqueeze(1)
@@ -87,6 +86,13 @@ def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
         BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), num_warps=4 if state.is_cuda else 1,
     )
     return y
+
+
+@torch.library.custom_op("mambazoo::state_update", mutates_args=("state",))
+def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool) -> Tensor:
+    """The decode step as a registered op (what torch.compile traces)."""
+    return launch_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
 @state_update.register_fake

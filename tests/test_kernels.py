@@ -229,3 +229,17 @@ def test_opcheck():
     args = (*[inp[k] for k in NAMES], None, True)
     torch.library.opcheck(torch.ops.mambazoo.scan_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_state_update_compiles_full_graph():
+    """The decode step traces as the registered op and updates the state in place under torch.compile."""
+    batch, dim, N = 2, 4, 4
+    args = dict(x=torch.randn(batch, dim), dt=torch.randn(batch, dim), A=-torch.rand(dim, N),
+                B=torch.randn(batch, N), C=torch.randn(batch, N))
+    s1, s2 = torch.randn(batch, dim, N), None
+    s2 = s1.clone()
+    step = torch.compile(lambda s: selective_state_update(s, **args, dt_softplus=True), backend="aot_eager",
+                         fullgraph=True)
+    y = step(s1)
+    y_ref = selective_state_update_ref(s2, **args, dt_softplus=True)
+    assert rel(y, y_ref) < 1e-5 and rel(s1, s2) < 1e-5
