@@ -17,6 +17,7 @@ from torch import nn
 # parameter-name endings that never get weight decay, whatever their shape
 NO_DECAY_NAMES = ("A_log", "D", "log_dt", "pos_embed", "pos_embedding", "position_embedding",
                   "cls_token", "class_token", "absolute_pos_embed")
+_DECAY_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -34,8 +35,11 @@ def _classify(model: nn.Module) -> list[tuple[str, nn.Parameter, bool]]:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            skip = (p.ndim < 2 or getattr(p, "_no_weight_decay", False) or _module_is_norm_or_ssm(module)
-                    or p_name in NO_DECAY_NAMES or p_name.endswith("bias"))
+            # Linear / Conv weights are recognized by their module, so the rule also holds when a
+            # sharding strategy (FSDP) hands out flattened views; other matrices by their shape
+            layer_weight = isinstance(module, _DECAY_MODULES) and p_name == "weight"
+            skip = (getattr(p, "_no_weight_decay", False) or _module_is_norm_or_ssm(module)
+                    or p_name in NO_DECAY_NAMES or p_name.endswith("bias") or (p.ndim < 2 and not layer_weight))
             out.append((f"{mod_name}.{p_name}" if mod_name else p_name, p, not skip))
     return out
 
