@@ -47,7 +47,8 @@ def _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
         if t is not None and tuple(t.shape) != (dim,):
             raise ValueError(f"{name}: expected (dim,) = ({dim},), got {_shape(t)}")
     if initial_state is not None and tuple(initial_state.shape) != (batch, dim, N):
-        raise ValueError(f"initial_state: expected (batch, dim, N) = ({batch}, {dim}, {N}), got {_shape(initial_state)}")
+        raise ValueError(f"initial_state: expected (batch, dim, N) = ({batch}, {dim}, {N}), "
+                         f"got {_shape(initial_state)}")
     if seq_idx is not None and (tuple(seq_idx.shape) != (batch, L) or seq_idx.is_floating_point()):
         raise ValueError(f"seq_idx: expected an integer (batch, L) = ({batch}, {L}), got {seq_idx.dtype} "
                          f"{_shape(seq_idx)}")

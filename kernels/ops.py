@@ -16,8 +16,11 @@ from torch import Tensor
 
 from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 
-# Tile sizes (block_l is shared; the forward stores the state every `chunk` steps for the backward). GPU values were picked by scripts/bench_scan.py (see docs/kernel_notes.md); the CPU
-# interpreter uses small tiles so that tests cross several tiles and splits at tiny lengths.
+# Tile sizes.  block_l is shared by both passes; the forward stores the state every `chunk` steps
+# for the backward.  GPU values were picked by scripts/bench_scan.py --sweep on an H100 (see
+# docs/kernel_notes.md); L is split into stretches only when fewer than `split_below` programs
+# would run, aiming at `min_programs`.  The CPU interpreter uses small tiles so that tests cross
+# several tiles, chunks and stretches at tiny lengths.
 CONFIG = {
     "cuda": dict(block_l=4, chunk=64, block_d=32, fwd_warps=1, bwd_block_d=16, bwd_warps=1, min_programs=1056,
                  split_below=132, nsplit=0),

@@ -7,12 +7,19 @@ Shapes (``batch`` b, channels ``dim`` d, length L, state size N, groups G):
     D, delta_bias           (d,)
     h0 / last state         (b, d, N)      fp32
     seq_idx                 (b, L)         int32; the state restarts from zero where it changes
-    tile states             (b, d, T, N)   fp32, the state entering each L tile (T = cdiv(L, BLOCK_L))
+    checkpoints             (b, d, T/K, N) fp32, the state entering every K-th tile of BLOCK_L steps
 
 Each program owns BLOCK_D channels of one batch row and walks its stretch of L in tiles of
 BLOCK_L steps.  Inside a tile the recurrence h_t = a_t h_{t-1} + x_t is an associative scan of the
-pairs (a_t, x_t) over the (BLOCK_L, BLOCK_D, N) tile; the state entering the tile is carried in
-registers.  Nothing of size (b, d, L, N) is ever written to memory.
+pairs (a_t, x_t) along axis 0 of a (BLOCK_L, N, BLOCK_D) tile.  That axis order makes Triton's
+default layout put the channels on the lanes of a warp, the warps on N and all BLOCK_L steps
+inside each thread: the scan is then a sequential chain in registers, the C.h reduction over N
+is (mostly) in-thread, and per-(t, d) work (softplus, D skip, gate) is not repeated per n.
+The carried state enters the scan at the tile's first step (so the products of a are dead code).
+Nothing of size (b, d, L, N) is ever written to memory.
+
+The backward walks the tiles in reverse: q_t = dL/dh_t by a reverse scan, the forward states of
+each chunk of K tiles re-derived from its checkpoint into a small per-program scratch.
 
 Long sequences with few channels split L into ``nsplit`` stretches: a first pass (STATE_ONLY)
 returns each stretch's end state from zero and its decay product, a few tiny PyTorch steps chain
@@ -24,8 +31,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -44,7 +49,8 @@ def _dt_tile(dl_ptr, bias, row, t, io_mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl
     if SOFTPLUS:
         e = 1.0 + tl.exp2(v * 1.4426950408889634)
         if FAST:  # one special-function op instead of libdevice's polynomial log
-            lg = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [e], dtype=tl.float32, is_pure=True, pack=1)
+            lg = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [e], dtype=tl.float32,
+                                           is_pure=True, pack=1)
         else:
             lg = tl.log2(e)
         dt = tl.where(v > 20.0, v, lg * 0.6931471805599453)
@@ -132,7 +138,8 @@ def scan_fwd_kernel(
     gb = d0 // dpg_b
     gc = d0 // dpg_c
 
-    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634  # exp(dt A) = exp2(dt A log2(e))
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -253,7 +260,8 @@ def scan_bwd_kernel(
     tile0 = s * tiles_per_split
     t_begin = tile0 * BLOCK_L
     # the last stretch may hold fewer tiles: its extra tiles lie past L, fully masked (identity steps)
-    scratch = scratch_ptr + (pid * nsplit + s) * K * BLOCK_N * BLOCK_D + offs_n[:, None] * BLOCK_D + offs_d[None, :] - d0
+    scratch = (scratch_ptr + (pid * nsplit + s) * K * BLOCK_N * BLOCK_D  # this program's K (BN, BD) states
+               + offs_n[:, None] * BLOCK_D + offs_d[None, :] - d0)
     n_tiles = tiles_per_split
     for it_rev in range(n_tiles):
         it = n_tiles - 1 - it_rev

@@ -64,7 +64,8 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 def launch_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                        D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool) -> Tensor:
+                        D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                        dt_softplus: bool) -> Tensor:
     """One decode step; ``state`` must be contiguous fp32 (updated in place); returns y (b, d)."""
     batch, dim, N = state.shape
     Bk = B if B.dim() == 3 else B.unsqueeze(1)

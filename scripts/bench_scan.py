@@ -3,6 +3,7 @@
 Run on a GPU from the repository root (the peer is optional, see shared/anchors/README.md):
 
     PYTHONPATH=.:$PYTHONPATH python scripts/bench_scan.py [--sweep] [--json FILE]
+    PYTHONPATH=. python scripts/bench_scan.py --resources      # no GPU needed: registers, spills, SASS mix
 
 It first checks the kernels against core.selective_scan_ref on the GPU (forward and all
 gradients, several layouts), then times, median of triton.testing.do_bench, bf16 inputs with D,
@@ -341,12 +342,54 @@ def conv_note(bw):
     return dict(fwd=tf, fb=tfb)
 
 
+def resources(configs=((4, 32, 1, "fwd"), (4, 16, 1, "bwd"))):
+    """Compile the scan kernels for sm_90 without a GPU (Triton's bundled ptxas) and print registers,
+    spills and the SASS instruction mix: the cheap first look before spending device time."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    bf16 = {"u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr", "ddl_ptr", "dz_ptr"}
+    for bl, bd, w, kind in configs:
+        fn = scan_fwd_kernel if kind == "fwd" else scan_bwd_kernel
+        consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_SEQ=False, SOFTPLUS=True, B_INV=False,
+                      C_INV=False, STATE_ONLY=False, HAS_H0=False, BLOCK_D=bd, BLOCK_N=16, BLOCK_L=bl, FAST=True)
+        if kind == "bwd":
+            consts["HAS_QIN"] = False
+        sig = {n: "constexpr" if n in consts else ("*bf16" if n in bf16 else "*i32" if n == "seq_ptr" else
+                                                   "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=w))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            res = subprocess.run([f"{tools}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([f"{tools}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
+        m = re.search(r"REG:\d+ STACK:\d+", res)
+        ops_ = collections.Counter(o.split(".")[0] for o in re.findall(r"/\*[0-9a-f]{4}\*/\s+([A-Z0-9_.]+)", sass))
+        print(f"{kind} block_l={bl} block_d={bd} warps={w}: {m.group(0) if m else '?'}, {sum(ops_.values())} SASS "
+              f"instructions, top {dict(ops_.most_common(8))}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", action="store_true", help="time tile configurations first")
     p.add_argument("--sweep-only", action="store_true", help="check and sweep, no table")
     p.add_argument("--json", default=None, help="write all numbers to this file")
+    p.add_argument("--resources", action="store_true", help="compile for sm_90 (no GPU needed) and print "
+                   "registers, spills and SASS instruction counts, then exit")
     a = p.parse_args()
+    if a.resources:
+        resources()
+        return
     t0 = time.time()
     print(torch.cuda.get_device_name(), torch.__version__, "config", ops.CONFIG["cuda"])
     ok = check_against_reference()
