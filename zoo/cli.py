@@ -23,7 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG_DIR = Path(os.environ.get("MAMBAZOO_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
+def _config_dir() -> Path:
+    """$MAMBAZOO_CONFIGS, else the repository's configs/ (beside zoo/), else ./configs."""
+    if os.environ.get("MAMBAZOO_CONFIGS"):
+        return Path(os.environ["MAMBAZOO_CONFIGS"])
+    beside = Path(__file__).resolve().parents[1] / "configs"
+    return beside if beside.is_dir() else Path.cwd() / "configs"
+
+
+CONFIG_DIR = _config_dir()
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 

@@ -3,6 +3,8 @@ probes (selective copying, induction heads, MQAR), which are the same task with 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -160,7 +162,7 @@ class CausalLMTask(ZooTask):
         if aux is not None:
             self.log("train/aux_loss", aux)
         if self.hparams.bytes_per_token:
-            self.log("train/bpb", loss / torch.log(torch.tensor(2.0)) / self.hparams.bytes_per_token)
+            self.log("train/bpb", loss / math.log(2) / self.hparams.bytes_per_token)
         self.log("train/lr", lr_of(self.trainer))
         self.log_throughput(x.numel(), "tok")
         return total
