@@ -73,8 +73,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
     if not math.isfinite(total_steps) or total_steps <= 0:
         raise ValueError(f"the cosine schedule needs a finite number of steps, got {total_steps}: "
                          "set --trainer.max_steps (or the task's schedule_steps)")
-    fused = {"fused": True} if torch.cuda.is_available() and next(model.parameters()).is_cuda else {}
-    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), **fused)
+    # Not fused: Lightning refuses gradient clipping with a fused optimizer under mixed precision.
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas))
     total = int(total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_with_warmup(s, warmup_steps, total, min_lr_ratio))
