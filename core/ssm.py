@@ -230,7 +230,8 @@ def ssm_kernel(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt: torch.Tens
         raise ValueError(f"dt: expected (dim,) = ({A.shape[0]},), got {_shape(dt)}")
     dtA = dt[:, None] * A  # (dim, N)
     powers = torch.exp(dtA[..., None] * torch.arange(L, device=A.device, dtype=dt.dtype))  # (dim, N, L)
-    K = torch.einsum("dn,dnl->dl", C * dt[:, None] * B, powers)
+    with torch.autocast(device_type=A.device.type, enabled=False):  # keep the kernel in full precision
+        K = torch.einsum("dn,dnl->dl", C * dt[:, None] * B, powers)
     return K.real if K.is_complex() else K
 
 
@@ -239,7 +240,9 @@ def fft_causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     (zero padding keeps it linear, not circular). u (batch, dim, L), K (dim, L) -> (batch, dim, L)."""
     L = u.shape[-1]
     n = 2 * L
-    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(K, n=n), n=n)
+    # cuFFT has no bf16 transforms, and autocast may have made K bf16 (the einsum that builds it)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        y = torch.fft.irfft(torch.fft.rfft(u.float(), n=n) * torch.fft.rfft(K.float(), n=n), n=n)
     return y[..., :L]
 
 

@@ -244,3 +244,16 @@ def test_bad_input_raises_value_error_naming_shape():
         hippo_legs_encode(torch.randn(3, 10), 4)
     with pytest.raises(ValueError, match="s4d-real"):
         a_log_init(2, 4, "legs")
+
+
+def test_lti_conv_view_runs_under_bf16_autocast_in_full_precision():
+    """Under autocast the kernel and the FFT stay fp32 (cuFFT has no bf16 transforms)."""
+    from core.ssm import LTISSM
+
+    layer = LTISSM(4, d_state=3)
+    u = torch.randn(2, 4, 17)
+    ref = layer(u, mode="conv")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(u, mode="conv")
+    assert y.dtype == torch.float32
+    assert torch.allclose(y, ref, atol=1e-5)
