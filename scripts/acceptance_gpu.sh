@@ -39,7 +39,11 @@ setup() {
         export PYTHONPATH=/tmp/site:$PYTHONPATH
     fi
     FM=/usr/share/datasets/fashion-mnist
-    [ -f "$FM/train-images-idx3-ubyte.gz" ] || FM=$PWD/.acc/fashion-mnist
+    if [ ! -f "$FM/train-images-idx3-ubyte.gz" ]; then  # copy out of the tree: a later call may not carry .acc
+        FM=$WORK/fashion-mnist
+        [ -f "$FM/train-images-idx3-ubyte.gz" ] || { mkdir -p "$FM" && cp .acc/fashion-mnist/*.gz "$FM/"; } \
+            || { echo "no Fashion-MNIST (carry .acc)"; exit 1; }
+    fi
     SD=$WORK/spoken_digits
     if [ ! -d "$SD/train" ]; then
         mkdir -p "$SD" && tar -xJf .acc/spoken_digits.tar.xz -C "$SD" || { echo "cannot unpack .acc/spoken_digits.tar.xz (carry .acc)"; exit 1; }
