@@ -6,14 +6,6 @@ import torch
 from core.attention import Attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def naive(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     """Explicit softmax(q k^T / sqrt(d)) v with KV heads repeated and a causal (windowed) mask, float64."""

@@ -8,13 +8,6 @@ from zoo import create_model
 from zoo.generation import generate, sample, stream_generate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _greedy_by_full_forward(m, ids, n):
     for _ in range(n):

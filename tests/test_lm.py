@@ -11,14 +11,6 @@ from zoo.lm import CausalLM, LMConfig, periodic_layout
 from zoo.mambabyte import ByteTokenizer, bits_per_byte
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 TINY = {
     "mamba-tiny": {},
     "mambabyte-tiny": {},

@@ -9,14 +9,6 @@ import torch.nn.functional as F
 from core.moe import MoE, capacity_keep, expert_capacity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _moe(E=4, k=1, D=8, H=16, **kw):
     return MoE(D, H, E, top_k=k, **kw)

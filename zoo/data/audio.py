@@ -10,11 +10,12 @@ from __future__ import annotations
 import wave
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torchaudio
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
+
+from zoo.data.base import SplitDataModule
 
 _DIGITS_HINT = ("for the spoken-digits set run `sudo apt-get install espeak-ng` and "
                 "`python scripts/make_spoken_digits.py --root data/spoken_digits`")
@@ -100,7 +101,7 @@ class WavFolder(Dataset):
         return x.clamp(-1, 1), label
 
 
-class WavFolderDataModule(L.LightningDataModule):
+class WavFolderDataModule(SplitDataModule):
     """Any folder of WAVs labelled by sub-folder (see the module docstring for the layouts).
 
     Without a val/ folder, ``val_split`` (a fraction) of the training files is held out with a
@@ -109,13 +110,12 @@ class WavFolderDataModule(L.LightningDataModule):
 
     def __init__(self, root: str, batch_size: int = 32, sample_rate: int = 16000, clip_seconds: float = 1.0,
                  num_workers: int = 2, val_split: float = 0.1, augment: bool = True, seed: int = 0):
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"audio folder {self.root} does not exist; {_DIGITS_HINT}")
-        if batch_size < 1 or sample_rate < 1 or clip_seconds <= 0:
-            raise ValueError(f"batch_size, sample_rate, clip_seconds: expected positive values, got "
-                             f"{batch_size}, {sample_rate}, {clip_seconds}")
+        if sample_rate < 1 or clip_seconds <= 0:
+            raise ValueError(f"sample_rate, clip_seconds: expected positive values, got {sample_rate}, {clip_seconds}")
         self.split_dirs = {s: self.root / s for s in ("train", "val", "test") if (self.root / s).is_dir()}
         self.train_dir = self.split_dirs.get("train", self.root)
         self.classes = sorted(d.name for d in self.train_dir.iterdir() if d.is_dir())
@@ -123,10 +123,9 @@ class WavFolderDataModule(L.LightningDataModule):
             raise ValueError(f"{self.train_dir}: no label sub-folders (expected {self.train_dir}/<label>/*.wav); "
                              f"{_DIGITS_HINT}")
         self.num_classes = len(self.classes)
-        self.batch_size, self.sample_rate, self.clip_seconds = batch_size, sample_rate, clip_seconds
+        self.sample_rate, self.clip_seconds = sample_rate, clip_seconds
         self.clip_samples = int(round(clip_seconds * sample_rate))
-        self.num_workers, self.val_split, self.augment, self.seed = num_workers, val_split, augment, seed
-        self.train_set = self.val_set = self.test_set = None
+        self.val_split, self.augment, self.seed = val_split, augment, seed
 
     def _folder(self, path: Path, train: bool) -> WavFolder:
         return WavFolder(path, self.classes, self.sample_rate, self.clip_samples, augment=train and self.augment)
@@ -144,18 +143,3 @@ class WavFolderDataModule(L.LightningDataModule):
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
             self.train_set, self.val_set = Subset(train, sorted(perm[n_val:])), Subset(val, sorted(perm[:n_val]))
         self.test_set = self._folder(self.split_dirs["test"], False) if "test" in self.split_dirs else self.val_set
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if self.train_set is None:
-            self.setup()
-        return DataLoader(getattr(self, f"{split}_set"), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -13,10 +13,11 @@ import gzip
 import struct
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
+
+from zoo.data.base import SplitDataModule
 from torchvision.transforms import v2 as T
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -97,33 +98,7 @@ def _split_indices(n: int, n_val: int, seed: int) -> tuple[list[int], list[int]]
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
-class _Base(L.LightningDataModule):
-    """Shared loaders; subclasses fill self.train_set / val_set / test_set in setup()."""
-
-    def __init__(self, batch_size: int, num_workers: int):
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.train_set = self.val_set = self.test_set = None
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if self.train_set is None:
-            self.setup()
-        return DataLoader(getattr(self, f"{split}_set"), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-
-class FashionMNISTDataModule(_Base):
+class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST from local IDX files: 60k train (minus ``val_split`` held out, fixed seed) and
     the 10k test images. Batches: images (B, 1, img_size, img_size) normalized, labels (B,).
 
@@ -164,7 +139,7 @@ class FashionMNISTDataModule(_Base):
         self.test_set = TensorImageDataset(test_images, test_labels, self._transform(False))
 
 
-class ImageFolderDataModule(_Base):
+class ImageFolderDataModule(SplitDataModule):
     """Any folder of images labelled by sub-folder: root/<class>/<image>, or with split folders
     root/train/<class>/..., root/val/..., root/test/... (a missing val/ is cut from train by
     ``val_split``, a fraction; a missing test/ reuses val). Batches: (B, 3, img_size, img_size)
