@@ -75,7 +75,8 @@ def _bc_mode(name: str, X: torch.Tensor, batch: int, dim: int, L: int, N: int) -
     )
 
 
-def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None) -> ScanShape:
+def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
+                      seq_idx=None) -> ScanShape:
     """Validate the arguments of a selective scan; raise ValueError naming the expected shape."""
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         if not isinstance(t, torch.Tensor):
@@ -111,7 +112,11 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
                     ("initial_state", initial_state)):
         if t is not None and not t.is_floating_point():
             raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-    devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None}
+    if seq_idx is not None and (not isinstance(seq_idx, torch.Tensor) or tuple(seq_idx.shape) != (batch, L)
+                                or seq_idx.is_floating_point() or seq_idx.is_complex()):
+        got = f"{seq_idx.dtype} {_shape(seq_idx)}" if isinstance(seq_idx, torch.Tensor) else type(seq_idx).__name__
+        raise ValueError(f"seq_idx: expected an integer tensor (batch, L) = ({batch}, {L}), got {got}")
+    devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
     return ScanShape(batch, dim, L, N, max(gb, gc), b_mode, c_mode)
@@ -140,6 +145,14 @@ def _discretize(u, delta, A, B, D, z, delta_bias, delta_softplus, shape: ScanSha
     return dt, uf, Bc
 
 
+def _segment_starts(seq_idx, L: int):
+    """(batch, L) bool: True where a new packed sequence starts (seq_idx differs from the step before)."""
+    starts = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
+    if L > 1:
+        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts
+
+
 def _finish(y, u, D, z, out_dtype):
     if D is not None:
         y = y + D.float()[None, :, None] * u.float()
@@ -149,24 +162,28 @@ def _finish(y, u, D, z, out_dtype):
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, initial_state=None):
+                       return_last_state=False, initial_state=None, seq_idx=None):
     """Sequential oracle of the selective scan: a Python loop over L in fp32.
 
     Shapes: u, delta, z (batch, dim, L); A (dim, N); B, C (batch, N, L) | (batch, G, N, L) | (dim, N);
-    D, delta_bias (dim,); initial_state (batch, dim, N).
+    D, delta_bias (dim,); initial_state (batch, dim, N); seq_idx (batch, L) int: packed sequences,
+    the state restarts from zero wherever seq_idx changes (initial_state applies to the first one).
     Returns y (batch, dim, L) in u's dtype, and the final state (batch, dim, N) fp32 if asked.
     """
-    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     dt, uf, Bc = _discretize(u, delta, A, B, D, z, delta_bias, delta_softplus, s)
     Cc = _bc_per_channel(C, s.c_mode, s.batch, s.dim)
     Af = A.float()
     h = (initial_state.float() if initial_state is not None
          else u.new_zeros(s.batch, s.dim, s.d_state, dtype=torch.float32))
+    keep = None if seq_idx is None else (~_segment_starts(seq_idx, s.length)).float()  # (batch, L)
     ys = []
     for t in range(s.length):
         dt_t = dt[:, :, t, None]  # (batch, dim, 1)
         B_t = Bc[:, :, t if Bc.shape[2] > 1 else 0]
         C_t = Cc[:, :, t if Cc.shape[2] > 1 else 0]
+        if keep is not None:
+            h = h * keep[:, t, None, None]
         h = torch.exp(dt_t * Af) * h + dt_t * B_t * uf[:, :, t, None]
         ys.append((h * C_t).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else uf.new_zeros(s.batch, s.dim, 0)
@@ -202,16 +219,17 @@ class _LinearRecurrence(torch.autograd.Function):
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           return_last_state=False, initial_state=None, chunk_size=None):
+                           return_last_state=False, initial_state=None, seq_idx=None, chunk_size=None):
     """Chunked reference: same contract and result as ``selective_scan_ref``, for CPU training.
 
     The sequence is cut into nc chunks of T steps (default T ~ sqrt(L)). All chunks are scanned at
     once from a zero state (T fused steps over (batch, dim, nc, N) slices), the decay products inside
     each chunk are exp(cumsum(dt*A)) with every exponent <= 0 (stable for any step size), the nc chunk
     carries are chained, and h = scan + decay * carry folds them back in: T + nc Python steps
-    instead of L, the same arithmetic as the oracle up to rounding.
+    instead of L, the same arithmetic as the oracle up to rounding. With seq_idx, the decay into the
+    first step of each packed sequence is zero (exp(-inf)), so no state crosses the boundary.
     """
-    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     batch, dim, L, N = s.batch, s.dim, s.length, s.d_state
     if chunk_size is None:
         chunk_size = max(8, min(256, round(L ** 0.5)))
@@ -231,7 +249,10 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         t = F.pad(t, (0, 0, 0, pad), value=value) if pad else t
         return t.reshape(t.shape[0], t.shape[1], nc, T, N).permute(3, 0, 1, 2, 4)
 
-    log_a = chunked(dt[..., None] * A.float()[None, :, None, :]).contiguous()  # (T, b, d, nc, N), <= 0
+    dtA = dt[..., None] * A.float()[None, :, None, :]  # (b, d, L, N), <= 0
+    if seq_idx is not None:
+        dtA = dtA.masked_fill(_segment_starts(seq_idx, L)[:, None, :, None], float("-inf"))
+    log_a = chunked(dtA).contiguous()  # (T, b, d, nc, N)
     x = chunked(dt[..., None] * Bc * uf[..., None]).contiguous()
     h_local = _LinearRecurrence.apply(torch.exp(log_a), x, x.new_zeros(x.shape[1:]))
     decay = torch.exp(torch.cumsum(log_a, dim=0))  # product of a from the chunk start to t, in [0, 1]
@@ -261,15 +282,16 @@ def scan_backend(device: torch.device) -> str:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None):
+                   return_last_state=False, initial_state=None, seq_idx=None):
     """The selective scan (DESIGN.md contract): Triton kernel on CUDA, chunked reference elsewhere.
 
-    Shapes as in ``selective_scan_ref``. Set MAMBAZOO_SCAN=ref to force the sequential oracle.
+    Shapes as in ``selective_scan_ref`` (seq_idx (batch, L) int packs several sequences in one row).
+    Set MAMBAZOO_SCAN=ref to force the sequential oracle.
     """
     backend = scan_backend(u.device)
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, seq_idx)
     if backend == "triton":
-        check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
         from kernels import selective_scan_triton
 
         return selective_scan_triton(*args)
