@@ -8,7 +8,7 @@ from torch import nn
 
 import zoo
 from core.mamba import Mamba
-from zoo.tasks import (CausalLMTask, ClassificationTask, collect_aux_loss, cosine_with_warmup, make_lti, mix_batch,
+from zoo.tasks import (CausalLMTask, ClassificationTask, collect_aux_loss, cosine_with_warmup, mix_batch,
                        param_groups, split_decay)
 from zoo.tasks.metrics import SequenceMetrics
 
@@ -33,7 +33,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_tied_head_gets_no_decay_and_lti_params_none():
-    model = make_lti(zoo.create_model("mambabyte-tiny", **TINY_LM))
+    model = zoo.create_model("mambabyte-tiny", selective=False, **TINY_LM)
     decay, no_decay = split_decay(model)
     assert "embedding.weight" in no_decay and not any(n.startswith("lm_head") for n in decay)
     lti = [n for n in no_decay if ".lti." in n]
@@ -97,8 +97,8 @@ def test_mixup_and_cutmix():
         assert own == pytest.approx(lam) or int(yb[i]) == i
 
 
-def test_make_lti_swaps_every_mixer():
-    model = make_lti(zoo.create_model("mambabyte-tiny", **TINY_LM))
+def test_selective_false_builds_lti_mixers():
+    model = zoo.create_model("mambabyte-tiny", selective=False, **TINY_LM)
     mixers = [m for m in model.modules() if isinstance(m, Mamba)]
     assert mixers and all(not m.selective for m in mixers)
     assert model(torch.randint(0, 256, (1, 12))).shape == (1, 12, 256)

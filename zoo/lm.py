@@ -55,6 +55,7 @@ class LMConfig:
     conv_bias: bool = True
     proj_bias: bool = False
     inner_norm: bool = False
+    selective: bool = True  # False: the LTI (S4D-style) SSM in the same block, for the S4-vs-S6 comparison
     # attention
     n_heads: int = 8
     n_kv_heads: int | None = None
@@ -162,7 +163,7 @@ class CausalLM(nn.Module):
         if mixer_kind == "M":
             mixer = Mamba(c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, dt_rank=c.dt_rank,
                           conv_bias=c.conv_bias, bias=c.proj_bias, inner_norm=c.inner_norm,
-                          norm_eps=c.norm_eps, layer_idx=i)
+                          selective=c.selective, norm_eps=c.norm_eps, layer_idx=i)
         else:
             mixer = Attention(c.d_model, c.n_heads, c.n_kv_heads, window=c.window, layer_idx=i)
         ffn = None

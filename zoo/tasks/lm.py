@@ -40,27 +40,6 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(f"batch: expected a (batch, L+1) tensor or an (inputs, targets) pair, got {type(batch).__name__}")
 
 
-def make_lti(model: nn.Module) -> nn.Module:
-    """Replace every selective (S6) Mamba mixer of ``model`` by the same mixer with the
-    time-invariant S4D-style SSM (``core.Mamba(..., selective=False)``), keeping in_proj, conv1d and
-    out_proj as initialized: the S4-vs-S6 comparison with everything else equal. In place."""
-    from core.mamba import Mamba
-
-    for parent in list(model.modules()):
-        for name, m in list(parent.named_children()):
-            if not isinstance(m, Mamba) or not m.selective:
-                continue
-            new = Mamba(m.d_model, d_state=m.d_state, d_conv=m.d_conv, expand=m.d_inner // m.d_model,
-                        dt_rank=m.dt_rank, conv_bias=m.fwd.conv1d.bias is not None, bias=m.in_proj.bias is not None,
-                        bidirectional=m.bidirectional, selective=False, layer_idx=m.layer_idx)
-            new = new.to(m.in_proj.weight.device)
-            new.in_proj.load_state_dict(m.in_proj.state_dict())
-            new.out_proj.load_state_dict(m.out_proj.state_dict())
-            new.fwd.conv1d.load_state_dict(m.fwd.conv1d.state_dict())
-            setattr(parent, name, new)
-    return model
-
-
 class ByteCodec:
     """UTF-8 bytes as token ids 0..255."""
 
@@ -108,7 +87,6 @@ class CausalLMTask(ZooTask):
     (default "val" / "test"): several loaders (e.g. test lengths) log under their own names.
     ``sample_prompt``: at the end of fit, print a sample of ``sample_tokens`` tokens after it
     (``tokenizer`` 'bytes' for byte models).
-    ``selective=False`` swaps every Mamba mixer for its LTI (S4D-style) version (``make_lti``).
     """
 
     def __init__(self, model: str = "mambabyte-tiny", model_kwargs: dict | None = None, lr: float = 1e-3,
@@ -116,11 +94,9 @@ class CausalLMTask(ZooTask):
                  min_lr_ratio: float = 0.1, schedule_steps: int | None = None, aux_loss_weight: float = 1.0,
                  bytes_per_token: float | None = None, tokenizer: str | None = None,
                  sample_prompt: str | None = None, sample_tokens: int = 200, sample_temperature: float = 0.8,
-                 sample_top_k: int | None = None, selective: bool = True):
+                 sample_top_k: int | None = None):
         super().__init__(model, model_kwargs, lr, weight_decay, betas, warmup_steps, min_lr_ratio, schedule_steps)
         self.save_hyperparameters()
-        if not selective:
-            make_lti(self.model)
         self.codec = get_codec(tokenizer)
         self.eval_metrics = nn.ModuleDict()
 
