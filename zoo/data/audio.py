@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchaudio
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from zoo.data.base import SplitDataModule
 
@@ -131,15 +131,4 @@ class WavFolderDataModule(SplitDataModule):
         return WavFolder(path, self.classes, self.sample_rate, self.clip_samples, augment=train and self.augment)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        if "val" in self.split_dirs:
-            self.train_set = self._folder(self.train_dir, True)
-            self.val_set = self._folder(self.split_dirs["val"], False)
-        else:
-            train, val = self._folder(self.train_dir, True), self._folder(self.train_dir, False)
-            n = len(train)
-            n_val = min(n - 1, max(1, int(round(self.val_split * n)))) if self.val_split > 0 else 0
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-            self.train_set, self.val_set = Subset(train, sorted(perm[n_val:])), Subset(val, sorted(perm[:n_val]))
-        self.test_set = self._folder(self.split_dirs["test"], False) if "test" in self.split_dirs else self.val_set
+        self._setup_folders()

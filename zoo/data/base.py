@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Subset
+
+
+def split_indices(n: int, n_val: int, seed: int) -> tuple[list[int], list[int]]:
+    """A fixed random split of range(n): (train indices, val indices)."""
+    if not 0 <= n_val < n:
+        raise ValueError(f"val_split: expected 0 <= n_val < {n} examples, got {n_val}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -16,6 +25,24 @@ class SplitDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_set = self.val_set = self.test_set = None
+
+    def _setup_folders(self) -> None:
+        """Splits of a folder data set: ``self.split_dirs`` may hold train/val/test folders; without a
+        val folder ``self.val_split`` (a fraction) of the training files is held out with
+        ``self.seed``; without a test folder the test split is the val split. Needs ``self._folder(path,
+        train)``, ``self.train_dir``."""
+        if self.train_set is not None:
+            return
+        if "val" in self.split_dirs:
+            self.train_set = self._folder(self.train_dir, True)
+            self.val_set = self._folder(self.split_dirs["val"], False)
+        else:
+            train, val = self._folder(self.train_dir, True), self._folder(self.train_dir, False)
+            n = len(train)
+            n_val = min(n - 1, max(1, int(round(self.val_split * n)))) if self.val_split > 0 else 0
+            train_idx, val_idx = split_indices(n, n_val, self.seed)
+            self.train_set, self.val_set = Subset(train, train_idx), Subset(val, val_idx)
+        self.test_set = self._folder(self.split_dirs["test"], False) if "test" in self.split_dirs else self.val_set
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if self.train_set is None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from zoo.data.base import SplitDataModule
+from zoo.data.base import SplitDataModule, split_indices
 from torchvision.transforms import v2 as T
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -90,14 +90,6 @@ class TensorImageDataset(Dataset):
         return x, self.labels[i]
 
 
-def _split_indices(n: int, n_val: int, seed: int) -> tuple[list[int], list[int]]:
-    """A fixed random split of range(n): (train indices, val indices)."""
-    if not 0 <= n_val < n:
-        raise ValueError(f"val_split: expected 0 <= n_val < {n} examples, got {n_val}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(perm[n_val:]), sorted(perm[:n_val])
-
-
 class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST from local IDX files: 60k train (minus ``val_split`` held out, fixed seed) and
     the 10k test images. Batches: images (B, 1, img_size, img_size) normalized, labels (B,).
@@ -132,7 +124,7 @@ class FashionMNISTDataModule(SplitDataModule):
         if self.train_set is not None:
             return
         images, labels = read_fashion_mnist(self.root, "train")
-        train_idx, val_idx = _split_indices(len(labels), self.val_split, self.seed)
+        train_idx, val_idx = split_indices(len(labels), self.val_split, self.seed)
         self.train_set = Subset(TensorImageDataset(images, labels, self._transform(True)), train_idx)
         self.val_set = Subset(TensorImageDataset(images, labels, self._transform(False)), val_idx)
         test_images, test_labels = read_fashion_mnist(self.root, "test")
@@ -183,17 +175,7 @@ class ImageFolderDataModule(SplitDataModule):
         return ds
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        if "val" in self.split_dirs:
-            self.train_set = self._folder(self.train_dir, True)
-            self.val_set = self._folder(self.split_dirs["val"], False)
-        else:
-            train, val = self._folder(self.train_dir, True), self._folder(self.train_dir, False)
-            n_val = max(1, int(round(self.val_split * len(train)))) if self.val_split > 0 else 0
-            train_idx, val_idx = _split_indices(len(train), n_val, self.seed)
-            self.train_set, self.val_set = Subset(train, train_idx), Subset(val, val_idx)
-        self.test_set = self._folder(self.split_dirs["test"], False) if "test" in self.split_dirs else self.val_set
+        self._setup_folders()
 
 
 def _rgb_loader(path: str):
