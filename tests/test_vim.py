@@ -174,3 +174,19 @@ def test_bad_images_raise_clear_errors():
         VisionMamba(img_size=8, patch_size=16, **TINY)
     with pytest.raises(ValueError, match="global_pool"):
         VisionMamba(img_size=16, patch_size=4, global_pool="max", **TINY)
+
+
+def test_load_pretrained_keeps_a_new_head_and_loads_nothing_on_a_misfit(tmp_path):
+    src = VisionMamba(img_size=16, patch_size=4, num_classes=3, **TINY)
+    path = tmp_path / "w.pt"
+    torch.save(src.state_dict(), path)
+    new_head = VisionMamba(img_size=16, patch_size=4, num_classes=5, **TINY)
+    head_before = new_head.head.weight.detach().clone()
+    new_head.load_pretrained(path)
+    torch.testing.assert_close(new_head.pos_embed, src.pos_embed)
+    assert torch.equal(new_head.head.weight, head_before)
+    deeper = VisionMamba(img_size=16, patch_size=4, num_classes=3, embed_dim=16, depth=3, d_state=4)
+    before = {k: v.clone() for k, v in deeper.state_dict().items()}
+    with pytest.raises(ValueError, match=r"missing \(\d+\): blocks\.2\."):
+        deeper.load_pretrained(path)
+    assert all(torch.equal(before[k], v) for k, v in deeper.state_dict().items())  # nothing half-loaded

@@ -80,12 +80,15 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     return adapt_pos_embed(clean_state_dict(state_dict), model)
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool = True, src_grid=None) -> dict[str, list[str]]:
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True, src_grid=None,
+                 fresh: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """Load ``path`` into ``model``; position embeddings are resampled to the model's image size.
 
     With ``strict`` any missing, unexpected or wrongly shaped key raises ValueError listing them
-    all; otherwise the matching tensors are loaded and the lists are returned, e.g. to fine-tune
-    with a new head: ``{'missing': [...], 'unexpected': [...], 'mismatched': [...]}``."""
+    all, before anything is loaded; keys named in ``fresh`` (e.g. a classifier head of another
+    size) may be missing or mismatched and keep their initialization. Without ``strict`` the
+    matching tensors are loaded and the lists are returned:
+    ``{'missing': [...], 'unexpected': [...], 'mismatched': [...]}``."""
     sd = adapt_pos_embed(read_state_dict(path), model, src_grid)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -95,9 +98,11 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True, src_gr
         for k in set(sd) & set(own) if sd[k].shape != own[k].shape
     )
     report = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
-    if strict and (missing or unexpected or mismatched):
+    problems = {"missing": [k for k in missing if k not in fresh], "unexpected": unexpected,
+                "mismatched": [m for m in mismatched if m.split(":")[0] not in fresh]}
+    if strict and any(problems.values()):
         lines = [f"{path}: the weights do not fit {type(model).__name__}"]
-        for name, keys in report.items():
+        for name, keys in problems.items():
             if keys:
                 shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
                 lines.append(f"  {name} ({len(keys)}): {shown}")
