@@ -8,6 +8,9 @@ Token order: patches row-major, the class token inserted at index ``num_patches 
 Position embeddings are stored in timm's layout, (1, 1 + num_patches, dim) with the class token's
 row first, and added before the class token is moved to the middle; this lets
 ``timm.layers.resample_abs_pos_embed`` interpolate them to a new image size.
+
+``load_state_dict`` also takes the official hustvl/Vim state dict (``zoo.vim.convert``: layers.i.mixer.
+conv1d_b, ..., norm_f, pos_embed with the class token's row in the middle) and converts it on the way in.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ class VisionMamba(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
+        self.register_load_state_dict_pre_hook(_convert_official_keys)
 
     # -- initialization ---------------------------------------------------------------------------
     def init_weights(self) -> None:
@@ -161,13 +165,14 @@ class VisionMamba(nn.Module):
         self.pos_embed = nn.Parameter(resized)
         pe.img_size, pe.grid_size, pe.num_patches = new, grid, grid[0] * grid[1]
 
-    def load_pretrained(self, path) -> None:
-        """Load a local weights file (timm calls this for ``pretrained=True,
-        pretrained_cfg_overlay=dict(file=...)``): the position embedding is resampled, a head of
-        another size is kept fresh; any other mismatch raises ValueError naming the keys."""
+    def load_pretrained(self, path, format: str = "auto", use_ema: bool = False) -> None:
+        """Load a local weights file, ours or an official hustvl/Vim checkpoint (see
+        ``zoo.vim.weights.load_weights``; timm calls this only for .npz files): the position
+        embedding is resampled, a head of another size is kept fresh; any other mismatch raises
+        ValueError naming the keys, before anything is loaded."""
         from zoo.vim.weights import load_weights
 
-        load_weights(self, path, fresh=("head.weight", "head.bias"))
+        load_weights(self, path, fresh=("head.weight", "head.bias"), format=format, use_ema=use_ema)
 
     # -- forward ----------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -212,3 +217,14 @@ class VisionMamba(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+
+def _convert_official_keys(module, state_dict, prefix, *_):
+    """``load_state_dict`` pre-hook: rename an official hustvl/Vim state dict (under ``prefix``) to ours
+    in place, leniently (what it cannot map is left for load_state_dict's own missing/unexpected report)."""
+    from zoo.vim.convert import _looks_official, convert_official_vim
+
+    own = [k for k in state_dict if k.startswith(prefix)]
+    if not _looks_official(k[len(prefix):] for k in own):
+        return
+    converted = convert_official_vim({k[len(prefix):]: state_dict.pop(k) for k in own}, strict=False)
+    state_dict.update({prefix + k: v for k, v in converted.items()})

@@ -4,7 +4,9 @@ img_size=...)`` after ``import zoo.vim``.
 No weights are hosted: ``pretrained=True`` needs a local file (safetensors or a torch / Lightning
 checkpoint), given as ``pretrained_cfg_overlay=dict(file='vim_tiny.safetensors', num_classes=10)``
 where num_classes is the file's (timm drops the head when it differs from the model's). Position
-embeddings are resampled to ``img_size``; 3-channel patch weights are adapted to ``in_chans``."""
+embeddings are resampled to ``img_size``; 3-channel patch weights are adapted to ``in_chans``.
+The official hustvl/Vim checkpoints are converted on the way in (``zoo.vim.convert``), here and with
+``checkpoint_path=``."""
 
 from __future__ import annotations
 

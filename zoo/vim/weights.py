@@ -1,8 +1,12 @@
 """Load a Vim / AuM state dict from a local file (safetensors or a torch checkpoint), adapting the
-position embedding to the model's image size and naming every mismatched key on failure."""
+position embedding to the model's image size and naming every mismatched key on failure.
+
+Files in the official hustvl/Vim layout (the released vim_*_midclstok_*.pth) are recognised by their
+keys and converted (``zoo.vim.convert``); ``format='official'`` or ``format='zoo'`` forces either."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -15,21 +19,46 @@ _NESTED = ("state_dict_ema", "model_ema", "state_dict", "model")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file or a torch checkpoint (also Lightning's, nested under
-    'state_dict'; prefixes 'module.', 'model.', '_orig_mod.' are stripped). Never downloads."""
+FORMATS = ("auto", "zoo", "official")
+
+
+def _load_file(path: str | Path):
+    """What a .safetensors file or a torch checkpoint holds, on the CPU, never executing pickled code
+    (an ``argparse.Namespace``, which DeiT-style training scripts save under 'args', is allowed)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict of tensors (or a checkpoint holding one)")
-    return clean_state_dict(sd, str(path))
+        return load_file(str(path))
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def to_zoo_layout(checkpoint, source: str = "the checkpoint", format: str = "auto",
+                  use_ema: bool = False, strict: bool = True) -> dict[str, torch.Tensor]:
+    """Our state dict from what a weights file held: the official hustvl/Vim layout is converted
+    (its 'model' entry, or 'model_ema' with ``use_ema``; ``strict``: see ``convert_official_vim``),
+    ours is unwrapped (``clean_state_dict``)."""
+    from zoo.vim.convert import convert_official_vim, is_official_vim
+
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{source}: expected a state dict of tensors (or a checkpoint holding one)")
+    if format == "official" or (format == "auto" and is_official_vim(checkpoint)):
+        return convert_official_vim(checkpoint, use_ema=use_ema, strict=strict, source=source)
+    return clean_state_dict(checkpoint, source)
+
+
+def read_state_dict(path: str | Path, format: str = "auto", use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch checkpoint, with our keys. Our own files may be
+    nested (Lightning's 'state_dict', ...; prefixes 'module.', 'model.', '_orig_mod.' are stripped);
+    official hustvl/Vim checkpoints are converted (``format``: 'auto' detects them, 'official' /
+    'zoo' force either; ``use_ema``: an official checkpoint's 'model_ema' instead of 'model').
+    Never downloads."""
+    return to_zoo_layout(_load_file(path), str(path), format, use_ema)
 
 
 def clean_state_dict(sd: dict, source: str = "the checkpoint") -> dict[str, torch.Tensor]:
@@ -76,20 +105,23 @@ def adapt_pos_embed(state_dict: dict, model: nn.Module, src_grid=None) -> dict:
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """timm's ``pretrained_filter_fn``: unwrap the checkpoint and resample its position embedding."""
-    return adapt_pos_embed(clean_state_dict(state_dict), model)
+    """timm's ``pretrained_filter_fn``: unwrap the checkpoint (converting the official hustvl/Vim
+    layout) and resample its position embedding."""
+    return adapt_pos_embed(to_zoo_layout(state_dict), model)
 
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True, src_grid=None,
-                 fresh: tuple[str, ...] = ()) -> dict[str, list[str]]:
+                 fresh: tuple[str, ...] = (), format: str = "auto",
+                 use_ema: bool = False) -> dict[str, list[str]]:
     """Load ``path`` into ``model``; position embeddings are resampled to the model's image size.
+    Official hustvl/Vim checkpoints are converted (``format``, ``use_ema``: see ``read_state_dict``).
 
     With ``strict`` any missing, unexpected or wrongly shaped key raises ValueError listing them
     all, before anything is loaded; keys named in ``fresh`` (e.g. a classifier head of another
     size) may be missing or mismatched and keep their initialization. Without ``strict`` the
     matching tensors are loaded and the lists are returned:
     ``{'missing': [...], 'unexpected': [...], 'mismatched': [...]}``."""
-    sd = adapt_pos_embed(read_state_dict(path), model, src_grid)
+    sd = adapt_pos_embed(to_zoo_layout(_load_file(path), str(path), format, use_ema, strict), model, src_grid)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
