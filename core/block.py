@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.decode import fused_decode_enabled
+from core.mamba import Mamba
 from core.norm import RMSNorm
 
 
@@ -35,7 +37,9 @@ class Block(nn.Module):
         self.aux_loss: torch.Tensor | None = None
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.ffn(self.ffn_norm(x))
+        return self._ffn_out(self.ffn(self.ffn_norm(x)))
+
+    def _ffn_out(self, out) -> torch.Tensor:
         if isinstance(out, tuple):
             out, self.aux_loss = out
         return out
@@ -50,8 +54,46 @@ class Block(nn.Module):
 
     def step(self, x: torch.Tensor, state) -> torch.Tensor:
         """One token: x (batch, d_model) fp32 -> (batch, d_model) fp32, advancing the mixer's state."""
+        if fused_decode_enabled(x.device):
+            h, residual = self.step_residual(x, None, state)
+            return residual + h  # fp32 (type promotion), as x + h.float()
         x = x.float()
         x = x + self.mixer.step(self.norm(x), state).float()
         if self.ffn is not None:
             x = x + self._ffn(x[:, None])[:, 0].float()
         return x
+
+    def step_residual(self, hidden: torch.Tensor, residual: torch.Tensor | None, state):
+        """One token with the residual add deferred to the next norm (mamba_ssm's fused add + norm).
+
+        The block's input is residual + hidden: residual (batch, d_model) fp32, or None for the first
+        block (the input is then hidden alone); hidden (batch, d_model) is the previous block's last
+        branch output, not yet added. Returns (hidden', residual') with residual' + hidden' equal to
+        ``step(residual + hidden)``. On the fused path (CUDA, see core.decode) each add + RMSNorm is
+        one kernel and ``residual`` is updated in place; elsewhere plain PyTorch, as ``step``.
+        """
+        if fused_decode_enabled(hidden.device):
+            from kernels.decode import add_rms_norm
+
+            normed, residual = add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps,
+                                            out_dtype=self._mixer_input_dtype(hidden.device))
+            h = self.mixer.step(normed, state)
+            if self.ffn is not None:
+                normed, residual = add_rms_norm(h, residual, self.ffn_norm.weight, self.ffn_norm.eps,
+                                                out_dtype=torch.float32)
+                h = self._ffn_out(self.ffn(normed[:, None]))[:, 0]
+            return h, residual
+        x = hidden.float() if residual is None else residual + hidden.float()
+        h = self.mixer.step(self.norm(x), state)
+        if self.ffn is not None:
+            x = x + h.float()
+            h = self._ffn(x[:, None])[:, 0]
+        return h, x
+
+    def _mixer_input_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the normed mixer input. The norm's output is fp32 (the residual's dtype); a
+        Mamba mixer's first op, in_proj, casts it to the autocast dtype anyway, so the fused norm
+        writes that dtype directly (the same rounding, one cast kernel fewer). Other mixers get fp32."""
+        if isinstance(self.mixer, Mamba) and torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return torch.float32

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.cache import MambaState
+from core.decode import conv_step_ref, fused_decode_enabled
 from core.norm import RMSNorm
 from core.scan import scan_backend, selective_scan, selective_state_update_ref
 
@@ -185,22 +186,34 @@ class Mamba(nn.Module):
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected (batch, d_model={self.d_model}), got {tuple(x.shape)}")
         d = self.fwd
-        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (batch, d_inner) each
-        conv = torch.cat([state.conv[..., 1:], xs[..., None].to(state.conv.dtype)], dim=-1)
-        state.conv.copy_(conv)
-        xc = (conv * d.conv1d.weight[:, 0].to(conv.dtype)).sum(-1)
-        if d.conv1d.bias is not None:
-            xc = xc + d.conv1d.bias.to(xc.dtype)
-        xc = F.silu(xc.to(xs.dtype))
+        fused = fused_decode_enabled(x.device) and _fusable_state(state)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (batch, d_inner) each, row-strided views
+        if fused:  # one kernel: shift + append + depthwise conv + bias + SiLU
+            from kernels.decode import conv_state_update
+
+            xc = conv_state_update(state.conv, xs, d.conv1d.weight, d.conv1d.bias)
+        else:
+            xc = conv_step_ref(state.conv, xs, d.conv1d.weight, d.conv1d.bias)
         if not self.selective:
             y = d.lti.step(xc.float(), state.ssm) * F.silu(z.float())
             return self.out_proj(y.to(xs.dtype))
         delta, B, C = d.ssm_inputs(xc)
+        if fused:  # A_log, D, dt bias as stored (any dtype): no per-step cast / exp kernels
+            from kernels.state_update import launch_state_update
+
+            y = launch_state_update(state.ssm, xc, delta, d.A_log, B, C, d.D, z, d.dt_proj.bias,
+                                    True, A_is_log=True)
+            return self.out_proj(y)
         A = -torch.exp(d.A_log.float())
         update = _state_update_fn(x.device)
         y = update(state.ssm, xc, delta, A, B, C, D=d.D.float(), z=z, dt_bias=d.dt_proj.bias.float(),
                    dt_softplus=True)
         return self.out_proj(y)
+
+
+def _fusable_state(state: MambaState) -> bool:
+    """The fused step needs what allocate_state makes: a contiguous fp32 ssm state."""
+    return state.ssm.dtype == torch.float32 and state.ssm.is_contiguous()
 
 
 def _state_update_fn(device: torch.device):

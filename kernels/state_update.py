@@ -4,6 +4,9 @@
     B, C (b, G, N) (G = 1 for (b, N));  D, dt_bias (d,)
 
     dt <- softplus(dt + dt_bias);  state <- exp(dt A) state + dt B x;  y = C . state + D x;  y *= silu(z)
+
+``launch_state_update(..., A_is_log=True)`` takes A_log in place of A (A = -exp(A_log) in the kernel):
+the model's decode step passes its parameters as they are, with no per-step cast or exp kernels.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from torch import Tensor
 def state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
     dim, N, G, dpg,
+    stride_x, stride_dt, stride_z, stride_bb, stride_bg, stride_bn, stride_cb, stride_cg, stride_cn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    A_IS_LOG: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (b, cdiv(d, BLOCK_D)); channels of one program share one group (BLOCK_D divides dpg)."""
+    """Grid (b, cdiv(d, BLOCK_D)); channels of one program share one group (BLOCK_D divides dpg).
+    x, dt, z, B, C are read through their strides (row slices of a projection need no copy);
+    with A_IS_LOG, A_ptr holds A_log and A = -exp(A_log) is formed here in fp32."""
     b = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_D
     offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -36,14 +42,16 @@ def state_update_kernel(
     st_ptr = state_ptr + b * dim * N + dn
     h = tl.load(st_ptr, mask=mask, other=0.0)
     A = tl.load(A_ptr + dn, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    x = tl.load(x_ptr + b * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b * stride_dt + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if SOFTPLUS:
         dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
-    Bv = tl.load(B_ptr + (b * G + g) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + (b * G + g) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + b * stride_bb + g * stride_bg + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * stride_cb + g * stride_cg + offs_n * stride_cn, mask=mask_n, other=0.0).to(tl.float32)
     a = tl.exp2(dt[:, None] * A * 1.4426950408889634)
     h = a * h + (dt * x)[:, None] * Bv[None, :]
     tl.store(st_ptr, h, mask=mask)
@@ -51,7 +59,7 @@ def state_update_kernel(
     if HAS_D:
         y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
     if HAS_Z:
-        z = tl.load(z_ptr + b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + b * stride_z + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         y = y * z * tl.sigmoid(z)
     tl.store(y_ptr + b * dim + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
 
@@ -63,10 +71,19 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
+def _rows(t: Tensor) -> Tensor:
+    """t with a dense last axis (a row slice of a projection stays a view; anything else is copied)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def launch_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                         D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
-                        dt_softplus: bool) -> Tensor:
-    """One decode step; ``state`` must be contiguous fp32 (updated in place); returns y (b, d)."""
+                        dt_softplus: bool, A_is_log: bool = False) -> Tensor:
+    """One decode step; ``state`` must be contiguous fp32 (updated in place); returns y (b, d) in x's dtype.
+
+    x, dt, z (b, d) and B, C (b, N) | (b, G, N) may be strided views (e.g. slices of in_proj's and
+    x_proj's outputs); A, D, dt_bias may be of any float dtype. With ``A_is_log`` the A argument is
+    A_log and the kernel uses A = -exp(A_log) (no per-step exp/cast kernels in the decode step)."""
     batch, dim, N = state.shape
     Bk = B if B.dim() == 3 else B.unsqueeze(1)
     Ck = C if C.dim() == 3 else C.unsqueeze(1)
@@ -76,15 +93,21 @@ def launch_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tens
         Ck = Ck.repeat_interleave(G // Ck.shape[1], dim=1)
     G = Bk.shape[1]
     dpg = dim // G
-    block_d = _pow2_divisor(dpg, 32) if G > 1 else 32
-    y = torch.empty_like(x)
+    cap = 32 if state.is_cuda else 128  # the interpreter pays per program: larger tiles on CPU
+    block_d = _pow2_divisor(dpg, cap) if G > 1 else cap
+    x, dt = _rows(x), _rows(dt)
+    z = _rows(z) if z is not None else None
+    y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
     grid = (batch, triton.cdiv(dim, block_d))
     state_update_kernel[grid](
-        state, x.contiguous(), dt.contiguous(), A.contiguous(), Bk.contiguous(), Ck.contiguous(), D,
-        z.contiguous() if z is not None else None, dt_bias, y,
+        state, x, dt, A.contiguous(), Bk, Ck, D.contiguous() if D is not None else None,
+        z, dt_bias.contiguous() if dt_bias is not None else None, y,
         dim, N, G, dpg,
+        x.stride(0), dt.stride(0), z.stride(0) if z is not None else 0,
+        Bk.stride(0), Bk.stride(1), Bk.stride(2), Ck.stride(0), Ck.stride(1), Ck.stride(2),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), num_warps=4 if state.is_cuda else 1,
+        A_IS_LOG=bool(A_is_log), BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N),
+        num_warps=4 if state.is_cuda else 1,
     )
     return y
 

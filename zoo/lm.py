@@ -18,6 +18,7 @@ from torch import nn
 from core.attention import Attention
 from core.block import Block
 from core.cache import InferenceCache
+from core.decode import fused_decode_enabled
 from core.mamba import Mamba
 from core.mlp import MLP
 from core.moe import MoE
@@ -256,10 +257,26 @@ class CausalLM(nn.Module):
             raise ValueError(f"input_ids: expected (batch,), got shape {tuple(input_ids.shape)}")
         with self.autocast():
             x = self.embedding(input_ids)
+            if fused_decode_enabled(x.device):
+                return self._step_fused(x, cache)
             for i, block in enumerate(self.layers):
                 x = block.step(x, cache.layers[i])
             cache.seqlen_offset += 1
             return self._logits(self.norm_f(x))
+
+    def _step_fused(self, x: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """The decode step with fused kernels (CUDA): each block's residual add is fused into the next
+        norm (Block.step_residual), the last one into the final norm, whose output is written in the
+        head's dtype. Same values as the plain loop up to rounding."""
+        from kernels.decode import add_rms_norm
+
+        h, residual = x, None
+        for i, block in enumerate(self.layers):
+            h, residual = block.step_residual(h, residual, cache.layers[i])
+        cache.seqlen_offset += 1
+        normed, _ = add_rms_norm(h, residual, self.norm_f.weight, self.norm_f.eps,
+                                 out_dtype=self.lm_head.weight.dtype)
+        return self._logits(normed)
 
     # -- cache, losses, generation -------------------------------------------------------------
     def allocate_cache(self, batch: int, max_len: int = 2048, device=None, dtype=None) -> InferenceCache:
