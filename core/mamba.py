@@ -71,16 +71,21 @@ class _Direction(nn.Module):
         delta = F.linear(dt, self.dt_proj.weight)  # the bias is added in fp32 inside the scan
         return delta, B, C
 
-    def scan(self, x: torch.Tensor, z: torch.Tensor, initial_state=None, return_last_state=False):
-        """x, z (batch, d_inner, L) -> y (batch, d_inner, L) [, final state (batch, d_inner, N)]."""
+    def scan(self, x: torch.Tensor, z: torch.Tensor, initial_state=None, return_last_state=False,
+             reverse: bool = False):
+        """x, z (batch, d_inner, L) -> y (batch, d_inner, L) [, final state (batch, d_inner, N)].
+        reverse=True scans from the last position to the first (no flipped copies on the selective path)."""
         if not self.selective:
+            if reverse:
+                y = self._lti_scan(x.flip(-1), z.flip(-1), initial_state, return_last_state)
+                return (y[0].flip(-1), y[1]) if return_last_state else y.flip(-1)
             return self._lti_scan(x, z, initial_state, return_last_state)
         delta, B, C = self.ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         return selective_scan(
             x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            return_last_state=return_last_state, initial_state=initial_state,
+            return_last_state=return_last_state, initial_state=initial_state, reverse=reverse,
         )
 
 
@@ -137,17 +142,25 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     # -- full sequence ---------------------------------------------------------------------------
-    def _branch(self, direction: _Direction, x, z, state: MambaState | None):
-        """x, z (batch, d_inner, L) -> y (batch, d_inner, L); fills ``state`` if given."""
+    def _branch(self, direction: _Direction, x, z, state: MambaState | None, reverse: bool = False):
+        """x, z (batch, d_inner, L) -> y (batch, d_inner, L); fills ``state`` if given.
+
+        reverse=True runs the branch on the reversed sequence without flipping anything: the causal
+        conv of the reversed sequence is the anti-causal conv (padding on the right, taps reversed) of
+        this one, and the scan walks L backwards."""
         L = x.shape[-1]
+        weight = direction.conv1d.weight
         if state is not None:
             xc = torch.cat([state.conv[..., 1:].to(x.dtype), x], dim=-1)
             new_conv = torch.cat([state.conv.to(x.dtype), x], dim=-1)[..., -self.d_conv:]
+        elif reverse:
+            xc = F.pad(x, (0, self.d_conv - 1))
+            weight = weight.flip(-1)
         else:
             xc = F.pad(x, (self.d_conv - 1, 0))
-        xc = F.silu(F.conv1d(xc, direction.conv1d.weight, direction.conv1d.bias, groups=self.d_inner))[..., :L]
+        xc = F.silu(F.conv1d(xc, weight, direction.conv1d.bias, groups=self.d_inner))[..., :L]
         if state is None:
-            return direction.scan(xc, z)
+            return direction.scan(xc, z, reverse=reverse)
         y, last = direction.scan(xc, z, initial_state=state.ssm, return_last_state=True)
         state.conv.copy_(new_conv)
         state.ssm.copy_(last)
@@ -164,7 +177,7 @@ class Mamba(nn.Module):
         xs, z = xz.chunk(2, dim=1)
         y = self._branch(self.fwd, xs, z, state)
         if self.bidirectional:
-            yb = self._branch(self.bwd, xs.flip(-1), z.flip(-1), None).flip(-1)
+            yb = self._branch(self.bwd, xs, z, None, reverse=True)
             y = (y + yb) * 0.5
         return self.out_proj(y.transpose(1, 2))
 

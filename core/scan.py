@@ -282,22 +282,29 @@ def scan_backend(device: torch.device) -> str:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, seq_idx=None):
+                   return_last_state=False, initial_state=None, seq_idx=None, reverse=False):
     """The selective scan (DESIGN.md contract): Triton kernel on CUDA, chunked reference elsewhere.
 
     Shapes as in ``selective_scan_ref`` (seq_idx (batch, L) int packs several sequences in one row).
-    Set MAMBAZOO_SCAN=ref to force the sequential oracle.
+    reverse=True scans from position L-1 down to 0: the same as flipping u, delta, z, B, C and seq_idx
+    along L, scanning, and flipping y back (the kernel does it without the copies; the last state is
+    then the state after position 0). Set MAMBAZOO_SCAN=ref to force the sequential oracle.
     """
     backend = scan_backend(u.device)
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, seq_idx)
     if backend == "triton":
         check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
         from kernels import selective_scan_triton
 
-        return selective_scan_triton(*args)
-    if backend == "ref":
-        return selective_scan_ref(*args)
-    return selective_scan_chunked(*args)
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     initial_state, seq_idx, reverse)
+    fn = selective_scan_ref if backend == "ref" else selective_scan_chunked
+    if not reverse:
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, seq_idx)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    flip = lambda t: t.flip(-1) if t is not None and t.dim() > 2 else t  # noqa: E731  ((d, N) B/C stay)
+    out = fn(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus, return_last_state,
+             initial_state, seq_idx.flip(-1) if seq_idx is not None else None)
+    return (out[0].flip(-1), out[1]) if return_last_state else out.flip(-1)
 
 
 def check_state_update_inputs(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):

@@ -55,16 +55,19 @@ def _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, initial_state=None, seq_idx=None):
+                          return_last_state=False, initial_state=None, seq_idx=None, reverse=False):
     """The selective scan (DESIGN.md contract) as one fused Triton forward and a recomputing backward.
 
     u, delta, z (batch, dim, L); A (dim, N) fp32; B, C (batch, N, L) | (batch, G, N, L) | (dim, N);
     D, delta_bias (dim,); initial_state (batch, dim, N); seq_idx (batch, L) int: the state restarts
-    from zero wherever seq_idx changes (packed sequences). Returns y (batch, dim, L) in u's dtype and,
+    from zero wherever seq_idx changes (packed sequences). reverse=True scans from position L-1 down to 0
+    (the result of flipping every input along L, scanning and flipping y back, without the copies).
+    Returns y (batch, dim, L) in u's dtype and,
     with return_last_state, the final state (batch, dim, N) fp32; both are differentiable.
     """
     _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    y, last, _ = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus))
+    y, last, _ = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus),
+                          bool(reverse))
     return (y, last) if return_last_state else y
 
 

@@ -16,16 +16,16 @@ from torch import Tensor
 
 from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 
-# Tile sizes.  block_l is shared by both passes; the forward stores the state every `chunk` steps
-# for the backward.  GPU values were picked by scripts/bench_scan.py --sweep on an H100 (see
-# docs/kernel_notes.md); L is split into stretches only when fewer than `split_below` programs
-# would run, aiming at `min_programs`.  The CPU interpreter uses small tiles so that tests cross
-# several tiles, chunks and stretches at tiny lengths.
+# Tile sizes (steps per tile block_l, channels per program block_d, warps), per pass.  The forward
+# stores the state every `chunk` steps for the backward; block_l of either pass must divide it.  GPU
+# values from `scripts/bench_scan.py --probe` on an H100 (docs/kernel_notes.md).  L is split into
+# stretches only when fewer than `split_below` programs would run, aiming at `min_programs`.  The CPU
+# interpreter uses small tiles so that tests cross several tiles, chunks and stretches at tiny lengths.
 CONFIG = {
-    "cuda": dict(block_l=4, chunk=64, block_d=32, fwd_warps=1, bwd_block_d=16, bwd_warps=1, min_programs=1056,
-                 split_below=132, nsplit=0),
-    "cpu": dict(block_l=8, chunk=16, block_d=4, fwd_warps=1, bwd_block_d=4, bwd_warps=1, min_programs=1,
-                split_below=1, nsplit=0),
+    "cuda": dict(fwd_block_l=8, block_d=16, fwd_warps=1, bwd_block_l=4, bwd_block_d=8, bwd_warps=1, chunk=64,
+                 min_programs=3072, split_below=512, nsplit=0),
+    "cpu": dict(fwd_block_l=8, block_d=4, fwd_warps=1, bwd_block_l=8, bwd_block_d=4, bwd_warps=1, chunk=16,
+                min_programs=1, split_below=1, nsplit=0),
 }
 
 
@@ -76,20 +76,27 @@ def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict
     return block_d, n_tiles, nsplit, chunks_per_split * K, K, n_chunks
 
 
+def _block_l(cfg: dict, kind: str) -> int:
+    """Steps per tile of the forward or backward pass (each must divide cfg["chunk"])."""
+    return cfg[f"{kind}_block_l"]
+
+
 def _n_chunks(L: int, device: torch.device) -> int:
     cfg = _cfg(device)
-    K = max(1, cfg["chunk"] // cfg["block_l"])
-    return triton.cdiv(max(1, triton.cdiv(L, cfg["block_l"])), K)
+    bl = _block_l(cfg, "fwd")
+    K = max(1, cfg["chunk"] // bl)
+    return triton.cdiv(max(1, triton.cdiv(L, bl)), K)
 
 
-def _flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv):
+def _flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse):
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, B_INV=B_inv, C_INV=C_inv,
+                HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, B_INV=B_inv, C_INV=C_inv, REVERSE=reverse,
                 FAST=not _interpreting())
 
 
-def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus):
-    """Returns y (b, d, L) in u's dtype, the last state (b, d, N) fp32, tile states (b, d, T, N) fp32."""
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse=False):
+    """Returns y (b, d, L) in u's dtype, the last state (b, d, N) fp32, tile states (b, d, T, N) fp32.
+    reverse: scan from position L-1 down to 0 (as if every input and the output were flipped along L)."""
     cfg = _cfg(u.device)
     batch, dim, L = u.shape
     N = A.shape[1]
@@ -98,14 +105,15 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
-    block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["block_d"], cfg["block_l"], cfg)
+    block_l = _block_l(cfg, "fwd")
+    block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["block_d"], block_l, cfg)
     block_n = triton.next_power_of_2(N)
     y = torch.empty_like(u)
     hs = u.new_empty(batch, dim, n_chunks, N, dtype=torch.float32)
     hend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)
     grid = (batch * triton.cdiv(dim, block_d), nsplit)
-    common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=cfg["block_l"], num_warps=cfg["fwd_warps"],
-                  **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv))
+    common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=cfg["fwd_warps"],
+                  **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse))
     sizes = (dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K)
     h0 = initial_state.float().contiguous().unsqueeze(2) if initial_state is not None else None
     if nsplit > 1:
@@ -124,7 +132,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
     return y, hend[:, :, -1].contiguous(), hs
 
 
-def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, softplus, has_h0):
+def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, softplus, has_h0, reverse=False):
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0); absent inputs get empty tensors."""
     cfg = _cfg(u.device)
     batch, dim, L = u.shape
@@ -135,7 +143,8 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
-    block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["bwd_block_d"], cfg["block_l"], cfg)
+    block_l = _block_l(cfg, "bwd")
+    block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["bwd_block_d"], block_l, cfg)
     block_n = triton.next_power_of_2(N)
     f32 = dict(dtype=torch.float32, device=u.device)
     du = torch.empty_like(u)
@@ -149,8 +158,8 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
     dh0 = u.new_empty(batch, dim, N, dtype=torch.float32) if has_h0 else None
     grid = (batch * triton.cdiv(dim, block_d), nsplit)
     scratch = u.new_empty(grid[0] * nsplit * K * block_n * block_d, dtype=torch.float32)
-    common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=cfg["block_l"], num_warps=cfg["bwd_warps"],
-                  **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv))
+    common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=cfg["bwd_warps"],
+                  **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse))
     sizes = (dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K)
     qin = None
     if dlast is not None:
@@ -169,7 +178,8 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
         qin = torch.stack(carries[::-1], dim=2).contiguous()
     scan_bwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, hs, dout, qin,
                           du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, None, None, scratch,
-                          *sizes, HAS_QIN=qin is not None, HAS_H0=has_h0, STATE_ONLY=False, **common)
+                          *sizes, HAS_QIN=qin is not None, HAS_H0=has_h0, STATE_ONLY=False, ABLATE=cfg.get("ablate", 0),
+                          **common)
     def empty():  # a distinct tensor each time: custom-op outputs may not alias one another
         return u.new_empty(0)
 
@@ -184,13 +194,13 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
 @torch.library.custom_op("mambazoo::scan_fwd", mutates_args=())
 def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
              z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
-             seq_idx: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor]:
+             seq_idx: Optional[Tensor], delta_softplus: bool, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Fused forward: (y, last state, tile states)."""
-    return scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus)
+    return scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse)
 
 
 @scan_fwd.register_fake
-def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus):
+def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse=False):
     batch, dim, L = u.shape
     N = A.shape[1]
     return (torch.empty_like(u), u.new_empty(batch, dim, N, dtype=torch.float32),
@@ -201,16 +211,16 @@ def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, 
 def scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
              C: Tensor, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
              seq_idx: Optional[Tensor], tile_states: Tensor, delta_softplus: bool,
-             has_initial_state: bool) -> list[Tensor]:
+             has_initial_state: bool, reverse: bool = False) -> list[Tensor]:
     """Recomputing backward: [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state]
     (an empty tensor for each input that was None)."""
     return list(scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, tile_states,
-                              delta_softplus, has_initial_state))
+                              delta_softplus, has_initial_state, reverse))
 
 
 @scan_bwd.register_fake
 def _scan_bwd_fake(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, tile_states, delta_softplus,
-                   has_initial_state):
+                   has_initial_state, reverse=False):
     batch, dim, _ = u.shape
     like = lambda t: torch.empty_like(t) if t is not None else u.new_empty(0)  # noqa: E731
     return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
@@ -219,7 +229,8 @@ def _scan_bwd_fake(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, ti
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus = inputs
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, *rest = inputs
+    ctx.reverse = bool(rest[0]) if rest else False
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
     ctx.softplus = softplus
     ctx.has_h0 = initial_state is not None
@@ -230,12 +241,12 @@ def _backward(ctx, dy, dlast, _dtiles):
     u, delta, A, B, C, D, z, delta_bias, seq_idx, hs = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(u)
-    g = scan_bwd(dy, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, ctx.softplus, ctx.has_h0)
+    g = scan_bwd(dy, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, ctx.softplus, ctx.has_h0, ctx.reverse)
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = g
     return (du, ddelta, dA, dB, dC,
             dD if D is not None else None, dz if z is not None else None,
             dbias if delta_bias is not None else None,
-            dh0.to(ctx.h0_dtype) if ctx.has_h0 else None, None, None)
+            dh0.to(ctx.h0_dtype) if ctx.has_h0 else None, None, None, None)
 
 
 scan_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -2,7 +2,7 @@
 
 Run on a GPU from the repository root (the peer is optional, see shared/anchors/README.md):
 
-    PYTHONPATH=.:$PYTHONPATH python scripts/bench_scan.py [--sweep] [--json FILE]
+    PYTHONPATH=.:$PYTHONPATH python scripts/bench_scan.py [--probe] [--json FILE]
     PYTHONPATH=. python scripts/bench_scan.py --resources      # no GPU needed: registers, spills, SASS mix
 
 It first checks the kernels against core.selective_scan_ref on the GPU (forward and all
@@ -10,7 +10,8 @@ gradients, several layouts), then times, median of triton.testing.do_bench, bf16
 z gate, delta bias and softplus: our kernel, mamba-ssm's CUDA kernel (``selective_scan_cuda``
 importable, else skipped) and core's chunked reference (forward, where it fits), with the peak
 memory of forward+backward and the two floors (bytes once over the measured copy bandwidth; one
-exp2 per (b, d, L, N) on the special-function units).  --sweep first times tile configurations.
+exp2 per (b, d, L, N) on the special-function units).  --probe instead times backward ablations, tile
+configurations, L splits and the reverse scan (the data behind kernels/ops.py's CONFIG).
 """
 
 from __future__ import annotations
@@ -139,6 +140,17 @@ def check_against_reference():
         ys.append(yr)
     e1, e2 = rel(y, torch.cat(ys, -1)), rel(h, hr)
     print(f"seq_idx        y={e1:.1e} last={e2:.1e}" + ("  ok" if max(e1, e2) < 1e-4 else "  FAIL"))
+    # reverse=True (split into 3 stretches) vs the oracle on flipped inputs
+    x = make(2, 64, 300, 16, dtype=torch.float32, h0=True)
+    old = ops.CONFIG["cuda"]["nsplit"]
+    ops.CONFIG["cuda"]["nsplit"] = 3
+    yv, hv = selective_scan_triton(*[x[k] for k in ORDER], True, True, x["initial_state"], reverse=True)
+    ops.CONFIG["cuda"]["nsplit"] = old
+    fl = {k: (v.flip(-1) if k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
+    yr, hr = selective_scan_ref(*[fl[k] for k in ORDER], True, True, x["initial_state"])
+    e4, e5 = rel(yv, yr.flip(-1)), rel(hv, hr)
+    print(f"reverse        y={e4:.1e} last={e5:.1e}" + ("  ok" if max(e4, e5) < 1e-4 else "  FAIL"))
+    e1, e2 = max(e1, e4), max(e2, e5)
     # decode step
     st = torch.randn(4, 64, 16, device=DEV)
     d = make(4, 64, 1, 16, dtype=torch.float32)
@@ -200,74 +212,62 @@ def floors(b, d, L, N, bw):
     return fwd_bytes / bw / 1e9, fb_bytes / bw / 1e9, exp_ms
 
 
-def sweep(peer):
-    """Tile configurations (shapes 1 and 4), then how many programs to aim for when splitting L
-    (shapes 1 and 3); adopts the fastest for the table."""
-    print("== sweep (ms, median) ==")
+def probe():
+    """Where the time goes: backward ablations (ABLATE bits skip work; results wrong, timing only), tile
+    configurations, L splits at Vim-like shapes, and the reverse scan.  Prints one line per point."""
     base = dict(ops.CONFIG["cuda"])
-    results = []
-    fwd_cfgs = ((4, 32, 1), (8, 32, 1), (4, 64, 2))
-    bwd_cfgs = ((4, 16, 2), (4, 16, 1), (4, 32, 2))
-    for shape in (SHAPES[0], SHAPES[3]):
-        x = make(*shape)
-        args = [x[k] for k in ORDER]
-        for kind, cfgs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
-            for bl, bd, w in cfgs:
-                ops.CONFIG["cuda"].update(block_l=bl)
-                if kind == "fwd":
-                    ops.CONFIG["cuda"].update(block_d=bd, fwd_warps=w)
-                else:
-                    ops.CONFIG["cuda"].update(bwd_block_d=bd, bwd_warps=w)
-                try:
-                    y, last, hs = ops.scan_forward(*args, None, None, True)
-                    if kind == "fwd":
-                        ms = bench(lambda: ops.scan_forward(*args, None, None, True), rep=50)
-                    else:
-                        dy = torch.randn_like(y)
-                        ms = bench(lambda: ops.scan_backward(dy, None, *args, None, hs, True, False), rep=50)
-                except Exception as e:  # noqa: BLE001 (e.g. out of resources)
-                    print(f"{shape} {kind} bl={bl} bd={bd} w={w}: {type(e).__name__}: {str(e)[:100]}")
-                    continue
-                results.append(dict(shape=shape, kind=kind, block_l=bl, block_d=bd, warps=w, ms=ms))
-                print(f"{str(shape):22s} {kind} bl={bl:3d} bd={bd:2d} w={w}  {ms:.3f} ms", flush=True)
+    out = []
+
+    def reset():
         ops.CONFIG["cuda"].clear()
         ops.CONFIG["cuda"].update(base)
-    first = [r for r in results if r["shape"] == SHAPES[0]]
-    best = None
-    for bl in sorted({r["block_l"] for r in first}):
-        f = [r for r in first if r["block_l"] == bl and r["kind"] == "fwd"]
-        g = [r for r in first if r["block_l"] == bl and r["kind"] == "bwd"]
-        if f and g:
-            f, g = min(f, key=lambda r: r["ms"]), min(g, key=lambda r: r["ms"])
-            if best is None or f["ms"] + g["ms"] < best[0]["ms"] + best[1]["ms"]:
-                best = (f, g)
-    if best:
-        f, g = best
-        ops.CONFIG["cuda"].update(block_l=f["block_l"], block_d=f["block_d"], fwd_warps=f["warps"],
-                                  bwd_block_d=g["block_d"], bwd_warps=g["warps"])
-    print("adopted", ops.CONFIG["cuda"], flush=True)
-    scores = {}
-    for shape in (SHAPES[0], SHAPES[2]):
+
+    def timed(shape, reverse=False, bwd=True):
         x = make(*shape)
         args = [x[k] for k in ORDER]
-        times = {}
-        for mp in (1, 528, 1056, 2112, 4224):
-            ops.CONFIG["cuda"]["min_programs"] = mp
-            y, last, hs = ops.scan_forward(*args, None, None, True)
+        y, last, hs = ops.scan_forward(*args, None, None, True, reverse)
+        tf = bench(lambda: ops.scan_forward(*args, None, None, True, reverse), rep=50)
+        tb = float("nan")
+        if bwd:
             dy = torch.randn_like(y)
-            tf = bench(lambda: ops.scan_forward(*args, None, None, True), rep=50)
-            tb = bench(lambda: ops.scan_backward(dy, None, *args, None, hs, True, False), rep=50)
-            nsplit = ops._plan(x["u"], x["B"], x["C"], ops.CONFIG["cuda"]["block_d"], ops.CONFIG["cuda"]["block_l"],
-                               ops.CONFIG["cuda"])[2]
-            print(f"{str(shape):22s} min_programs={mp:5d} (fwd nsplit {nsplit:3d})  fwd {tf:.3f}  bwd {tb:.3f}",
-                  flush=True)
-            results.append(dict(shape=shape, min_programs=mp, fwd=tf, bwd=tb))
-            times[mp] = tf + tb
-        for mp, ms in times.items():
-            scores[mp] = scores.get(mp, 0.0) + ms / min(times.values())
-    ops.CONFIG["cuda"]["min_programs"] = min(scores, key=scores.get)
-    print("adopted", ops.CONFIG["cuda"], flush=True)
-    return results
+            tb = bench(lambda: ops.scan_backward(dy, None, *args, None, hs, True, False, reverse), rep=50)
+        return tf, tb
+
+    def record(tag, shape, tf, tb, **kw):
+        out.append(dict(tag=tag, shape=shape, fwd=tf, bwd=tb, **kw))
+        print(f"{tag:10s} {str(shape):24s} {kw}  fwd {tf:.3f}  bwd {tb:.3f} ms", flush=True)
+
+    vim = (64, 384, 4097, 16)
+    print("== probe: backward ablations (1 no re-derivation, 2 no dB/dC, 4 dB/dC plain stores, "
+          "8 no exp for a_t+1, 16 no dz) ==")
+    for shape in (SHAPES[0], vim):
+        for ab in (0, 1, 2, 4, 8, 16):
+            ops.CONFIG["cuda"]["ablate"] = ab
+            record("ablate", shape, *timed(shape), ablate=ab)
+        reset()
+    print("== probe: forward tiles (block_l, block_d, warps) ==")
+    for shape in (SHAPES[0], SHAPES[1], SHAPES[3], vim):
+        for bl, bd, w in ((8, 16, 1), (16, 8, 1), (8, 8, 1), (4, 16, 1), (8, 16, 2)):
+            ops.CONFIG["cuda"].update(fwd_block_l=bl, block_d=bd, fwd_warps=w)
+            record("fwd-tile", shape, timed(shape, bwd=False)[0], float("nan"), block_l=bl, block_d=bd, warps=w)
+        reset()
+    print("== probe: backward tiles ==")
+    for shape in (SHAPES[0], vim, SHAPES[3]):
+        for bl, bd, w in ((4, 8, 1), (4, 16, 1), (8, 8, 1), (4, 8, 2), (2, 16, 1)):
+            ops.CONFIG["cuda"].update(bwd_block_l=bl, bwd_block_d=bd, bwd_warps=w)
+            record("bwd-tile", shape, float("nan"), timed(shape)[1], block_l=bl, block_d=bd, warps=w)
+        reset()
+    print("== probe: L splits (forced nsplit) ==")
+    for shape in ((16, 384, 6085, 16), SHAPES[2], (4, 1536, 8192, 16), SHAPES[0]):
+        for ns in (1, 4, 8, 16, 32):
+            ops.CONFIG["cuda"]["nsplit"] = ns
+            record("split", shape, *timed(shape), nsplit=ns)
+        reset()
+    print("== probe: reverse ==")
+    for shape in (vim, SHAPES[0]):
+        for rev in (False, True):
+            record("reverse", shape, *timed(shape, reverse=rev), reverse=rev)
+    return out
 
 
 def scan_table(peer, bw):
@@ -342,7 +342,7 @@ def conv_note(bw):
     return dict(fwd=tf, fb=tfb)
 
 
-def resources(configs=((4, 32, 1, "fwd"), (4, 16, 1, "bwd"))):
+def resources(configs=((8, 16, 1, "fwd"), (4, 16, 1, "bwd"), (4, 8, 1, "bwd"))):
     """Compile the scan kernels for sm_90 without a GPU (Triton's bundled ptxas) and print registers,
     spills and the SASS instruction mix: the cheap first look before spending device time."""
     import collections
@@ -363,7 +363,8 @@ def resources(configs=((4, 32, 1, "fwd"), (4, 16, 1, "bwd"))):
         consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_SEQ=False, SOFTPLUS=True, B_INV=False,
                       C_INV=False, STATE_ONLY=False, HAS_H0=False, BLOCK_D=bd, BLOCK_N=16, BLOCK_L=bl, FAST=True)
         if kind == "bwd":
-            consts["HAS_QIN"] = False
+            consts.update(HAS_QIN=False, ATOMIC=int(os.environ.get("ATOMIC", "2")))
+        consts["REVERSE"] = False
         sig = {n: "constexpr" if n in consts else ("*bf16" if n in bf16 else "*i32" if n == "seq_ptr" else
                                                    "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
@@ -381,9 +382,8 @@ def resources(configs=((4, 32, 1, "fwd"), (4, 16, 1, "bwd"))):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sweep", action="store_true", help="time tile configurations first")
-    p.add_argument("--sweep-only", action="store_true", help="check and sweep, no table")
     p.add_argument("--json", default=None, help="write all numbers to this file")
+    p.add_argument("--probe", action="store_true", help="check, then ablations / tiles / splits / reverse only")
     p.add_argument("--resources", action="store_true", help="compile for sm_90 (no GPU needed) and print "
                    "registers, spills and SASS instruction counts, then exit")
     a = p.parse_args()
@@ -401,12 +401,12 @@ def main():
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.2f} TB/s")
     out = dict(device=torch.cuda.get_device_name(), bandwidth=bw, config=dict(ops.CONFIG["cuda"]), ok=ok)
-    if a.sweep or a.sweep_only:
-        out["sweep"] = sweep(peer)
-    if a.sweep_only:
+    if a.probe:
+        out["probe"] = probe()
         if a.json:
             with open(a.json, "w") as fh:
                 json.dump(out, fh, indent=1, default=str)
+        print(f"total {time.time() - t0:.0f} s")
         return
     out["decode"] = decode_table(peer_upd)
     out["conv"] = conv_note(bw)

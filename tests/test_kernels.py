@@ -117,6 +117,15 @@ def test_split_sequence(split_l):
     assert_close(got, ref, TOL[torch.float32])
 
 
+def test_separate_tile_lengths(monkeypatch):
+    """The forward and backward may walk L in tiles of different lengths (checkpoints every `chunk` steps)."""
+    monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 3)
+    monkeypatch.setitem(ops.CONFIG["cpu"], "fwd_block_l", 4)
+    monkeypatch.setitem(ops.CONFIG["cpu"], "bwd_block_l", 16)
+    got, ref = run_both(make_inputs(L=100, batch=1, dim=3))
+    assert_close(got, ref, TOL[torch.float32])
+
+
 def _segments(seq_row):
     """[(start, end)] of the runs of equal values in one row of seq_idx."""
     cuts = [0] + [t for t in range(1, len(seq_row)) if seq_row[t] != seq_row[t - 1]] + [len(seq_row)]
@@ -164,6 +173,34 @@ def test_seq_idx_does_not_leak():
     y2 = selective_scan_triton(*args, True, False, None, seq_idx)
     assert torch.equal(y1[..., 9:], y2[..., 9:])
     assert not torch.equal(y1[..., :9], y2[..., :9])
+
+
+def _ref_reversed(seq_idx=None):
+    """The oracle on inputs flipped along L, its y flipped back: what reverse=True must compute."""
+    def fn(x, softplus):
+        flip = lambda t: t.flip(-1) if t is not None and t.dim() > 2 else t  # noqa: E731
+        fx = {k: flip(v) if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
+        if seq_idx is None:
+            y, h = selective_scan_ref(*[fx[k] for k in NAMES[:8]], softplus, True, fx["initial_state"])
+        else:
+            y, h = _ref_with_seq_idx(seq_idx.flip(-1))(fx, softplus)
+        return y.flip(-1), h
+    return fn
+
+
+@pytest.mark.parametrize("split,packed", [(False, False), (True, False), (True, True)])
+def test_reverse_scan(split, packed, monkeypatch):
+    """reverse=True (Vim's backward direction, no flip copies) equals the oracle on flipped inputs."""
+    if split:
+        monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 3)
+    L = 45
+    seq_idx = torch.tensor([[0] * 10 + [1] * 16 + [2] * 19, [0] * 33 + [5] * 12], dtype=torch.int32) if packed else None
+    inp = make_inputs(L=L, b_shape="grouped", c_shape="variable")
+    results = []
+    for fn in (lambda x, sp: selective_scan_triton(*[x[k] for k in NAMES[:8]], sp, True, x["initial_state"],
+                                                   seq_idx, reverse=True), _ref_reversed(seq_idx)):
+        results.append(run_both(inp, fn_ref=fn)[1])
+    assert_close(results[0], results[1], TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype,groups", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 2)])
