@@ -17,7 +17,7 @@
 #   scripts/acceptance_gpu.sh launch       start the runs detached (setsid) and return at once
 #   scripts/acceptance_gpu.sh wait         wait for launched runs, then summarize into $OUT
 # With a 10-minute limit per command: TRAIN_MIN=7 scripts/acceptance_gpu.sh, or launch + wait in
-# two calls. WITH_MQAR=1 also runs scripts/sweep_mqar.py (4 small runs) alongside. EXTRA_ARGS is
+# two calls. ONLY="name ..." launches a subset. WITH_MQAR=1 also runs scripts/sweep_mqar.py (4 small runs) alongside. EXTRA_ARGS is
 # appended to every run (a CPU smoke test: EXTRA_ARGS="--trainer.max_steps 2 --trainer.accelerator cpu
 # --trainer.precision 32 --trainer.limit_val_batches 1 --trainer.limit_test_batches 1").
 set -u
@@ -29,7 +29,8 @@ WORK=${ACC_WORK:-/tmp/mambazoo-acceptance}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=.:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
-RUNS="vim-tiny-fashion aum-tiny-digits mambabyte-stdlib selective-copy-mamba selective-copy-s4d induction-heads-mamba"
+ALL_RUNS="vim-tiny-fashion aum-tiny-digits mambabyte-stdlib selective-copy-mamba selective-copy-s4d induction-heads-mamba"
+RUNS=${ONLY:-$ALL_RUNS}  # ONLY="a b" runs a subset
 MAXTIME=$(printf "00:00:%02d:00" "$TRAIN_MIN")
 
 setup() {
@@ -62,12 +63,13 @@ launch_one() {  # name, extra args...: one detached session (survives the callin
 launch() {
     setup
     rm -rf "$WORK/runs" "$WORK"/*.log "$WORK/commands.txt"
-    launch_one vim-tiny-fashion --data.init_args.root "$FM"
-    launch_one aum-tiny-digits --data.init_args.root "$SD"
-    launch_one mambabyte-stdlib
-    launch_one selective-copy-mamba
-    launch_one selective-copy-s4d
-    launch_one induction-heads-mamba
+    for name in $RUNS; do
+        case $name in
+            vim-tiny-fashion) launch_one "$name" --data.init_args.root "$FM" ;;
+            aum-tiny-digits) launch_one "$name" --data.init_args.root "$SD" ;;
+            *) launch_one "$name" ;;
+        esac
+    done
     if [ "${WITH_MQAR:-0}" = 1 ]; then
         setsid python3 scripts/sweep_mqar.py --out "$WORK/runs/mqar-sweep" --parallel -- \
             --trainer.max_time "00:00:$(printf %02d $((TRAIN_MIN / 2))):00" > "$WORK/mqar-sweep.log" 2>&1 < /dev/null &
@@ -88,8 +90,18 @@ wait_runs() {
     pgrep -fa "zoo.cli fit --config" && echo "some runs still going at the deadline"
 }
 
+fp32_eval() {  # induction heads: test the best checkpoint again in fp32 (is a shortfall precision or training?)
+    local best
+    best=$(ls "$WORK"/runs/induction-heads-mamba/checkpoints/best-*.ckpt "$WORK"/runs/induction-heads-mamba/checkpoints/last.ckpt 2>/dev/null | head -1)
+    [ -n "$best" ] || return 0
+    echo "mambazoo test --config induction-heads-mamba --ckpt_path $best --trainer.precision 32" >> "$WORK/commands.txt"
+    python3 -m zoo.cli test --config induction-heads-mamba --ckpt_path "$best" --trainer.precision 32 \
+        --run_dir "$WORK/runs/induction-heads-fp32" --trainer.enable_progress_bar false ${EXTRA_ARGS:-} \
+        > "$WORK/induction-heads-fp32.log" 2>&1
+}
+
 summarize() {
-    for name in $RUNS; do cp "$WORK/$name.log" "$OUT/$name.log" 2>/dev/null; done
+    for name in $RUNS induction-heads-fp32 mqar-sweep; do cp "$WORK/$name.log" "$OUT/$name.log" 2>/dev/null; done
     tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude='*.ckpt' --exclude='val.bin' runs commands.txt xz.txt device.txt 2>/dev/null
     python3 - "$WORK" > "$OUT/summary.md" <<'PY'
 import csv, glob, math, re, sys
@@ -106,7 +118,9 @@ def secs(name):
     try:
         t = open(f"{work}/{name}.log").read()
         s, e = re.search(r"start (\d+)", t), re.search(r"exit (\d+) end (\d+)", t)
-        return f"exit {e.group(1)}, {int(e.group(2)) - int(s.group(1))} s" if s and e else "did not finish"
+        if not s:
+            return "-"
+        return f"exit {e.group(1)}, {int(e.group(2)) - int(s.group(1))} s" if e else "did not finish"
     except OSError:
         return "no log"
 xz = open(f"{work}/xz.txt").read()
@@ -121,9 +135,13 @@ rows = [
     ("induction-heads-mamba", "test_L256/acc", "(train length)", lambda v: v > 0.99),
     ("induction-heads-mamba", "test_L4096/acc", "> 0.99", lambda v: v > 0.99),
     ("induction-heads-mamba", "test_L16384/acc", "> 0.99", lambda v: v > 0.99),
+    ("induction-heads-fp32", "test_L4096/acc", "> 0.99 (same checkpoint, fp32 test)", lambda v: v > 0.99),
+    ("induction-heads-fp32", "test_L16384/acc", "> 0.99 (same checkpoint, fp32 test)", lambda v: v > 0.99),
 ]
 print("| run | metric | value | target | pass | process |\n|---|---|---|---|---|---|")
 for name, key, target, ok in rows:
+    if not glob.glob(f"{work}/runs/{name}"):
+        continue
     v = last(name, key)
     print(f"| {name} | {key} | {v:.4f} | {target} | {'yes' if v == v and ok(v) else 'NO'} | {secs(name)} |")
 print(f"\n{xz.strip()}\ndevice: {open(work + '/device.txt').read().strip() if glob.glob(work + '/device.txt') else '?'}")
@@ -136,7 +154,7 @@ PY
 
 case "$MODE" in
     launch) launch ;;
-    wait) setup > /dev/null; wait_runs; summarize ;;
-    all) launch; wait_runs; summarize ;;
+    wait) setup > /dev/null; wait_runs; fp32_eval; summarize ;;
+    all) launch; wait_runs; fp32_eval; summarize ;;
     *) echo "usage: $0 [all|launch|wait]"; exit 2 ;;
 esac
