@@ -46,13 +46,30 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 def _bc_layout(X: Tensor, dim: int):
-    """(tensor as (b, G, N, L) or (d, N), G, channels per group, invariant?)."""
+    """(tensor as (b, G, N, L) (any strides) or (d, N), G, channels per group, invariant?)."""
     if X.dim() == 2:
         return X.contiguous(), 1, dim, True
     if X.dim() == 3:
         X = X.unsqueeze(1)
     G = X.shape[1]
-    return X.contiguous(), G, dim // G, False
+    return X, G, dim // G, False
+
+
+def _st3(t: Optional[Tensor]) -> tuple:
+    """Strides of a (batch, dim, L) tensor (the kernels read and write through them: no copies)."""
+    return tuple(t.stride()) if t is not None else (0, 0, 0)
+
+
+def _st_bc(X: Tensor, inv: bool) -> tuple:
+    return (0, 0, 0, 0) if inv else tuple(X.stride())
+
+
+def new_output(u: Tensor, z: Optional[Tensor]) -> Tensor:
+    """y (batch, dim, L) in u's dtype. It takes the gate's layout when z is a (batch, L, dim) view (the
+    in_proj output of a Mamba mixer), so that out_proj reads y without a transposing copy."""
+    if z is not None and z.stride(1) == 1 and z.stride(2) != 1:
+        return u.new_empty(u.shape[0], u.shape[2], u.shape[1]).transpose(1, 2)
+    return u.new_empty(u.shape)
 
 
 def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict):
@@ -100,21 +117,21 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
     cfg = _cfg(u.device)
     batch, dim, L = u.shape
     N = A.shape[1]
-    u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
-    z = z.contiguous() if z is not None else None
+    A = A.contiguous()
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
     block_l = _block_l(cfg, "fwd")
     block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["block_d"], block_l, cfg)
     block_n = triton.next_power_of_2(N)
-    y = torch.empty_like(u)
+    y = new_output(u, z)
     hs = u.new_empty(batch, dim, n_chunks, N, dtype=torch.float32)
     hend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)
     grid = (batch * triton.cdiv(dim, block_d), nsplit)
     common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=cfg["fwd_warps"],
                   **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse))
-    sizes = (dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K)
+    sizes = (*_st3(u), *_st3(delta), *_st3(z), *_st3(y), *_st_bc(Bk, B_inv), *_st_bc(Ck, C_inv),
+             dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K)
     h0 = initial_state.float().contiguous().unsqueeze(2) if initial_state is not None else None
     if nsplit > 1:
         # pass 1: each stretch from a zero state; then chain the stretches
@@ -137,9 +154,7 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
     cfg = _cfg(u.device)
     batch, dim, L = u.shape
     N = A.shape[1]
-    dout = dout.contiguous()
-    u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
-    z = z.contiguous() if z is not None else None
+    A = A.contiguous()
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
@@ -160,7 +175,9 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
     scratch = u.new_empty(grid[0] * nsplit * K * block_n * block_d, dtype=torch.float32)
     common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=cfg["bwd_warps"],
                   **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse))
-    sizes = (dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K)
+    sizes = (*_st3(u), *_st3(delta), *_st3(z), *_st3(dout), *_st3(du), *_st3(ddelta), *_st3(dz),
+             *_st_bc(Bk, B_inv), *_st_bc(Ck, C_inv),
+             dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K)
     qin = None
     if dlast is not None:
         qin = dlast.float().contiguous().unsqueeze(2)
@@ -203,7 +220,7 @@ def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse=False):
     batch, dim, L = u.shape
     N = A.shape[1]
-    return (torch.empty_like(u), u.new_empty(batch, dim, N, dtype=torch.float32),
+    return (new_output(u, z), u.new_empty(batch, dim, N, dtype=torch.float32),
             u.new_empty(batch, dim, _n_chunks(L, u.device), N, dtype=torch.float32))
 
 

@@ -40,9 +40,15 @@ def _combine(a1, x1, a2, x2):
 
 
 @triton.jit
-def _dt_tile(dl_ptr, bias, row, tm, io_mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+def _off(b, offs_d, tm, sb, sd, sl):
+    """(BLOCK_L, BLOCK_D) element offsets of a (batch, dim, L) tensor with strides (sb, sd, sl)."""
+    return b * sb + offs_d[None, :] * sd + tm[:, None] * sl
+
+
+@triton.jit
+def _dt_tile(dl_ptr, bias, offs, io_mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
     """delta (+ bias), softplus; returns (dt, pre-softplus value), both (BLOCK_L, BLOCK_D), 0 off the mask."""
-    v = tl.load(dl_ptr + row[None, :] + tm[:, None], mask=io_mask, other=0.0).to(tl.float32)
+    v = tl.load(dl_ptr + offs, mask=io_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v = v + bias[None, :]
     dt = v
@@ -101,10 +107,10 @@ def _first(v, offs_l):
 
 
 @triton.jit
-def _bc_var(ptr, b, g, G, N, L, offs_n, tm, mask_n, mask_t):
-    """Variable B or C as a (BLOCK_L, BLOCK_N, 1) fp32 tile."""
-    rows = ((b * G + g) * N + offs_n) * L
-    v = tl.load(ptr + rows[None, :] + tm[:, None], mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+def _bc_var(ptr, b, g, sb, sg, sn, sl, offs_n, tm, mask_n, mask_t):
+    """Variable B or C (strides sb, sg, sn, sl of (batch, G, N, L)) as a (BLOCK_L, BLOCK_N, 1) fp32 tile."""
+    rows = b * sb + g * sg + offs_n * sn
+    v = tl.load(ptr + rows[None, :] + tm[:, None] * sl, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
     return v.to(tl.float32)[:, :, None]
 
 
@@ -129,6 +135,7 @@ def _add_tn(ptrs, val, mask, ABLATE: tl.constexpr):
 def scan_fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, h0_ptr,
     y_ptr, hs_ptr, hend_ptr, pend_ptr,
+    sub, sud, sul, sdb, sdd, sdl, szb, szd, szl, syb, syd, syl, sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,
     dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, B_INV: tl.constexpr, C_INV: tl.constexpr,
@@ -172,7 +179,6 @@ def scan_fwd_kernel(
         h = tl.load(h0_ptr + state_off, mask=mask_nd, other=0.0).to(tl.float32)
     prod = tl.full([BLOCK_N, BLOCK_D], 1.0, dtype=tl.float32)
 
-    row = (b * dim + offs_d) * L
     tile0 = s * tiles_per_split
     t_begin = tile0 * BLOCK_L
     # the last stretch may hold fewer tiles: its extra tiles lie past L, fully masked (identity steps)
@@ -181,12 +187,12 @@ def scan_fwd_kernel(
         tm = _mem(t, L, REVERSE)
         mask_t = t < L
         io_mask = mask_t[:, None] & mask_d[None, :]
-        dt, _ = _dt_tile(dl_ptr, bias, row, tm, io_mask, HAS_BIAS, SOFTPLUS, FAST)
-        u = tl.load(u_ptr + row[None, :] + tm[:, None], mask=io_mask, other=0.0).to(tl.float32)
+        dt, _ = _dt_tile(dl_ptr, bias, _off(b, offs_d, tm, sdb, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
+        u = tl.load(u_ptr + _off(b, offs_d, tm, sub, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
         if B_INV:
             Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
         else:
-            Bt = _bc_var(B_ptr, b, gb, GB, N, L, offs_n, tm, mask_n, mask_t)
+            Bt = _bc_var(B_ptr, b, gb, sBb, sBg, sBn, sBl, offs_n, tm, mask_n, mask_t)
         a = tl.exp2(dt[:, None, :] * A2[None, :, :])
         if HAS_SEQ:
             reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
@@ -206,14 +212,14 @@ def scan_fwd_kernel(
             if C_INV:
                 Ct = _bc_inv(C_ptr, N, offs_d, offs_n, mask_d, mask_n)
             else:
-                Ct = _bc_var(C_ptr, b, gc, GC, N, L, offs_n, tm, mask_n, mask_t)
+                Ct = _bc_var(C_ptr, b, gc, sCb, sCg, sCn, sCl, offs_n, tm, mask_n, mask_t)
             y = tl.sum(hfull * Ct, axis=1)
             if HAS_D:
                 y += Dv[None, :] * u
             if HAS_Z:
-                zv = tl.load(z_ptr + row[None, :] + tm[:, None], mask=io_mask, other=0.0).to(tl.float32)
+                zv = tl.load(z_ptr + _off(b, offs_d, tm, szb, szd, szl), mask=io_mask, other=0.0).to(tl.float32)
                 y = y * zv * tl.sigmoid(zv)
-            tl.store(y_ptr + row[None, :] + tm[:, None], y.to(y_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(y_ptr + _off(b, offs_d, tm, syb, syd, syl), y.to(y_ptr.dtype.element_ty), mask=io_mask)
             h = _last(hfull, offs_l, BLOCK_L)
     tl.store(hend_ptr + state_off, h, mask=mask_nd)
     if STATE_ONLY:
@@ -224,6 +230,8 @@ def scan_fwd_kernel(
 def scan_bwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, hs_ptr, dout_ptr, qin_ptr,
     du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr, qend_ptr, rend_ptr, scratch_ptr,
+    sub, sud, sul, sdb, sdd, sdl, szb, szd, szl, sob, sod, sol, sgub, sgud, sgul, sgdb, sgdd, sgdl, sgzb, sgzd, sgzl,
+    sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,
     dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_QIN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -277,7 +285,6 @@ def scan_bwd_kernel(
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
-    row = (b * dim + offs_d) * L
     tile0 = s * tiles_per_split
     t_begin = tile0 * BLOCK_L
     # the last stretch may hold fewer tiles: its extra tiles lie past L, fully masked (identity steps)
@@ -300,12 +307,12 @@ def scan_bwd_kernel(
                     tm = _mem(t, L, REVERSE)
                     mask_t = t < L
                     io_mask = mask_t[:, None] & mask_d[None, :]
-                    dt, _ = _dt_tile(dl_ptr, bias, row, tm, io_mask, HAS_BIAS, SOFTPLUS, FAST)
-                    u = tl.load(u_ptr + row[None, :] + tm[:, None], mask=io_mask, other=0.0).to(tl.float32)
+                    dt, _ = _dt_tile(dl_ptr, bias, _off(b, offs_d, tm, sdb, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
+                    u = tl.load(u_ptr + _off(b, offs_d, tm, sub, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
                     if B_INV:
                         Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
                     else:
-                        Bt = _bc_var(B_ptr, b, gb, GB, N, L, offs_n, tm, mask_n, mask_t)
+                        Bt = _bc_var(B_ptr, b, gb, sBb, sBg, sBn, sBl, offs_n, tm, mask_n, mask_t)
                     a = tl.exp2(dt[:, None, :] * A2[None, :, :])
                     if HAS_SEQ:
                         reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
@@ -322,23 +329,23 @@ def scan_bwd_kernel(
         # a_{t+1}: 1 past the end so that q_L (the last state's gradient) flows into q_{L-1}
         tn = t + 1
         next_mask = (tn < L)[:, None] & mask_d[None, :]
-        dtn, _ = _dt_tile(dl_ptr, bias, row, _mem(tn, L, REVERSE), next_mask, HAS_BIAS, SOFTPLUS, FAST)
+        dtn, _ = _dt_tile(dl_ptr, bias, _off(b, offs_d, _mem(tn, L, REVERSE), sdb, sdd, sdl), next_mask, HAS_BIAS, SOFTPLUS, FAST)
         an = tl.exp2(dtn[:, None, :] * A2[None, :, :])
         if (ABLATE & 8) != 0:
             an = dtn[:, None, :] + A2[None, :, :]
         if HAS_SEQ:
             reset_n = _reset_tile(seq_ptr, b, L, t, mask_t, 1, REVERSE)
             an = tl.where(reset_n[:, None, None], 0.0, an)
-        dout = tl.load(dout_ptr + row[None, :] + tm[:, None], mask=io_mask, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + _off(b, offs_d, tm, sob, sod, sol), mask=io_mask, other=0.0).to(tl.float32)
         dy = dout
         if HAS_Z:
-            zv = tl.load(z_ptr + row[None, :] + tm[:, None], mask=io_mask, other=0.0).to(tl.float32)
+            zv = tl.load(z_ptr + _off(b, offs_d, tm, szb, szd, szl), mask=io_mask, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zv)
             dy = dout * zv * sz
         if C_INV:
             Ct = _bc_inv(C_ptr, N, offs_d, offs_n, mask_d, mask_n)
         else:
-            Ct = _bc_var(C_ptr, b, gc, GC, N, L, offs_n, tm, mask_n, mask_t)
+            Ct = _bc_var(C_ptr, b, gc, sCb, sCg, sCn, sCl, offs_n, tm, mask_n, mask_t)
         c = Ct * dy[:, None, :]
         if STATE_ONLY:
             rcum, qz = tl.associative_scan((an, c), axis=0, combine_fn=_combine, reverse=True)
@@ -350,12 +357,12 @@ def scan_bwd_kernel(
             _, qt = tl.associative_scan((an, c), axis=0, combine_fn=_combine, reverse=True)
             q = _first(qt, offs_l)
             # recompute the forward states of this tile from its stored entering state
-            dt, v = _dt_tile(dl_ptr, bias, row, tm, io_mask, HAS_BIAS, SOFTPLUS, FAST)
-            u = tl.load(u_ptr + row[None, :] + tm[:, None], mask=io_mask, other=0.0).to(tl.float32)
+            dt, v = _dt_tile(dl_ptr, bias, _off(b, offs_d, tm, sdb, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
+            u = tl.load(u_ptr + _off(b, offs_d, tm, sub, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
             if B_INV:
                 Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
             else:
-                Bt = _bc_var(B_ptr, b, gb, GB, N, L, offs_n, tm, mask_n, mask_t)
+                Bt = _bc_var(B_ptr, b, gb, sBb, sBg, sBn, sBl, offs_n, tm, mask_n, mask_t)
             a = tl.exp2(dt[:, None, :] * A2[None, :, :])
             if HAS_SEQ:
                 reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
@@ -369,16 +376,16 @@ def scan_bwd_kernel(
             if HAS_Z and (ABLATE & 16) == 0:
                 y = tl.sum(h * Ct, axis=1) + Dv[None, :] * u
                 dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
-                tl.store(dz_ptr + row[None, :] + tm[:, None], dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
+                tl.store(dz_ptr + _off(b, offs_d, tm, szb, szd, szl), dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
             qB = tl.sum(qt * Bt, axis=1)  # (BL, BD)
             du = dt * qB + dy * Dv[None, :]
-            tl.store(du_ptr + row[None, :] + tm[:, None], du.to(du_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(du_ptr + _off(b, offs_d, tm, sub, sud, sul), du.to(du_ptr.dtype.element_ty), mask=io_mask)
             qhm = qt * hm
             ddt = u * qB + tl.sum(qhm * An[None, :, :], axis=1)
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(v)
             ddt = tl.where(io_mask, ddt, 0.0)
-            tl.store(ddl_ptr + row[None, :] + tm[:, None], ddt.to(ddl_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(ddl_ptr + _off(b, offs_d, tm, sgdb, sgdd, sgdl), ddt.to(ddl_ptr.dtype.element_ty), mask=io_mask)
             dbias_acc += tl.sum(ddt, axis=0)
             dD_acc += tl.sum(dy * u, axis=0)
             dA_acc += tl.sum(qhm * dt[:, None, :], axis=0)
@@ -414,7 +421,7 @@ def scan_bwd_kernel(
                 # dh_{-1} = a_0 q_0
                 t0 = offs_l * 0
                 m0 = (offs_l == 0)[:, None] & mask_d[None, :]
-                dt0, _ = _dt_tile(dl_ptr, bias, row, _mem(t0, L, REVERSE), m0, HAS_BIAS, SOFTPLUS, FAST)
+                dt0, _ = _dt_tile(dl_ptr, bias, _off(b, offs_d, _mem(t0, L, REVERSE), sdb, sdd, sdl), m0, HAS_BIAS, SOFTPLUS, FAST)
                 dt0 = tl.sum(dt0, axis=0)  # (BD,)
                 a0 = tl.exp2(dt0[None, :] * A2)
                 tl.store(dh0_ptr + (b * dim + offs_d[None, :]) * N + offs_n[:, None], a0 * q, mask=mask_nd)

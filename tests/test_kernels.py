@@ -126,6 +126,36 @@ def test_separate_tile_lengths(monkeypatch):
     assert_close(got, ref, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_strided_inputs_as_a_mixer_produces_them(reverse):
+    """u, delta, z, B, C read through their strides (views of the (b, L, d) projections, no copies);
+    y then takes the gate's (b, L, d) layout. Values and gradients equal the contiguous case."""
+    torch.manual_seed(3)
+    batch, dim, L, N = 2, 6, 37, 4
+    inp = make_inputs(batch=batch, dim=dim, L=L, N=N)
+    xz = torch.randn(batch, L, 2 * dim)                      # in_proj output
+    xproj = torch.randn(batch, L, 3 + 2 * N)                  # x_proj output: dt_rank 3, B, C
+    views = dict(u=xz[..., :dim].transpose(1, 2), z=xz[..., dim:].transpose(1, 2),
+                 delta=(torch.rand(batch, L, dim) * 6 - 6).transpose(1, 2),
+                 B=xproj[..., 3:3 + N].transpose(1, 2), C=xproj[..., 3 + N:].transpose(1, 2))
+    strided = dict(inp, **views)
+    contiguous = {k: (v.contiguous() if v is not None else None) for k, v in strided.items()}
+    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    outs = []
+    for x_in in (strided, contiguous):
+        x = leaves(x_in)
+        y, h = selective_scan_triton(*[x[k] for k in NAMES[:8]], True, True, x["initial_state"], reverse=reverse)
+        ((y * torch.linspace(-1, 1, L)).sum() + h.sum()).backward()
+        outs.append((y, h, {k: v.grad for k, v in x.items() if v is not None}))
+    assert outs[0][0].stride(1) == 1  # y in the gate's layout
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-6, atol=1e-6)
+    for k in outs[1][2]:
+        torch.testing.assert_close(outs[0][2][k], outs[1][2][k], rtol=1e-5, atol=1e-6)
+    got, ref = run_both(contiguous)
+    assert_close(got, ref, TOL[torch.float32])
+
+
 def _segments(seq_row):
     """[(start, end)] of the runs of equal values in one row of seq_idx."""
     cuts = [0] + [t for t in range(1, len(seq_row)) if seq_row[t] != seq_row[t - 1]] + [len(seq_row)]
