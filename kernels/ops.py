@@ -21,9 +21,11 @@ from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 # values from `scripts/bench_scan.py --probe` on an H100 (docs/kernel_notes.md).  L is split into
 # stretches only when fewer than `split_below` programs would run, aiming at `min_programs`.  The CPU
 # interpreter uses small tiles so that tests cross several tiles, chunks and stretches at tiny lengths.
+# pair_reduce: the backward sums dB and dC over the channels together, starting with a lane shuffle in
+# inline PTX (GPU only; the interpreter runs the plain reductions).
 CONFIG = {
     "cuda": dict(fwd_block_l=8, block_d=16, fwd_warps=1, bwd_block_l=4, bwd_block_d=8, bwd_warps=1, chunk=64,
-                 min_programs=3072, split_below=512, nsplit=0),
+                 min_programs=3072, split_below=512, nsplit=0, pair_reduce=True),
     "cpu": dict(fwd_block_l=8, block_d=4, fwd_warps=1, bwd_block_l=8, bwd_block_d=4, bwd_warps=1, chunk=16,
                 min_programs=1, split_below=1, nsplit=0),
 }
@@ -195,7 +197,8 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
         qin = torch.stack(carries[::-1], dim=2).contiguous()
     scan_bwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, hs, dout, qin,
                           du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, None, None, scratch,
-                          *sizes, HAS_QIN=qin is not None, HAS_H0=has_h0, STATE_ONLY=False, ABLATE=cfg.get("ablate", 0),
+                          *sizes, HAS_QIN=qin is not None, HAS_H0=has_h0, STATE_ONLY=False, ABLATE=cfg.get("ablate", 0), PAIR_REDUCE=cfg.get("pair_reduce", False),
+                          SHIFT_A=cfg.get("shift_a", False),
                           **common)
     def empty():  # a distinct tensor each time: custom-op outputs may not alias one another
         return u.new_empty(0)

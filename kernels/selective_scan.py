@@ -40,9 +40,17 @@ def _combine(a1, x1, a2, x2):
 
 
 @triton.jit
-def _off(b, offs_d, tm, sb, sd, sl):
-    """(BLOCK_L, BLOCK_D) element offsets of a (batch, dim, L) tensor with strides (sb, sd, sl)."""
-    return b * sb + offs_d[None, :] * sd + tm[:, None] * sl
+def _off(offs_d, tm, sd, sl: tl.constexpr):
+    """(BLOCK_L, BLOCK_D) int32 element offsets inside one batch row of a (batch, dim, L) tensor with
+    channel stride sd and step stride sl (a compile-time constant: unit-stride rows keep their vector
+    loads).  The batch row's base pointer is moved once per program, in 64 bits (`_row`)."""
+    return offs_d[None, :] * sd + tm[:, None] * sl
+
+
+@triton.jit
+def _row(ptr, b, sb):
+    """ptr advanced to batch row b (64-bit: a (b, L, 2 d) in_proj output passes 2^31 elements)."""
+    return ptr + b.to(tl.int64) * sb
 
 
 @triton.jit
@@ -84,6 +92,38 @@ def _reset_tile(seq_ptr, b, L, t, mask_t, SHIFT: tl.constexpr, REVERSE: tl.const
 
 
 @triton.jit
+def _lane_xor1(x):
+    """x from the partner lane (lane id xor 1), element by element (GPU only: PTX shuffle)."""
+    xi = x.to(tl.int32, bitcast=True)
+    yi = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 0x1f, 0xffffffff;", "=r,r", [xi],
+                                   dtype=tl.int32, is_pure=False, pack=1)
+    return yi.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _shift(p1, c1, p2, c2):
+    """Not associative: in an in-thread reverse scan over pairs (p, c) every output's first element
+    becomes the c of its right neighbour (the last keeps its own p). Sequential scans only."""
+    return c1, c2
+
+
+@triton.jit
+def _a_tile(dl_ptr, bias, b, offs_d, t, L, sdd, sdl: tl.constexpr, A2, mask_d, seq_ptr,
+            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, HAS_SEQ: tl.constexpr,
+            REVERSE: tl.constexpr):
+    """The decays a_t = exp(dt_t A) at scan steps t (BLOCK_L,) as a (BLOCK_L, BLOCK_N, BLOCK_D) tile:
+    1 at t >= L, 0 where a packed sequence starts."""
+    mask_t = t < L
+    dt, _ = _dt_tile(dl_ptr, bias, _off(offs_d, _mem(t, L, REVERSE), sdd, sdl),
+                     mask_t[:, None] & mask_d[None, :], HAS_BIAS, SOFTPLUS, FAST)
+    a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+    if HAS_SEQ:
+        reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
+        a = tl.where(reset[:, None, None], 0.0, a)
+    return a
+
+
+@triton.jit
 def _take_right(a, b):
     return b
 
@@ -107,9 +147,10 @@ def _first(v, offs_l):
 
 
 @triton.jit
-def _bc_var(ptr, b, g, sb, sg, sn, sl, offs_n, tm, mask_n, mask_t):
-    """Variable B or C (strides sb, sg, sn, sl of (batch, G, N, L)) as a (BLOCK_L, BLOCK_N, 1) fp32 tile."""
-    rows = b * sb + g * sg + offs_n * sn
+def _bc_var(ptr, sn, sl: tl.constexpr, offs_n, tm, mask_n, mask_t):
+    """Variable B or C of this program's batch row and group (ptr moved there; strides sn, sl) as a
+    (BLOCK_L, BLOCK_N, 1) fp32 tile."""
+    rows = offs_n * sn
     v = tl.load(ptr + rows[None, :] + tm[:, None] * sl, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
     return v.to(tl.float32)[:, :, None]
 
@@ -135,7 +176,8 @@ def _add_tn(ptrs, val, mask, ABLATE: tl.constexpr):
 def scan_fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, h0_ptr,
     y_ptr, hs_ptr, hend_ptr, pend_ptr,
-    sub, sud, sul, sdb, sdd, sdl, szb, szd, szl, syb, syd, syl, sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,
+    sub, sud, sul: tl.constexpr, sdb, sdd, sdl: tl.constexpr, szb, szd, szl: tl.constexpr,
+    syb, syd, syl: tl.constexpr, sBb, sBg, sBn, sBl: tl.constexpr, sCb, sCg, sCn, sCl: tl.constexpr,
     dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, B_INV: tl.constexpr, C_INV: tl.constexpr,
@@ -163,6 +205,17 @@ def scan_fwd_kernel(
     mask_nd = mask_n[:, None] & mask_d[None, :]
     gb = d0 // dpg_b
     gc = d0 // dpg_c
+    # every (b, d, L) / (b, G, N, L) pointer moved to this program's batch row (and group) once
+    u_ptr = _row(u_ptr, b, sub)
+    dl_ptr = _row(dl_ptr, b, sdb)
+    if HAS_Z:
+        z_ptr = _row(z_ptr, b, szb)
+    if not STATE_ONLY:
+        y_ptr = _row(y_ptr, b, syb)
+    if not B_INV:
+        B_ptr = _row(B_ptr, b, sBb) + gb * sBg
+    if not C_INV:
+        C_ptr = _row(C_ptr, b, sCb) + gc * sCg
 
     A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
     A2 = A2 * 1.4426950408889634  # exp(dt A) = exp2(dt A log2(e))
@@ -187,12 +240,12 @@ def scan_fwd_kernel(
         tm = _mem(t, L, REVERSE)
         mask_t = t < L
         io_mask = mask_t[:, None] & mask_d[None, :]
-        dt, _ = _dt_tile(dl_ptr, bias, _off(b, offs_d, tm, sdb, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
-        u = tl.load(u_ptr + _off(b, offs_d, tm, sub, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
+        dt, _ = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
+        u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
         if B_INV:
             Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
         else:
-            Bt = _bc_var(B_ptr, b, gb, sBb, sBg, sBn, sBl, offs_n, tm, mask_n, mask_t)
+            Bt = _bc_var(B_ptr, sBn, sBl, offs_n, tm, mask_n, mask_t)
         a = tl.exp2(dt[:, None, :] * A2[None, :, :])
         if HAS_SEQ:
             reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
@@ -212,14 +265,14 @@ def scan_fwd_kernel(
             if C_INV:
                 Ct = _bc_inv(C_ptr, N, offs_d, offs_n, mask_d, mask_n)
             else:
-                Ct = _bc_var(C_ptr, b, gc, sCb, sCg, sCn, sCl, offs_n, tm, mask_n, mask_t)
+                Ct = _bc_var(C_ptr, sCn, sCl, offs_n, tm, mask_n, mask_t)
             y = tl.sum(hfull * Ct, axis=1)
             if HAS_D:
                 y += Dv[None, :] * u
             if HAS_Z:
-                zv = tl.load(z_ptr + _off(b, offs_d, tm, szb, szd, szl), mask=io_mask, other=0.0).to(tl.float32)
+                zv = tl.load(z_ptr + _off(offs_d, tm, szd, szl), mask=io_mask, other=0.0).to(tl.float32)
                 y = y * zv * tl.sigmoid(zv)
-            tl.store(y_ptr + _off(b, offs_d, tm, syb, syd, syl), y.to(y_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(y_ptr + _off(offs_d, tm, syd, syl), y.to(y_ptr.dtype.element_ty), mask=io_mask)
             h = _last(hfull, offs_l, BLOCK_L)
     tl.store(hend_ptr + state_off, h, mask=mask_nd)
     if STATE_ONLY:
@@ -230,14 +283,15 @@ def scan_fwd_kernel(
 def scan_bwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, hs_ptr, dout_ptr, qin_ptr,
     du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr, qend_ptr, rend_ptr, scratch_ptr,
-    sub, sud, sul, sdb, sdd, sdl, szb, szd, szl, sob, sod, sol, sgub, sgud, sgul, sgdb, sgdd, sgdl, sgzb, sgzd, sgzl,
-    sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl,
+    sub, sud, sul: tl.constexpr, sdb, sdd, sdl: tl.constexpr, szb, szd, szl: tl.constexpr,
+    sob, sod, sol: tl.constexpr, sgub, sgud, sgul: tl.constexpr, sgdb, sgdd, sgdl: tl.constexpr,
+    sgzb, sgzd, sgzl: tl.constexpr, sBb, sBg, sBn, sBl: tl.constexpr, sCb, sCg, sCn, sCl: tl.constexpr,
     dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_QIN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_INV: tl.constexpr, C_INV: tl.constexpr, STATE_ONLY: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, FAST: tl.constexpr,
-    ABLATE: tl.constexpr = 0,
+    PAIR_REDUCE: tl.constexpr = False, SHIFT_A: tl.constexpr = False, ABLATE: tl.constexpr = 0,
 ):
     """Grid (b * cdiv(d, BLOCK_D), nsplit); walks its stretch of L backwards, tile by tile.
 
@@ -262,6 +316,21 @@ def scan_bwd_kernel(
     mask_nd = mask_n[:, None] & mask_d[None, :]
     gb = d0 // dpg_b
     gc = d0 // dpg_c
+    # every (b, d, L) / (b, G, N, L) pointer moved to this program's batch row (and group) once
+    u_ptr = _row(u_ptr, b, sub)
+    dl_ptr = _row(dl_ptr, b, sdb)
+    dout_ptr = _row(dout_ptr, b, sob)
+    if HAS_Z:
+        z_ptr = _row(z_ptr, b, szb)
+    if not STATE_ONLY:
+        du_ptr = _row(du_ptr, b, sgub)
+        ddl_ptr = _row(ddl_ptr, b, sgdb)
+        if HAS_Z:
+            dz_ptr = _row(dz_ptr, b, sgzb)
+    if not B_INV:
+        B_ptr = _row(B_ptr, b, sBb) + gb * sBg
+    if not C_INV:
+        C_ptr = _row(C_ptr, b, sCb) + gc * sCg
     first = offs_l[:, None, None] == 0
     last = offs_l[:, None, None] == BLOCK_L - 1
 
@@ -291,6 +360,10 @@ def scan_bwd_kernel(
     scratch = (scratch_ptr + (pid * nsplit + s) * K * BLOCK_N * BLOCK_D  # this program's K (BN, BD) states
                + offs_n[:, None] * BLOCK_D + offs_d[None, :] - d0)
     n_tiles = tiles_per_split
+    # a at the first step right of this stretch (1 past the end of the sequence)
+    t_right = (t_begin + n_tiles * BLOCK_L) + offs_l * 0
+    a_right = _first(_a_tile(dl_ptr, bias, b, offs_d, t_right, L, sdd, sdl, A2, mask_d, seq_ptr,
+                             HAS_BIAS, SOFTPLUS, FAST, HAS_SEQ, REVERSE), offs_l)
     for it_rev in range(n_tiles):
         it = n_tiles - 1 - it_rev
         j = it % K
@@ -307,12 +380,12 @@ def scan_bwd_kernel(
                     tm = _mem(t, L, REVERSE)
                     mask_t = t < L
                     io_mask = mask_t[:, None] & mask_d[None, :]
-                    dt, _ = _dt_tile(dl_ptr, bias, _off(b, offs_d, tm, sdb, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
-                    u = tl.load(u_ptr + _off(b, offs_d, tm, sub, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
+                    dt, _ = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
+                    u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
                     if B_INV:
                         Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
                     else:
-                        Bt = _bc_var(B_ptr, b, gb, sBb, sBg, sBn, sBl, offs_n, tm, mask_n, mask_t)
+                        Bt = _bc_var(B_ptr, sBn, sBl, offs_n, tm, mask_n, mask_t)
                     a = tl.exp2(dt[:, None, :] * A2[None, :, :])
                     if HAS_SEQ:
                         reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
@@ -326,47 +399,49 @@ def scan_bwd_kernel(
         tm = _mem(t, L, REVERSE)
         mask_t = t < L
         io_mask = mask_t[:, None] & mask_d[None, :]
-        # a_{t+1}: 1 past the end so that q_L (the last state's gradient) flows into q_{L-1}
-        tn = t + 1
-        next_mask = (tn < L)[:, None] & mask_d[None, :]
-        dtn, _ = _dt_tile(dl_ptr, bias, _off(b, offs_d, _mem(tn, L, REVERSE), sdb, sdd, sdl), next_mask, HAS_BIAS, SOFTPLUS, FAST)
-        an = tl.exp2(dtn[:, None, :] * A2[None, :, :])
-        if (ABLATE & 8) != 0:
-            an = dtn[:, None, :] + A2[None, :, :]
-        if HAS_SEQ:
-            reset_n = _reset_tile(seq_ptr, b, L, t, mask_t, 1, REVERSE)
-            an = tl.where(reset_n[:, None, None], 0.0, an)
-        dout = tl.load(dout_ptr + _off(b, offs_d, tm, sob, sod, sol), mask=io_mask, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + _off(offs_d, tm, sod, sol), mask=io_mask, other=0.0).to(tl.float32)
         dy = dout
         if HAS_Z:
-            zv = tl.load(z_ptr + _off(b, offs_d, tm, szb, szd, szl), mask=io_mask, other=0.0).to(tl.float32)
+            zv = tl.load(z_ptr + _off(offs_d, tm, szd, szl), mask=io_mask, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zv)
             dy = dout * zv * sz
         if C_INV:
             Ct = _bc_inv(C_ptr, N, offs_d, offs_n, mask_d, mask_n)
         else:
-            Ct = _bc_var(C_ptr, b, gc, sCb, sCg, sCn, sCl, offs_n, tm, mask_n, mask_t)
+            Ct = _bc_var(C_ptr, sCn, sCl, offs_n, tm, mask_n, mask_t)
         c = Ct * dy[:, None, :]
         if STATE_ONLY:
+            # a_{t+1}: 1 past the end so that q_L (the last state's gradient) flows into q_{L-1}
+            an = _a_tile(dl_ptr, bias, b, offs_d, t + 1, L, sdd, sdl, A2, mask_d, seq_ptr,
+                         HAS_BIAS, SOFTPLUS, FAST, HAS_SEQ, REVERSE)
             rcum, qz = tl.associative_scan((an, c), axis=0, combine_fn=_combine, reverse=True)
             rprod = rprod * _first(rcum, offs_l)
             q = _first(qz, offs_l) + _first(rcum, offs_l) * q
         else:
+            # recompute the forward decays of this tile
+            dt, v = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
+            u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
+            if B_INV:
+                Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
+            else:
+                Bt = _bc_var(B_ptr, sBn, sBl, offs_n, tm, mask_n, mask_t)
+            a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+            if HAS_SEQ:
+                reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
+                a = tl.where(reset[:, None, None], 0.0, a)
+            if SHIFT_A:
+                # a_{t+1}: this tile's a shifted by one step, the tile to the right's a_0 entering last
+                an, _ = tl.associative_scan((tl.where(last, a_right[None, :, :], a), a), axis=0,
+                                            combine_fn=_shift, reverse=True)
+                a_right = _first(a, offs_l)
+            else:  # a_{t+1} recomputed (one more exp per element)
+                an = _a_tile(dl_ptr, bias, b, offs_d, t + 1, L, sdd, sdl, A2, mask_d, seq_ptr,
+                             HAS_BIAS, SOFTPLUS, FAST, HAS_SEQ, REVERSE)
             # the carried q enters at the tile's last step; the products of a are then dead code
             c = tl.where(last, c + an * q[None, :, :], c)
             _, qt = tl.associative_scan((an, c), axis=0, combine_fn=_combine, reverse=True)
             q = _first(qt, offs_l)
             # recompute the forward states of this tile from its stored entering state
-            dt, v = _dt_tile(dl_ptr, bias, _off(b, offs_d, tm, sdb, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
-            u = tl.load(u_ptr + _off(b, offs_d, tm, sub, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
-            if B_INV:
-                Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
-            else:
-                Bt = _bc_var(B_ptr, b, gb, sBb, sBg, sBn, sBl, offs_n, tm, mask_n, mask_t)
-            a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-            if HAS_SEQ:
-                reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
-                a = tl.where(reset[:, None, None], 0.0, a)
             dtu = dt * u
             x = dtu[:, None, :] * Bt
             h_in = tl.load(scratch + j * BLOCK_N * BLOCK_D)
@@ -376,20 +451,35 @@ def scan_bwd_kernel(
             if HAS_Z and (ABLATE & 16) == 0:
                 y = tl.sum(h * Ct, axis=1) + Dv[None, :] * u
                 dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
-                tl.store(dz_ptr + _off(b, offs_d, tm, szb, szd, szl), dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
+                tl.store(dz_ptr + _off(offs_d, tm, sgzd, sgzl), dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
             qB = tl.sum(qt * Bt, axis=1)  # (BL, BD)
             du = dt * qB + dy * Dv[None, :]
-            tl.store(du_ptr + _off(b, offs_d, tm, sub, sud, sul), du.to(du_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(du_ptr + _off(offs_d, tm, sgud, sgul), du.to(du_ptr.dtype.element_ty), mask=io_mask)
             qhm = qt * hm
             ddt = u * qB + tl.sum(qhm * An[None, :, :], axis=1)
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(v)
             ddt = tl.where(io_mask, ddt, 0.0)
-            tl.store(ddl_ptr + _off(b, offs_d, tm, sgdb, sgdd, sgdl), ddt.to(ddl_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(ddl_ptr + _off(offs_d, tm, sgdd, sgdl), ddt.to(ddl_ptr.dtype.element_ty), mask=io_mask)
             dbias_acc += tl.sum(ddt, axis=0)
             dD_acc += tl.sum(dy * u, axis=0)
             dA_acc += tl.sum(qhm * dt[:, None, :], axis=0)
-            if (ABLATE & 2) == 0:
+            if (ABLATE & 2) == 0 and PAIR_REDUCE and FAST and not B_INV and not C_INV:
+                # dB and dC summed over the channels together: lane pairs (d, d^1) first swap halves
+                # (one shuffle per (t, n) for both), then the tree continues over the other lanes
+                pb = qt * dtu[:, None, :]
+                pc = h * dy[:, None, :]
+                odd = (offs_d % 2 == 1)[None, None, :]
+                r = tl.where(odd, pc, pb) + _lane_xor1(tl.where(odd, pb, pc))
+                r = tl.sum(tl.reshape(r, [BLOCK_L, BLOCK_N, BLOCK_D // 2, 2]), axis=2)  # [..., 0] dB, [..., 1] dC
+                jj2 = tl.arange(0, 2)[None, None, :]
+                rows_b = ((b * GB + gb) * N + offs_n) * L
+                rows_c = ((b * GC + gc) * N + offs_n) * L
+                ptrs = tl.where(jj2 == 0, dB_ptr + (rows_b[None, :] + tm[:, None])[:, :, None],
+                                dC_ptr + (rows_c[None, :] + tm[:, None])[:, :, None])
+                tl.atomic_add(ptrs, r, mask=(mask_t[:, None] & mask_n[None, :])[:, :, None] & (jj2 < 2),
+                              sem="relaxed")
+            elif (ABLATE & 2) == 0:
                 if B_INV:
                     dB_acc += tl.sum(qt * dtu[:, None, :], axis=0)
                 else:
@@ -421,7 +511,7 @@ def scan_bwd_kernel(
                 # dh_{-1} = a_0 q_0
                 t0 = offs_l * 0
                 m0 = (offs_l == 0)[:, None] & mask_d[None, :]
-                dt0, _ = _dt_tile(dl_ptr, bias, _off(b, offs_d, _mem(t0, L, REVERSE), sdb, sdd, sdl), m0, HAS_BIAS, SOFTPLUS, FAST)
+                dt0, _ = _dt_tile(dl_ptr, bias, _off(offs_d, _mem(t0, L, REVERSE), sdd, sdl), m0, HAS_BIAS, SOFTPLUS, FAST)
                 dt0 = tl.sum(dt0, axis=0)  # (BD,)
                 a0 = tl.exp2(dt0[None, :] * A2)
                 tl.store(dh0_ptr + (b * dim + offs_d[None, :]) * N + offs_n[:, None], a0 * q, mask=mask_nd)

@@ -22,7 +22,7 @@ if ! python3 -c "import jsonargparse" 2>/dev/null; then
 fi
 FM=/usr/share/datasets/fashion-mnist
 [ -f "$FM/train-images-idx3-ubyte.gz" ] || FM=$PWD/.acc/fashion-mnist
-rm -rf "$WORK/runs"
+rm -rf "$WORK/runs" "$WORK"/*.log
 
 run() {  # name, args...
     local name=$1; shift
@@ -35,11 +35,19 @@ run() {  # name, args...
 
 VIM=(--config vim-tiny-fashion --data.init_args.root "$FM" --trainer.max_epochs "$EPOCHS" --trainer.max_time null
      --model.init_args.warmup_steps 200)
-run vim-1gpu "${VIM[@]}" --trainer.devices 1 --data.init_args.batch_size 512
-run vim-ddp "${VIM[@]}" --trainer.devices 2 --trainer.strategy ddp --data.init_args.batch_size 256
-run jamba-fsdp --config jamba-tiny --trainer.accelerator gpu --trainer.devices 2 --trainer.strategy fsdp \
-    --trainer.precision bf16-mixed --trainer.max_steps "$STEPS" --trainer.val_check_interval 100 \
-    --data.init_args.batch_size 32 --data.init_args.seq_len 256
+RUNS=${ONLY:-"vim-1gpu vim-ddp vim-ddp-b512 jamba-fsdp"}
+for name in $RUNS; do
+    case $name in
+        vim-1gpu) run vim-1gpu "${VIM[@]}" --trainer.devices 1 --data.init_args.batch_size 512 ;;
+        # the same global batch (same curve per step)
+        vim-ddp) run vim-ddp "${VIM[@]}" --trainer.devices 2 --trainer.strategy ddp --data.init_args.batch_size 256 ;;
+        # the same per-GPU batch (weak scaling: twice the samples per step)
+        vim-ddp-b512) run vim-ddp-b512 "${VIM[@]}" --trainer.devices 2 --trainer.strategy ddp --data.init_args.batch_size 512 ;;
+        jamba-fsdp) run jamba-fsdp --config jamba-tiny --trainer.accelerator gpu --trainer.devices 2 --trainer.strategy fsdp \
+            --trainer.precision bf16-mixed --trainer.max_steps "$STEPS" --trainer.val_check_interval 100 \
+            --data.init_args.batch_size 32 --data.init_args.seq_len 256 ;;
+    esac
+done
 
 tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude='*.ckpt' runs
 python3 - "$WORK" > "$OUT/summary.md" <<'PY'
@@ -54,7 +62,10 @@ def seconds(name):
     m = re.search(r"exit (\d+) seconds (\d+)", open(f"{work}/{name}.log").read())
     return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 print("| run | exit | wall s | median throughput | final val/acc | val/acc per validation |\n|---|---|---|---|---|---|")
-for name, unit in (("vim-1gpu", "samples_s"), ("vim-ddp", "samples_s"), ("jamba-fsdp", "tok_s")):
+for name, unit in (("vim-1gpu", "samples_s"), ("vim-ddp", "samples_s"), ("vim-ddp-b512", "samples_s"),
+                   ("jamba-fsdp", "tok_s")):
+    if not glob.glob(f"{work}/{name}.log"):
+        continue
     code, secs = seconds(name)
     thr = [v for _, v in series(name, f"train/{unit}")]
     key = "val/acc" if name.startswith("vim") else "val/bpb"

@@ -239,9 +239,9 @@ def probe():
 
     vim = (64, 384, 4097, 16)
     print("== probe: backward ablations (1 no re-derivation, 2 no dB/dC, 4 dB/dC plain stores, "
-          "8 no exp for a_t+1, 16 no dz) ==")
+          "16 no dz) ==")
     for shape in (SHAPES[0], vim):
-        for ab in (0, 1, 2, 4, 8, 16):
+        for ab in (0, 1, 2, 4, 16):
             ops.CONFIG["cuda"]["ablate"] = ab
             record("ablate", shape, *timed(shape), ablate=ab)
         reset()
@@ -268,6 +268,27 @@ def probe():
         for rev in (False, True):
             record("reverse", shape, *timed(shape, reverse=rev), reverse=rev)
     return out
+
+
+def ab_pair_reduce():
+    """Backward with and without pair_reduce (and a_{t+1} by shift or by exp) at three shapes; keeps the
+    fastest (total) for the table."""
+    rows, total = [], {}
+    for pr in ((False, True), (True, True), (True, False)):
+        ops.CONFIG["cuda"].update(pair_reduce=pr[0], shift_a=pr[1])
+        for shape in (SHAPES[0], SHAPES[1], (64, 384, 4097, 16)):
+            x = make(*shape)
+            args = [x[k] for k in ORDER]
+            y, last, hs = ops.scan_forward(*args, None, None, True)
+            dy = torch.randn_like(y)
+            tb = bench(lambda: ops.scan_backward(dy, None, *args, None, hs, True, False), rep=50)
+            rows.append(dict(pair_reduce=pr[0], shift_a=pr[1], shape=shape, bwd=tb))
+            total[pr] = total.get(pr, 0.0) + tb
+            print(f"bwd pair_reduce, shift_a = {pr!s:14s} {str(shape):22s} {tb:.3f} ms", flush=True)
+    best = min(total, key=total.get)
+    ops.CONFIG["cuda"].update(pair_reduce=best[0], shift_a=best[1])
+    print("adopted pair_reduce, shift_a =", best, flush=True)
+    return rows
 
 
 def scan_table(peer, bw):
@@ -363,7 +384,8 @@ def resources(configs=((8, 16, 1, "fwd"), (4, 16, 1, "bwd"), (4, 8, 1, "bwd"))):
         consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_SEQ=False, SOFTPLUS=True, B_INV=False,
                       C_INV=False, STATE_ONLY=False, HAS_H0=False, BLOCK_D=bd, BLOCK_N=16, BLOCK_L=bl, FAST=True)
         if kind == "bwd":
-            consts.update(HAS_QIN=False, ATOMIC=int(os.environ.get("ATOMIC", "2")))
+            consts.update(HAS_QIN=False, PAIR_REDUCE=bool(ops.CONFIG["cuda"].get("pair_reduce")))
+        consts.update({n: 1 for n in fn.arg_names if n.startswith("s") and n.endswith("l") and len(n) <= 5})
         consts["REVERSE"] = False
         sig = {n: "constexpr" if n in consts else ("*bf16" if n in bf16 else "*i32" if n == "seq_ptr" else
                                                    "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
@@ -384,6 +406,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=None, help="write all numbers to this file")
     p.add_argument("--probe", action="store_true", help="check, then ablations / tiles / splits / reverse only")
+    p.add_argument("--ab", action="store_true", help="before the table, time the backward with and without "
+                   "pair_reduce and keep the faster")
     p.add_argument("--resources", action="store_true", help="compile for sm_90 (no GPU needed) and print "
                    "registers, spills and SASS instruction counts, then exit")
     a = p.parse_args()
@@ -393,6 +417,10 @@ def main():
     t0 = time.time()
     print(torch.cuda.get_device_name(), torch.__version__, "config", ops.CONFIG["cuda"])
     ok = check_against_reference()
+    if not ok and ops.CONFIG["cuda"].get("pair_reduce"):
+        print("CORRECTNESS CHECK FAILED with pair_reduce: checking again without it")
+        ops.CONFIG["cuda"]["pair_reduce"] = False
+        ok = check_against_reference()
     if not ok:
         print("CORRECTNESS CHECK FAILED")
     peer, peer_upd = load_peer()
@@ -408,6 +436,8 @@ def main():
                 json.dump(out, fh, indent=1, default=str)
         print(f"total {time.time() - t0:.0f} s")
         return
+    if a.ab and ops.CONFIG["cuda"].get("pair_reduce"):
+        out["ab"] = ab_pair_reduce()
     out["decode"] = decode_table(peer_upd)
     out["conv"] = conv_note(bw)
     out["scan"] = scan_table(peer, bw)

@@ -117,6 +117,15 @@ def test_split_sequence(split_l):
     assert_close(got, ref, TOL[torch.float32])
 
 
+def test_next_decay_recomputed_instead_of_shifted(monkeypatch):
+    """The backward's a_{t+1} by a second exp (shift_a off) gives the same gradients (packed, split)."""
+    monkeypatch.setitem(ops.CONFIG["cpu"], "shift_a", False)
+    monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 3)
+    seq_idx = torch.tensor([[0] * 10 + [1] * 16 + [2] * 19, [0] * 33 + [5] * 12], dtype=torch.int32)
+    got, ref = run_both(make_inputs(L=45), fn_ref=_ref_with_seq_idx(seq_idx), seq_idx=seq_idx)
+    assert_close(got, ref, TOL[torch.float32])
+
+
 def test_separate_tile_lengths(monkeypatch):
     """The forward and backward may walk L in tiles of different lengths (checkpoints every `chunk` steps)."""
     monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 3)
@@ -132,27 +141,38 @@ def test_strided_inputs_as_a_mixer_produces_them(reverse):
     y then takes the gate's (b, L, d) layout. Values and gradients equal the contiguous case."""
     torch.manual_seed(3)
     batch, dim, L, N = 2, 6, 37, 4
-    inp = make_inputs(batch=batch, dim=dim, L=L, N=N)
-    xz = torch.randn(batch, L, 2 * dim)                      # in_proj output
-    xproj = torch.randn(batch, L, 3 + 2 * N)                  # x_proj output: dt_rank 3, B, C
-    views = dict(u=xz[..., :dim].transpose(1, 2), z=xz[..., dim:].transpose(1, 2),
-                 delta=(torch.rand(batch, L, dim) * 6 - 6).transpose(1, 2),
-                 B=xproj[..., 3:3 + N].transpose(1, 2), C=xproj[..., 3 + N:].transpose(1, 2))
-    strided = dict(inp, **views)
-    contiguous = {k: (v.contiguous() if v is not None else None) for k, v in strided.items()}
-    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    base = make_inputs(batch=batch, dim=dim, L=L, N=N)
+    proj = dict(xz=torch.randn(batch, L, 2 * dim), dl=torch.rand(batch, L, dim) * 6 - 6,
+                xproj=torch.randn(batch, L, 3 + 2 * N))  # in_proj, dt_proj and x_proj outputs (dt_rank 3)
+
+    def views(p):
+        return dict(u=p["xz"][..., :dim].transpose(1, 2), z=p["xz"][..., dim:].transpose(1, 2),
+                    delta=p["dl"].transpose(1, 2), B=p["xproj"][..., 3:3 + N].transpose(1, 2),
+                    C=p["xproj"][..., 3 + N:].transpose(1, 2))
+
     outs = []
-    for x_in in (strided, contiguous):
-        x = leaves(x_in)
+    for strided in (True, False):
+        p = {k: v.clone().requires_grad_() for k, v in proj.items()}
+        x = leaves({k: base[k] for k in ("A", "D", "delta_bias", "initial_state")})
+        v = views(p)
+        if strided:
+            assert not v["u"].is_contiguous() and not v["B"].is_contiguous() and not v["z"].is_contiguous()
+        else:
+            v = {k: t.contiguous() for k, t in v.items()}
+        x.update(v)
         y, h = selective_scan_triton(*[x[k] for k in NAMES[:8]], True, True, x["initial_state"], reverse=reverse)
         ((y * torch.linspace(-1, 1, L)).sum() + h.sum()).backward()
-        outs.append((y, h, {k: v.grad for k, v in x.items() if v is not None}))
-    assert outs[0][0].stride(1) == 1  # y in the gate's layout
+        grads = {k: t.grad for k, t in p.items()}
+        grads.update({k: x[k].grad for k in ("A", "D", "delta_bias", "initial_state")})
+        outs.append((y, h, grads))
+    assert outs[0][0].stride(1) == 1 and outs[1][0].stride(2) == 1  # y follows the gate's layout
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-6, atol=1e-6)
     for k in outs[1][2]:
         torch.testing.assert_close(outs[0][2][k], outs[1][2][k], rtol=1e-5, atol=1e-6)
-    got, ref = run_both(contiguous)
+    # and the contiguous case against the oracle
+    ref_in = dict(base, **{k: t.detach() for k, t in views(proj).items()})
+    got, ref = run_both({k: (t.contiguous() if t is not None else None) for k, t in ref_in.items()})
     assert_close(got, ref, TOL[torch.float32])
 
 

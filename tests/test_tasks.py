@@ -115,3 +115,34 @@ def test_classification_task_trains_a_step():
     assert torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in task.model.parameters() if p.requires_grad)
+
+
+def test_gradient_clipping_under_fsdp_uses_the_sharded_module(monkeypatch):
+    """Lightning's FSDP precision plugin refuses norm clipping; the task clips through the FSDP module."""
+    import types
+
+    import zoo.tasks.base as base
+
+    calls = []
+    task = CausalLMTask("mambabyte-tiny", TINY_LM)
+    task._trainer = types.SimpleNamespace(model=types.SimpleNamespace(clip_grad_norm_=calls.append))
+    monkeypatch.setattr(base, "_is_fsdp", lambda trainer: True)
+    task.configure_gradient_clipping(None, 0.5, "norm")
+    task.configure_gradient_clipping(None, None, None)  # no clipping asked: nothing happens
+    assert calls == [0.5]
+    with pytest.raises(ValueError, match="only 'norm'"):
+        task.configure_gradient_clipping(None, 0.5, "value")
+
+
+def test_no_sample_at_fit_end_under_fsdp(monkeypatch, capsys):
+    """Sharded weights cannot decode on one rank: the end-of-fit sample is skipped with a pointer."""
+    import types
+
+    import zoo.tasks.lm as lm
+
+    task = CausalLMTask("mambabyte-tiny", TINY_LM, tokenizer="bytes", sample_prompt="def ", sample_tokens=4)
+    task._trainer = types.SimpleNamespace(global_rank=0, global_step=3)
+    monkeypatch.setattr(lm, "_is_fsdp", lambda trainer: True)
+    monkeypatch.setattr(task, "generate_text", lambda *a, **k: pytest.fail("sampled under FSDP"))
+    task.on_fit_end()
+    assert "no sample under FSDP" in capsys.readouterr().out

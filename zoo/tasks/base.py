@@ -67,11 +67,30 @@ class ZooTask(pl.LightningModule):
                          on_step=True, on_epoch=False, sync_dist=False)
         self._last_step_time = now
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning's clipping, except under FSDP, whose precision plugin refuses norm clipping: there the
+        sharded module clips by the global norm itself (FullyShardedDataParallel.clip_grad_norm_)."""
+        if _is_fsdp(self.trainer):
+            if gradient_clip_val:
+                if gradient_clip_algorithm not in (None, "norm"):
+                    raise ValueError(f"gradient_clip_algorithm: only 'norm' is supported under FSDP, got "
+                                     f"{gradient_clip_algorithm!r}")
+                self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
 
     def on_validation_epoch_start(self) -> None:
         self._last_step_time = None  # time spent validating is not training throughput
+
+
+def _is_fsdp(trainer: pl.Trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 def lr_of(trainer: pl.Trainer) -> float:

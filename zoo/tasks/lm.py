@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.tasks.base import ZooTask, lr_of
+from zoo.tasks.base import ZooTask, _is_fsdp, lr_of
 from zoo.tasks.metrics import IGNORE_INDEX, SequenceMetrics
 
 
@@ -192,6 +192,10 @@ class CausalLMTask(ZooTask):
     def on_fit_end(self):
         hp = self.hparams
         if hp.sample_prompt is None or self.codec is None or self.global_rank != 0:
+            return
+        if _is_fsdp(self.trainer):  # the weights are sharded across ranks here: sample from the checkpoint
+            print("\n(no sample under FSDP: the weights are sharded; run `mambazoo generate --checkpoint ...`)",
+                  flush=True)
             return
         text = self.generate_text(hp.sample_prompt, hp.sample_tokens, hp.sample_temperature, hp.sample_top_k)
         print(f"\n----- sample after {self.global_step} steps -----\n{hp.sample_prompt}{text}\n"
