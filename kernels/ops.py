@@ -198,7 +198,6 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
     scan_bwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, hs, dout, qin,
                           du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, None, None, scratch,
                           *sizes, HAS_QIN=qin is not None, HAS_H0=has_h0, STATE_ONLY=False, ABLATE=cfg.get("ablate", 0), PAIR_REDUCE=cfg.get("pair_reduce", False),
-                          SHIFT_A=cfg.get("shift_a", False),
                           **common)
     def empty():  # a distinct tensor each time: custom-op outputs may not alias one another
         return u.new_empty(0)

@@ -101,13 +101,6 @@ def _lane_xor1(x):
 
 
 @triton.jit
-def _shift(p1, c1, p2, c2):
-    """Not associative: in an in-thread reverse scan over pairs (p, c) every output's first element
-    becomes the c of its right neighbour (the last keeps its own p). Sequential scans only."""
-    return c1, c2
-
-
-@triton.jit
 def _a_tile(dl_ptr, bias, b, offs_d, t, L, sdd, sdl: tl.constexpr, A2, mask_d, seq_ptr,
             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, HAS_SEQ: tl.constexpr,
             REVERSE: tl.constexpr):
@@ -291,7 +284,7 @@ def scan_bwd_kernel(
     HAS_QIN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_INV: tl.constexpr, C_INV: tl.constexpr, STATE_ONLY: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, FAST: tl.constexpr,
-    PAIR_REDUCE: tl.constexpr = False, SHIFT_A: tl.constexpr = False, ABLATE: tl.constexpr = 0,
+    PAIR_REDUCE: tl.constexpr = False, ABLATE: tl.constexpr = 0,
 ):
     """Grid (b * cdiv(d, BLOCK_D), nsplit); walks its stretch of L backwards, tile by tile.
 
@@ -360,10 +353,6 @@ def scan_bwd_kernel(
     scratch = (scratch_ptr + (pid * nsplit + s) * K * BLOCK_N * BLOCK_D  # this program's K (BN, BD) states
                + offs_n[:, None] * BLOCK_D + offs_d[None, :] - d0)
     n_tiles = tiles_per_split
-    # a at the first step right of this stretch (1 past the end of the sequence)
-    t_right = (t_begin + n_tiles * BLOCK_L) + offs_l * 0
-    a_right = _first(_a_tile(dl_ptr, bias, b, offs_d, t_right, L, sdd, sdl, A2, mask_d, seq_ptr,
-                             HAS_BIAS, SOFTPLUS, FAST, HAS_SEQ, REVERSE), offs_l)
     for it_rev in range(n_tiles):
         it = n_tiles - 1 - it_rev
         j = it % K
@@ -429,14 +418,10 @@ def scan_bwd_kernel(
             if HAS_SEQ:
                 reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
                 a = tl.where(reset[:, None, None], 0.0, a)
-            if SHIFT_A:
-                # a_{t+1}: this tile's a shifted by one step, the tile to the right's a_0 entering last
-                an, _ = tl.associative_scan((tl.where(last, a_right[None, :, :], a), a), axis=0,
-                                            combine_fn=_shift, reverse=True)
-                a_right = _first(a, offs_l)
-            else:  # a_{t+1} recomputed (one more exp per element)
-                an = _a_tile(dl_ptr, bias, b, offs_d, t + 1, L, sdd, sdl, A2, mask_d, seq_ptr,
-                             HAS_BIAS, SOFTPLUS, FAST, HAS_SEQ, REVERSE)
+            # a_{t+1}, recomputed: one more exp per element, but cheaper than shifting a_t by one step
+            # inside the thread (a sequential "scan" that keeps the right neighbour: +0.4 ms on an H100)
+            an = _a_tile(dl_ptr, bias, b, offs_d, t + 1, L, sdd, sdl, A2, mask_d, seq_ptr,
+                         HAS_BIAS, SOFTPLUS, FAST, HAS_SEQ, REVERSE)
             # the carried q enters at the tile's last step; the products of a are then dead code
             c = tl.where(last, c + an * q[None, :, :], c)
             _, qt = tl.associative_scan((an, c), axis=0, combine_fn=_combine, reverse=True)

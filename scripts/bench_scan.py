@@ -271,23 +271,21 @@ def probe():
 
 
 def ab_pair_reduce():
-    """Backward with and without pair_reduce (and a_{t+1} by shift or by exp) at three shapes; keeps the
-    fastest (total) for the table."""
+    """Backward with and without pair_reduce at three shapes; keeps the faster (total) for the table."""
     rows, total = [], {}
-    for pr in ((False, True), (True, True), (True, False)):
-        ops.CONFIG["cuda"].update(pair_reduce=pr[0], shift_a=pr[1])
+    for pr in (False, True):
+        ops.CONFIG["cuda"]["pair_reduce"] = pr
         for shape in (SHAPES[0], SHAPES[1], (64, 384, 4097, 16)):
             x = make(*shape)
             args = [x[k] for k in ORDER]
             y, last, hs = ops.scan_forward(*args, None, None, True)
             dy = torch.randn_like(y)
             tb = bench(lambda: ops.scan_backward(dy, None, *args, None, hs, True, False), rep=50)
-            rows.append(dict(pair_reduce=pr[0], shift_a=pr[1], shape=shape, bwd=tb))
+            rows.append(dict(pair_reduce=pr, shape=shape, bwd=tb))
             total[pr] = total.get(pr, 0.0) + tb
-            print(f"bwd pair_reduce, shift_a = {pr!s:14s} {str(shape):22s} {tb:.3f} ms", flush=True)
-    best = min(total, key=total.get)
-    ops.CONFIG["cuda"].update(pair_reduce=best[0], shift_a=best[1])
-    print("adopted pair_reduce, shift_a =", best, flush=True)
+            print(f"bwd pair_reduce={pr!s:5s} {str(shape):22s} {tb:.3f} ms", flush=True)
+    ops.CONFIG["cuda"]["pair_reduce"] = total[True] < total[False]
+    print("adopted pair_reduce =", ops.CONFIG["cuda"]["pair_reduce"], flush=True)
     return rows
 
 

@@ -117,15 +117,6 @@ def test_split_sequence(split_l):
     assert_close(got, ref, TOL[torch.float32])
 
 
-def test_next_decay_recomputed_instead_of_shifted(monkeypatch):
-    """The backward's a_{t+1} by a second exp (shift_a off) gives the same gradients (packed, split)."""
-    monkeypatch.setitem(ops.CONFIG["cpu"], "shift_a", False)
-    monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 3)
-    seq_idx = torch.tensor([[0] * 10 + [1] * 16 + [2] * 19, [0] * 33 + [5] * 12], dtype=torch.int32)
-    got, ref = run_both(make_inputs(L=45), fn_ref=_ref_with_seq_idx(seq_idx), seq_idx=seq_idx)
-    assert_close(got, ref, TOL[torch.float32])
-
-
 def test_separate_tile_lengths(monkeypatch):
     """The forward and backward may walk L in tiles of different lengths (checkpoints every `chunk` steps)."""
     monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 3)
