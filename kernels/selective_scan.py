@@ -1,7 +1,8 @@
 """Triton kernels of the selective scan (S6): fused forward and recomputing backward.
 
 Shapes (``batch`` b, channels ``dim`` d, length L, state size N, groups G):
-    u, delta, z, y          (b, d, L)      any float dtype, loaded as fp32
+    u, delta, z, y          (b, d, L)      any float dtype, loaded as fp32; any strides (the mixer
+                                           passes (b, L, d) views of its projections: no copies)
     A                       (d, N)         fp32
     B, C                    (b, G, N, L)   variable ("grouped" when G > 1), or (d, N) time-invariant
     D, delta_bias           (d,)
@@ -20,6 +21,10 @@ Nothing of size (b, d, L, N) is ever written to memory.
 
 The backward walks the tiles in reverse: q_t = dL/dh_t by a reverse scan, the forward states of
 each chunk of K tiles re-derived from its checkpoint into a small per-program scratch.
+
+REVERSE walks every sequence from L-1 down to 0 (Vim's backward direction) by mapping the memory
+index of each step; nothing is flipped.  The backward's dB/dC sums over the channels (on the
+lanes) start, on the GPU, with one inline-PTX lane shuffle shared by dB and dC (PAIR_REDUCE).
 
 Long sequences with few channels split L into ``nsplit`` stretches: a first pass (STATE_ONLY)
 returns each stretch's end state from zero and its decay product, a few tiny PyTorch steps chain
