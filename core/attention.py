@@ -1,5 +1,7 @@
-"""Grouped-query causal self-attention (Jamba's attention layers): no positional embedding, full or
-sliding-window, with a preallocated KV cache and a one-token decode step that a CUDA graph can capture."""
+"""Grouped-query causal self-attention (Jamba's attention layers): no positional embedding by default
+(Jamba's Mamba layers carry order) or rotary embeddings (``rope=True``, for attention-only baselines),
+full or sliding-window, with a preallocated KV cache and a one-token decode step that a CUDA graph can
+capture."""
 
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ class Attention(nn.Module):
 
     x (batch, L, d_model) -> (batch, L, d_model). ``window`` = W restricts query t to keys
     t-W+1 .. t (sliding window); None attends to the whole prefix. Parameter names follow
-    Llama/Jamba: q_proj, k_proj, v_proj, o_proj.
+    Llama/Jamba: q_proj, k_proj, v_proj, o_proj. ``rope`` rotates queries and keys by their absolute
+    positions (rotary embedding, base ``rope_base``); cached keys are stored rotated.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, window: int | None = None,
-                 bias: bool = False, layer_idx: int | None = None):
+                 bias: bool = False, layer_idx: int | None = None, rope: bool = False, rope_base: float = 10000.0):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads < 1 or d_model % n_heads:
@@ -30,6 +33,11 @@ class Attention(nn.Module):
             raise ValueError(f"window: expected None or a positive int, got {window}")
         self.d_model, self.n_heads, self.n_kv_heads, self.window = d_model, n_heads, n_kv_heads, window
         self.head_dim = d_model // n_heads
+        if rope and self.head_dim % 2:
+            raise ValueError(f"rope: needs an even head_dim, got d_model / n_heads = {self.head_dim}")
+        if rope and rope_base <= 1:
+            raise ValueError(f"rope_base: expected > 1, got {rope_base}")
+        self.rope, self.rope_base = rope, rope_base
         self.layer_idx = layer_idx
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
@@ -43,6 +51,18 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
+
+    def _rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of x (batch, heads, L, head_dim) at positions pos (L,) (identity without rope):
+        pairs (x_i, x_{i+hd/2}) rotated by pos * base^(-i / (hd/2)), computed in fp32."""
+        if not self.rope:
+            return x
+        half = self.head_dim // 2
+        inv = self.rope_base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        ang = pos.to(torch.float32)[:, None] * inv[None, :]
+        cos, sin = ang.cos(), ang.sin()
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
     def _attend(self, q, k, v, mask=None, is_causal=False):
         """SDPA with grouped KV heads; q (b, H, Lq, hd), k/v (b, H_kv, Lk, hd) -> (b, Lq, d_model)."""
@@ -67,15 +87,17 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         L = x.shape[1]
         if state is None:
+            pos = torch.arange(L, device=x.device)
+            q, k = self._rotate(q, pos), self._rotate(k, pos)
             if self.window is None or self.window >= L:
                 return self._attend(q, k, v, is_causal=True)
-            pos = torch.arange(L, device=x.device)
             return self._attend(q, k, v, mask=self._mask(pos, pos))
         self._check_state(state, x.shape[0])
         start = int(state.pos.item())
         if self.window is None and start + L > state.capacity:
             raise ValueError(f"KV cache full: {start} + {L} tokens exceed its capacity {state.capacity}")
         q_pos = torch.arange(start, start + L, device=x.device)
+        q, k = self._rotate(q, q_pos), self._rotate(k, q_pos)
         if start == 0 and (self.window is None or self.window >= L):
             y = self._attend(q, k, v, is_causal=True)
         else:  # attend to the cached slots and the new keys together
@@ -96,6 +118,7 @@ class Attention(nn.Module):
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected (batch, d_model={self.d_model}), got {tuple(x.shape)}")
         q, k, v = self._qkv(x[:, None])
+        q, k = self._rotate(q, state.pos), self._rotate(k, state.pos)
         slot = state.pos % state.capacity
         state.k.index_copy_(2, slot, k.to(state.k.dtype))
         state.v.index_copy_(2, slot, v.to(state.v.dtype))

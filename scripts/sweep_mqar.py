@@ -3,9 +3,12 @@ overrides, then write a table and a plot of MQAR accuracy against the ratio.
 
     python scripts/sweep_mqar.py --out runs/mqar-sweep                       # the config as is
     python scripts/sweep_mqar.py --out /tmp/s --parallel -- --trainer.max_steps 500 --trainer.accelerator cpu
+    python scripts/sweep_mqar.py --out runs/mqar-sweep-rope --rope          # attention with rotary positions
 
 Everything after ``--`` is passed to every ``mambazoo fit`` run. Each ratio is one layer layout
-string of the Jamba-style model (M = Mamba, A = attention, tiled over its 8 layers).
+string of the Jamba-style model (M = Mamba, A = attention, tiled over its 8 layers). Jamba's attention
+has no positional encoding, so the all-attention point cannot tell which value follows which key;
+``--rope`` gives every attention layer rotary positions (a fair attention-only baseline).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ RATIOS = {  # name -> (attention fraction, layout)
 }
 
 
-def run_args(name: str, layout: str, base_kwargs: dict, out: Path, extra: list[str]) -> list[str]:
-    kwargs = {**base_kwargs, "layout": layout}
+def run_args(name: str, layout: str, base_kwargs: dict, out: Path, extra: list[str], rope: bool = False) -> list[str]:
+    kwargs = {**base_kwargs, "layout": layout, **({"rope": True} if rope else {})}
     return [sys.executable, "-m", "zoo.cli", "fit", "--config", "mqar-hybrid", "--run_dir", str(out / name.replace(":", "-")),
             "--model.init_args.model_kwargs", json.dumps(kwargs), "--trainer.enable_progress_bar", "false", *extra]
 
@@ -53,13 +56,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/mqar-sweep")
     ap.add_argument("--ratios", nargs="+", default=list(RATIOS), choices=list(RATIOS))
     ap.add_argument("--parallel", action="store_true", help="run the ratios at the same time")
+    ap.add_argument("--rope", action="store_true", help="rotary position embedding in the attention layers")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load((ROOT / "configs" / "mqar-hybrid.yaml").read_text())["model"]["init_args"]["model_kwargs"]
     procs = {}
     for name in a.ratios:
-        cmd = run_args(name, RATIOS[name][1], base, out, extra)
+        cmd = run_args(name, RATIOS[name][1], base, out, extra, a.rope)
         log = open(out / f"{name.replace(':', '-')}.log", "w")
         print("running:", " ".join(cmd), flush=True)
         procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -15,6 +15,16 @@ def naive(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     q = (xd @ attn.q_proj.weight.double().t()).view(b, L, H, hd).transpose(1, 2)
     k = (xd @ attn.k_proj.weight.double().t()).view(b, L, Hkv, hd).transpose(1, 2).repeat_interleave(H // Hkv, 1)
     v = (xd @ attn.v_proj.weight.double().t()).view(b, L, Hkv, hd).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    if attn.rope:  # rotary as complex multiplication: (x_i + j x_{i+hd/2}) * exp(j pos base^(-i/(hd/2)))
+        half = hd // 2
+        ang = torch.arange(L, dtype=torch.float64)[:, None] * attn.rope_base ** (-torch.arange(half) / half)
+        rot = torch.polar(torch.ones_like(ang), ang)
+
+        def rope(t):
+            c = torch.complex(t[..., :half], t[..., half:]) * rot
+            return torch.cat([c.real, c.imag], dim=-1)
+
+        q, k = rope(q), rope(k)
     s = q @ k.transpose(-1, -2) / hd ** 0.5
     i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
     mask = j <= i
@@ -25,17 +35,19 @@ def naive(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     return y @ attn.o_proj.weight.double().t()
 
 
+@pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("kv", [4, 2, 1])
-def test_matches_naive(window, kv):
-    attn = Attention(16, 4, kv, window=window)
+def test_matches_naive(window, kv, rope):
+    attn = Attention(16, 4, kv, window=window, rope=rope)
     x = torch.randn(2, 9, 16)
     torch.testing.assert_close(attn(x).double(), naive(attn, x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("window", [None, 3])
-def test_prefill_chunks_and_steps_match_full(window):
-    attn = Attention(16, 4, 2, window=window)
+def test_prefill_chunks_and_steps_match_full(window, rope):
+    attn = Attention(16, 4, 2, window=window, rope=rope)
     x = torch.randn(2, 11, 16)
     full = attn(x)
     st = attn.allocate_state(2, max_len=11)
@@ -58,3 +70,15 @@ def test_cache_full_and_bad_input():
         Attention(16, 4, 3)
     with pytest.raises(ValueError, match="batch=2"):
         attn(torch.randn(2, 1, 16), attn.allocate_state(1, max_len=4))
+
+
+def test_rope_makes_order_visible():
+    """Without positions the last output ignores the order of the earlier tokens; with rope it does not."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 16)
+    swapped = x[:, [1, 0, 2, 3, 4, 5]]
+    plain, rotary = Attention(16, 4), Attention(16, 4, rope=True)
+    torch.testing.assert_close(plain(x)[:, -1], plain(swapped)[:, -1])
+    assert not torch.allclose(rotary(x)[:, -1], rotary(swapped)[:, -1], atol=1e-4)
+    with pytest.raises(ValueError, match="even head_dim"):
+        Attention(12, 4, rope=True)

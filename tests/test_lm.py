@@ -17,11 +17,12 @@ TINY = {
     "moe-mamba-tiny": {},
     "jamba-tiny": {},
     "jamba-tiny-window": {"window": 2},
+    "jamba-tiny-rope": {"rope": True, "window": 3},
 }
 
 
 def tiny(name):
-    base = name.replace("-window", "")
+    base = name.replace("-window", "").replace("-rope", "")
     return create_model(base, n_layer=4, **TINY[name]).eval() if base == "jamba-tiny" else create_model(base).eval()
 
 

@@ -61,6 +61,8 @@ class LMConfig:
     n_heads: int = 8
     n_kv_heads: int | None = None
     window: int | None = None
+    rope: bool = False  # rotary position embedding in the attention layers (Jamba has none)
+    rope_base: float = 10000.0
     # feed-forward
     d_ffn: int = 0
     mlp_kind: str = "swiglu"
@@ -166,7 +168,8 @@ class CausalLM(nn.Module):
                           conv_bias=c.conv_bias, bias=c.proj_bias, inner_norm=c.inner_norm,
                           selective=c.selective, norm_eps=c.norm_eps, layer_idx=i)
         else:
-            mixer = Attention(c.d_model, c.n_heads, c.n_kv_heads, window=c.window, layer_idx=i)
+            mixer = Attention(c.d_model, c.n_heads, c.n_kv_heads, window=c.window, layer_idx=i, rope=c.rope,
+                              rope_base=c.rope_base)
         ffn = None
         if ffn_kind == "mlp":
             ffn = MLP(c.d_model, c.d_ffn, kind=c.mlp_kind)
