@@ -24,6 +24,20 @@ _MAX_BLOCK_NORM = 8192  # one program holds a whole row up to this width, else i
 
 
 @triton.jit
+def _residual_chunk(x_row, r_row, offs, mask, HAS_X: tl.constexpr, LOAD_RES: tl.constexpr,
+                    STORE_RES: tl.constexpr, BLOCK: tl.constexpr):
+    """(residual + x) at offs of one row, fp32 (BLOCK,); written back to the residual if STORE_RES."""
+    r = tl.zeros([BLOCK], dtype=tl.float32)
+    if LOAD_RES:
+        r += tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_X:
+        r += tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if STORE_RES:
+        tl.store(r_row + offs, r, mask=mask)
+    return r
+
+
+@triton.jit
 def add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr,
     d, stride_x, stride_res, stride_out, eps,
@@ -39,13 +53,7 @@ def add_rms_norm_kernel(
     if ONE_PASS:
         offs = tl.arange(0, BLOCK)
         mask = offs < d
-        r = tl.zeros([BLOCK], dtype=tl.float32)
-        if LOAD_RES:
-            r += tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_X:
-            r += tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if STORE_RES:
-            tl.store(r_row + offs, r, mask=mask)
+        r = _residual_chunk(x_row, r_row, offs, mask, HAS_X, LOAD_RES, STORE_RES, BLOCK)
         rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / d + eps)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(o_row + offs, (r * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
@@ -54,13 +62,7 @@ def add_rms_norm_kernel(
         for start in range(0, d, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < d
-            r = tl.zeros([BLOCK], dtype=tl.float32)
-            if LOAD_RES:
-                r += tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_X:
-                r += tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            if STORE_RES:
-                tl.store(r_row + offs, r, mask=mask)
+            r = _residual_chunk(x_row, r_row, offs, mask, HAS_X, LOAD_RES, STORE_RES, BLOCK)
             acc += r * r
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / d + eps)
         tl.debug_barrier()  # the row written above is read back by the same program
