@@ -62,6 +62,18 @@ def _st3(t: Optional[Tensor]) -> tuple:
     return tuple(t.stride()) if t is not None else (0, 0, 0)
 
 
+def _check_row_extent(**tensors) -> None:
+    """The kernels address inside one batch row with 32-bit offsets (the row base is 64-bit)."""
+    for name, t in tensors.items():
+        if t is None or t.dim() < 3:
+            continue
+        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]))
+        if extent >= 2 ** 31:
+            raise ValueError(f"{name}: one batch row spans {extent} elements (shape {tuple(t.shape)}, strides "
+                             f"{tuple(t.stride())}); the Triton scan needs under 2^31: split the sequence and "
+                             f"carry the state (initial_state / return_last_state)")
+
+
 def _st_bc(X: Tensor, inv: bool) -> tuple:
     return (0, 0, 0, 0) if inv else tuple(X.stride())
 
@@ -127,6 +139,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
     block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["block_d"], block_l, cfg)
     block_n = triton.next_power_of_2(N)
     y = new_output(u, z)
+    _check_row_extent(u=u, delta=delta, z=z, y=y, B=B, C=C)
     hs = u.new_empty(batch, dim, n_chunks, N, dtype=torch.float32)
     hend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)
     grid = (batch * triton.cdiv(dim, block_d), nsplit)

@@ -117,6 +117,15 @@ def test_split_sequence(split_l):
     assert_close(got, ref, TOL[torch.float32])
 
 
+def test_row_too_long_for_32_bit_offsets_is_refused():
+    """A batch row the kernel cannot address with 32-bit offsets raises a clear error before any launch
+    (meta tensors: the shapes and strides are real, no memory is allocated)."""
+    big = torch.empty_strided((1, 2, 3), (0, 2 ** 31, 1), device="meta")
+    B = torch.empty(1, 4, 3, device="meta")
+    with pytest.raises(ValueError, match="2\\^31"):
+        ops.scan_forward(big, big, torch.empty(2, 4, device="meta"), B, B, None, None, None, None, None, False)
+
+
 def test_separate_tile_lengths(monkeypatch):
     """The forward and backward may walk L in tiles of different lengths (checkpoints every `chunk` steps)."""
     monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 3)
