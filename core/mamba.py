@@ -5,6 +5,7 @@ and an LTI mode (the same block with a non-selective S4D-style SSM in place of S
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,15 @@ from core.cache import MambaState
 from core.decode import conv_step_ref, fused_decode_enabled
 from core.norm import RMSNorm
 from core.scan import scan_backend, selective_scan, selective_state_update_ref
+
+
+def conv_backend(device: torch.device) -> str:
+    """The mixer's conv1d: 'triton' only when MAMBAZOO_CONV=triton asks for kernels.conv1d (see there)."""
+    if os.environ.get("MAMBAZOO_CONV", "torch").strip().lower() == "torch":
+        return "torch"
+    from kernels.conv1d import conv_backend as kernel_conv_backend
+
+    return kernel_conv_backend(device)
 
 
 def dt_bias_init(d_inner: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: float = 1e-4) -> torch.Tensor:
@@ -150,6 +160,11 @@ class Mamba(nn.Module):
         this one, and the scan walks L backwards."""
         L = x.shape[-1]
         weight = direction.conv1d.weight
+        if state is None and conv_backend(x.device) == "triton":  # opt-in: MAMBAZOO_CONV=triton
+            from kernels.conv1d import causal_conv1d
+
+            xc = causal_conv1d(x, weight, direction.conv1d.bias, silu=True, reverse=reverse)
+            return direction.scan(xc, z, reverse=reverse)
         if state is not None:
             xc = torch.cat([state.conv[..., 1:].to(x.dtype), x], dim=-1)
             new_conv = torch.cat([state.conv.to(x.dtype), x], dim=-1)[..., -self.d_conv:]

@@ -358,7 +358,19 @@ def conv_note(bw):
     tfb = bench(lambda: f().backward(dy), grad_to_none=[x, w, bias])
     print(f"conv1d+silu (8,1536,2048) bf16: fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms; "
           f"floor fwd {2 * x.numel() * 2 / bw / 1e9:.3f} ms", flush=True)
-    return dict(fwd=tf, fb=tfb)
+    # kernels.conv1d (MAMBAZOO_CONV=triton) on the mixer's own layout: a (b, L, d) view of in_proj's output
+    from kernels.conv1d import causal_conv1d
+
+    proj = torch.randn(b, L, 2 * d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    xv = proj[..., :d].transpose(1, 2)
+    g = lambda: causal_conv1d(xv, w, bias, silu=True)  # noqa: E731
+    err = rel(g(), torch.nn.functional.silu(torch.nn.functional.conv1d(xv, w, bias, padding=3, groups=d)[..., :L]))
+    with torch.no_grad():
+        tf2 = bench(g)
+    tfb2 = bench(lambda: g().backward(dy), grad_to_none=[proj, w, bias])
+    print(f"triton causal_conv1d on the (b, L, d) view: fwd {tf2:.3f} ms, fwd+bwd {tfb2:.3f} ms "
+          f"(rel. error vs torch {err:.1e})", flush=True)
+    return dict(fwd=tf, fb=tfb, triton_fwd=tf2, triton_fb=tfb2, triton_err=err)
 
 
 def resources(configs=((8, 16, 1, "fwd"), (4, 16, 1, "bwd"), (4, 8, 1, "bwd"))):
