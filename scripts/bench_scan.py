@@ -140,6 +140,28 @@ def check_against_reference():
         ys.append(yr)
     e1, e2 = rel(y, torch.cat(ys, -1)), rel(h, hr)
     print(f"seq_idx        y={e1:.1e} last={e2:.1e}" + ("  ok" if max(e1, e2) < 1e-4 else "  FAIL"))
+    # the mixer's layout: u, z, delta, B, C as (b, L, .) views (strided loads; the backward's paired
+    # dB/dC lane shuffle must still pair channels), gradients taken through the views
+    torch.manual_seed(7)
+    bb, dd, LL, NN = 2, 64, 300, 16
+    proj = dict(xz=torch.randn(bb, LL, 2 * dd, device=DEV), dl=torch.randn(bb, LL, dd, device=DEV) * 0.5,
+                xp=torch.randn(bb, LL, 8 + 2 * NN, device=DEV))
+    base = make(bb, dd, LL, NN, dtype=torch.float32)
+    grads = []
+    for strided in (True, False):
+        p = {k: v.clone().requires_grad_() for k, v in proj.items()}
+        v = dict(u=p["xz"][..., :dd].transpose(1, 2), z=p["xz"][..., dd:].transpose(1, 2),
+                 delta=p["dl"].transpose(1, 2), B=p["xp"][..., 8:8 + NN].transpose(1, 2),
+                 C=p["xp"][..., 8 + NN:].transpose(1, 2))
+        if not strided:
+            v = {k: t.contiguous() for k, t in v.items()}
+        args = [v.get(k, base[k]) for k in ORDER]
+        fn = selective_scan_triton if strided else selective_scan_ref
+        (fn(*args, True) * torch.linspace(-1, 1, LL, device=DEV)).sum().backward()
+        grads.append({k: t.grad for k, t in p.items()})
+    e6 = max(rel(grads[0][k], grads[1][k]) for k in grads[1])
+    print(f"strided views  max grad err={e6:.1e}" + ("  ok" if e6 < 1e-4 else "  FAIL"))
+    e1 = max(e1, e6)
     # reverse=True (split into 3 stretches) vs the oracle on flipped inputs
     x = make(2, 64, 300, 16, dtype=torch.float32, h0=True)
     old = ops.CONFIG["cuda"]["nsplit"]
