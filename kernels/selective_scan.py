@@ -114,11 +114,35 @@ def _a_tile(dl_ptr, bias, b, offs_d, t, L, sdd, sdl: tl.constexpr, A2, mask_d, s
     mask_t = t < L
     dt, _ = _dt_tile(dl_ptr, bias, _off(offs_d, _mem(t, L, REVERSE), sdd, sdl),
                      mask_t[:, None] & mask_d[None, :], HAS_BIAS, SOFTPLUS, FAST)
+    return _decay(dt, A2, seq_ptr, b, L, t, mask_t, HAS_SEQ, REVERSE)
+
+
+@triton.jit
+def _decay(dt, A2, seq_ptr, b, L, t, mask_t, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr):
+    """a_t = exp(dt_t A) as a (BLOCK_L, BLOCK_N, BLOCK_D) tile, 0 where a packed sequence starts."""
     a = tl.exp2(dt[:, None, :] * A2[None, :, :])
     if HAS_SEQ:
         reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
         a = tl.where(reset[:, None, None], 0.0, a)
     return a
+
+
+@triton.jit
+def _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
+                offs_d, offs_n, mask_d, mask_n, sdd, sdl: tl.constexpr, sud, sul: tl.constexpr, sBn,
+                sBl: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
+                HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, B_INV: tl.constexpr):
+    """What the recurrence needs at scan steps t (memory steps tm): dt and its pre-softplus value v
+    (BLOCK_L, BLOCK_D), u, the B tile, the decays a and the inputs x = dt u B (BLOCK_L, BLOCK_N, BLOCK_D)."""
+    dt, v = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
+    u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
+    if B_INV:
+        Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
+    else:
+        Bt = _bc_var(B_ptr, sBn, sBl, offs_n, tm, mask_n, mask_t)
+    a = _decay(dt, A2, seq_ptr, b, L, t, mask_t, HAS_SEQ, REVERSE)
+    x = (dt * u)[:, None, :] * Bt
+    return dt, v, u, Bt, a, x
 
 
 @triton.jit
@@ -238,17 +262,9 @@ def scan_fwd_kernel(
         tm = _mem(t, L, REVERSE)
         mask_t = t < L
         io_mask = mask_t[:, None] & mask_d[None, :]
-        dt, _ = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
-        u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
-        if B_INV:
-            Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
-        else:
-            Bt = _bc_var(B_ptr, sBn, sBl, offs_n, tm, mask_n, mask_t)
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-        if HAS_SEQ:
-            reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
-            a = tl.where(reset[:, None, None], 0.0, a)
-        x = (dt * u)[:, None, :] * Bt
+        dt, _, u, Bt, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
+                                    offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS, SOFTPLUS, FAST,
+                                    HAS_SEQ, REVERSE, B_INV)
         if STATE_ONLY:
             acum, hz = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
             prod = prod * _last(acum, offs_l, BLOCK_L)
@@ -374,17 +390,9 @@ def scan_bwd_kernel(
                     tm = _mem(t, L, REVERSE)
                     mask_t = t < L
                     io_mask = mask_t[:, None] & mask_d[None, :]
-                    dt, _ = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
-                    u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
-                    if B_INV:
-                        Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
-                    else:
-                        Bt = _bc_var(B_ptr, sBn, sBl, offs_n, tm, mask_n, mask_t)
-                    a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-                    if HAS_SEQ:
-                        reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
-                        a = tl.where(reset[:, None, None], 0.0, a)
-                    x = (dt * u)[:, None, :] * Bt
+                    _, _, _, _, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
+                                        offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS, SOFTPLUS, FAST,
+                                        HAS_SEQ, REVERSE, B_INV)
                     _, hh = tl.associative_scan((a, tl.where(first, x + a * hc[None, :, :], x)), axis=0,
                                                 combine_fn=_combine)
                     hc = _last(hh, offs_l, BLOCK_L)
@@ -412,17 +420,10 @@ def scan_bwd_kernel(
             rprod = rprod * _first(rcum, offs_l)
             q = _first(qz, offs_l) + _first(rcum, offs_l) * q
         else:
-            # recompute the forward decays of this tile
-            dt, v = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
-            u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
-            if B_INV:
-                Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
-            else:
-                Bt = _bc_var(B_ptr, sBn, sBl, offs_n, tm, mask_n, mask_t)
-            a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-            if HAS_SEQ:
-                reset = _reset_tile(seq_ptr, b, L, t, mask_t, 0, REVERSE)
-                a = tl.where(reset[:, None, None], 0.0, a)
+            # recompute the forward decays and inputs of this tile
+            dt, v, u, Bt, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
+                                             offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS,
+                                             SOFTPLUS, FAST, HAS_SEQ, REVERSE, B_INV)
             # a_{t+1}, recomputed: one more exp per element, but cheaper than shifting a_t by one step
             # inside the thread (a sequential "scan" that keeps the right neighbour: +0.4 ms on an H100)
             an = _a_tile(dl_ptr, bias, b, offs_d, t + 1, L, sdd, sdl, A2, mask_d, seq_ptr,
@@ -433,7 +434,6 @@ def scan_bwd_kernel(
             q = _first(qt, offs_l)
             # recompute the forward states of this tile from its stored entering state
             dtu = dt * u
-            x = dtu[:, None, :] * Bt
             h_in = tl.load(scratch + j * BLOCK_N * BLOCK_D)
             _, h = tl.associative_scan((a, tl.where(first, x + a * h_in[None, :, :], x)), axis=0,
                                        combine_fn=_combine)
