@@ -47,9 +47,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
         x = x.float()
         h = self.mixer(self.norm(x)) if state is None else self.mixer(self.norm(x), state)
-        x = x + drop_path(h, self.drop_path, self.training).float()
+        # fp32 + bf16 promotes to fp32 in one kernel (no separate upcast of the branch output)
+        x = x + drop_path(h, self.drop_path, self.training)
         if self.ffn is not None:
-            x = x + drop_path(self._ffn(x), self.drop_path, self.training).float()
+            x = x + drop_path(self._ffn(x), self.drop_path, self.training)
         return x
 
     def step(self, x: torch.Tensor, state) -> torch.Tensor:

@@ -195,7 +195,7 @@ class Mamba(nn.Module):
         y = self._branch(self.fwd, xs, z, state)
         if self.bidirectional:
             yb = self._branch(self.bwd, xs, z, None, reverse=True)
-            y = (y + yb) * 0.5
+            y = torch.lerp(y, yb, 0.5)  # (y + yb) / 2 in one pass
         return self.out_proj(y.transpose(1, 2))
 
     # -- decoding --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from kernels import _interpret
 
 _interpret.apply()
 
-from kernels.ops import scan_fwd
+from kernels.ops import EagerScan, scan_fwd
 from kernels.state_update import check_state_update, launch_state_update, state_update
 
 __all__ = ["selective_scan_triton", "selective_state_update"]
@@ -66,8 +66,9 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     with return_last_state, the final state (batch, dim, N) fp32; both are differentiable.
     """
     _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    y, last, _ = scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus),
-                          bool(reverse))
+    # eager: an autograd.Function around the same launchers (the custom-op dispatcher costs host time per call)
+    op = scan_fwd if torch.compiler.is_compiling() else EagerScan.apply
+    y, last, _ = op(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus), bool(reverse))
     return (y, last) if return_last_state else y
 
 

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from kernels._host import cdiv
 
 __all__ = ["causal_conv1d", "conv_backend"]
 
@@ -167,7 +168,7 @@ def conv_dx_kernel(w_ptr, dp_ptr, dx_ptr, L, dim, W: tl.constexpr, REVERSE: tl.c
 
 
 def _grid(batch: int, L: int, dim: int):
-    return (batch, triton.cdiv(L, BLOCK_L), triton.cdiv(dim, BLOCK_D))
+    return (batch, cdiv(L, BLOCK_L), cdiv(dim, BLOCK_D))
 
 
 class _CausalConv1d(torch.autograd.Function):
@@ -194,9 +195,9 @@ class _CausalConv1d(torch.autograd.Function):
         dp = x.new_empty(batch, L, dim, dtype=torch.float32)
         dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
         db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
-        n_tiles = triton.cdiv(L, BLOCK_L)
+        n_tiles = cdiv(L, BLOCK_L)
         per_prog = min(n_tiles, DW_TILES)
-        grid = (batch, triton.cdiv(n_tiles, per_prog), triton.cdiv(dim, BLOCK_D))
+        grid = (batch, cdiv(n_tiles, per_prog), cdiv(dim, BLOCK_D))
         conv_dpre_kernel[grid](x, w, bias, dy, dp, dw, db, L, dim, *x.stride(), *dy.stride(), per_prog, W=W,
                                HAS_BIAS=bias is not None, SILU=ctx.silu, REVERSE=ctx.reverse,
                                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)

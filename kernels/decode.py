@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from kernels._host import cdiv, next_power_of_2
 
 __all__ = ["add_rms_norm", "conv_state_update"]
 
@@ -111,7 +112,7 @@ def add_rms_norm(x: Optional[Tensor], residual: Optional[Tensor], weight: Tensor
     if residual is None:
         residual = torch.empty(batch, d, device=ref.device, dtype=torch.float32)
     out = torch.empty(batch, d, device=ref.device, dtype=out_dtype)
-    block = min(triton.next_power_of_2(d), _MAX_BLOCK_NORM)
+    block = min(next_power_of_2(d), _MAX_BLOCK_NORM)
     add_rms_norm_kernel[(batch,)](
         x if x is not None else residual,  # never read without x (pointer arithmetic needs a tensor)
         residual, weight, out, d, x.stride(0) if x is not None else 0, residual.stride(0), out.stride(0),
@@ -174,9 +175,9 @@ def conv_state_update(conv_state: Tensor, x: Tensor, weight: Tensor, bias: Optio
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     y = torch.empty(batch, d, device=x.device, dtype=x.dtype)
-    block_w = triton.next_power_of_2(W)
-    block_d = 128 if conv_state.is_cuda else min(triton.next_power_of_2(d), 1024)
-    grid = (batch, triton.cdiv(d, block_d))
+    block_w = next_power_of_2(W)
+    block_d = 128 if conv_state.is_cuda else min(next_power_of_2(d), 1024)
+    grid = (batch, cdiv(d, block_d))
     conv_state_update_kernel[grid](
         conv_state, x, w, bias, y,
         d, W, conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), x.stride(0),

@@ -11,9 +11,9 @@ import os
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
+from kernels._host import cdiv, next_power_of_2
 from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 
 # Tile sizes (steps per tile block_l, channels per program block_d, warps), per pass.  The forward
@@ -21,19 +21,21 @@ from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 # values from `scripts/bench_scan.py --probe` on an H100 (docs/kernel_notes.md).  L is split into
 # stretches only when fewer than `split_below` programs would run, aiming at `min_programs`.  The CPU
 # interpreter uses small tiles so that tests cross several tiles, chunks and stretches at tiny lengths.
+# fwd_stages: the forward's software pipeline depth (inputs of the next tiles copied ahead to shared memory).
 # pair_reduce: the backward sums dB and dC over the channels together, starting with a lane shuffle in
 # inline PTX (GPU only; the interpreter runs the plain reductions).
 # bwd_tiles: when bwd_block_l / bwd_block_d are None, the backward takes the first (block_l, block_d) whose
 # programs fit in one wave (SMs x the warps per SM its registers allow), else the last.  Registers at sm_90:
 # (4, 8) 168 -> 12 warps per SM, (4, 16) 254 and (8, 8) 237 -> 8.  Measured on an H100 (session 3, ms):
 # (8, 1536, 2048) 1.50 / 1.51 / 1.64, (4, 4096, 4096) 4.99 / 3.21 / 3.37, (64, 384, 4097) 6.48 / 9.04 / 5.97,
-# (128, 384, 197) 0.81 / 0.87 / 0.76.
+# (128, 384, 197) 0.81 / 0.87 / 0.76.  The backward is persistent: at most the programs that fit at once
+# (bwd_programs where bwd_block_l is given; the CPU's 3 makes the tests walk several work items per program).
 CONFIG = {
-    "cuda": dict(fwd_block_l=8, block_d=16, fwd_warps=1, bwd_block_l=None, bwd_block_d=None, bwd_warps=1, chunk=64,
+    "cuda": dict(fwd_block_l=8, block_d=16, fwd_warps=1, fwd_stages=3, bwd_block_l=None, bwd_block_d=None, bwd_warps=1, chunk=64,
                  bwd_tiles=((4, 8, 12), (4, 16, 8), (8, 8, 8)),
                  min_programs=3072, split_below=512, nsplit=0, pair_reduce=True),
-    "cpu": dict(fwd_block_l=8, block_d=4, fwd_warps=1, bwd_block_l=8, bwd_block_d=4, bwd_warps=1, chunk=16,
-                min_programs=1, split_below=1, nsplit=0),
+    "cpu": dict(fwd_block_l=8, block_d=4, fwd_warps=1, fwd_stages=1, bwd_block_l=8, bwd_block_d=4, bwd_warps=1, chunk=16,
+                bwd_programs=3, min_programs=1, split_below=1, nsplit=0),
 }
 
 
@@ -54,9 +56,16 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 def _bc_layout(X: Tensor, dim: int):
-    """(tensor as (b, G, N, L) (any strides) or (d, N), G, channels per group, invariant?)."""
+    """(tensor as (b, G, N, L) (any strides) or (d, N), G, channels per group, invariant?).
+
+    A variable B or C in half precision is handed to the kernels as an fp32 copy (L contiguous): a program
+    broadcasts each B/C value over its channel lanes, and Triton converts bf16 after that broadcast, once per
+    lane. The copy is 1/(d/N) the size of u; it cuts the forward's tile loop from 860 to 679 SASS
+    instructions and the backward's from 1,032 to 952 (sm_90, (4, 8) tile)."""
     if X.dim() == 2:
         return X.contiguous(), 1, dim, True
+    if X.dtype != torch.float32:
+        X = X.float()
     if X.dim() == 3:
         X = X.unsqueeze(1)
     G = X.shape[1]
@@ -109,15 +118,15 @@ def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict
         if X.dim() == 4 and X.shape[1] > 1:
             block_d = _pow2_divisor(dim // X.shape[1], block_d)
     K = max(1, cfg["chunk"] // block_l)
-    n_tiles = max(1, triton.cdiv(L, block_l))
-    n_chunks = triton.cdiv(n_tiles, K)
-    progs = batch * triton.cdiv(dim, block_d)
+    n_tiles = max(1, cdiv(L, block_l))
+    n_chunks = cdiv(n_tiles, K)
+    progs = batch * cdiv(dim, block_d)
     nsplit = cfg["nsplit"]
     if not nsplit:  # split L only where the channels alone cannot fill the GPU (long single sequences)
-        nsplit = triton.cdiv(cfg["min_programs"], progs) if progs < cfg["split_below"] else 1
+        nsplit = cdiv(cfg["min_programs"], progs) if progs < cfg["split_below"] else 1
         nsplit = max(1, min(n_chunks, nsplit))
-    chunks_per_split = triton.cdiv(n_chunks, nsplit)
-    nsplit = triton.cdiv(n_chunks, chunks_per_split)
+    chunks_per_split = cdiv(n_chunks, nsplit)
+    nsplit = cdiv(n_chunks, chunks_per_split)
     return block_d, n_tiles, nsplit, chunks_per_split * K, K, n_chunks
 
 
@@ -125,23 +134,26 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _bwd_tile(batch: int, dim: int, device: torch.device, cfg: dict) -> tuple[int, int]:
-    """(block_l, block_d) of the backward: the configured pair, or by occupancy (cfg["bwd_tiles"]): a
-    program is one warp walking the whole sequence, so a second partial wave costs nearly a whole one."""
+def _bwd_tile(batch: int, dim: int, device: torch.device, cfg: dict) -> tuple[int, int, int]:
+    """(block_l, block_d, programs) of the backward: the configured pair, or by occupancy (cfg["bwd_tiles"]):
+    a program is one warp walking the whole sequence, so a second partial wave costs nearly a whole one.
+    programs: how many programs run at once (SMs x warps per SM; cfg["bwd_programs"] where given); the
+    persistent backward launches no more than that, so its scratch does not grow with the work."""
     if cfg["bwd_block_l"] is not None:
-        return cfg["bwd_block_l"], cfg["bwd_block_d"]
+        return cfg["bwd_block_l"], cfg["bwd_block_d"], cfg.get("bwd_programs") or batch * cdiv(dim, 1)
     tiles = cfg["bwd_tiles"]
     for block_l, block_d, warps_per_sm in tiles:
-        if batch * triton.cdiv(dim, block_d) <= _sm_count(device) * warps_per_sm:
-            return block_l, block_d
-    return tiles[-1][:2]
+        if batch * cdiv(dim, block_d) <= _sm_count(device) * warps_per_sm:
+            return block_l, block_d, _sm_count(device) * warps_per_sm
+    block_l, block_d, warps_per_sm = tiles[-1]
+    return block_l, block_d, _sm_count(device) * warps_per_sm
 
 
 def _n_chunks(L: int, device: torch.device) -> int:
     cfg = _cfg(device)
     bl = cfg["fwd_block_l"]
     K = max(1, cfg["chunk"] // bl)
-    return triton.cdiv(max(1, triton.cdiv(L, bl)), K)
+    return cdiv(max(1, cdiv(L, bl)), K)
 
 
 def _flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse):
@@ -162,14 +174,14 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
     block_l = cfg["fwd_block_l"]
     block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["block_d"], block_l, cfg)
-    block_n = triton.next_power_of_2(N)
+    block_n = next_power_of_2(N)
     y = new_output(u, z)
     _check_row_extent(u=u, delta=delta, z=z, y=y, B=B, C=C)
     hs = u.new_empty(batch, dim, n_chunks, N, dtype=torch.float32)
     hend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)
-    grid = (batch * triton.cdiv(dim, block_d), nsplit)
+    grid = (batch * cdiv(dim, block_d), nsplit)
     common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=cfg["fwd_warps"],
-                  **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse))
+                  STAGES=cfg["fwd_stages"], **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse))
     sizes = (*_st3(u), *_st3(delta), *_st3(z), *_st3(y), *_st_bc(Bk, B_inv), *_st_bc(Ck, C_inv),
              dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K)
     h0 = initial_state.float().contiguous().unsqueeze(2) if initial_state is not None else None
@@ -198,9 +210,10 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     Bk, GB, dpg_b, B_inv = _bc_layout(B, dim)
     Ck, GC, dpg_c, C_inv = _bc_layout(C, dim)
-    block_l, block_d = _bwd_tile(batch, dim, u.device, cfg)
+    block_l, block_d, programs = _bwd_tile(batch, dim, u.device, cfg)
     block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, block_d, block_l, cfg)
-    block_n = triton.next_power_of_2(N)
+    n_work = batch * cdiv(dim, block_d)
+    block_n = next_power_of_2(N)
     f32 = dict(dtype=torch.float32, device=u.device)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
@@ -211,13 +224,13 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
     dD = torch.zeros(dim, **f32) if D is not None else None
     dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
     dh0 = u.new_empty(batch, dim, N, dtype=torch.float32) if has_h0 else None
-    grid = (batch * triton.cdiv(dim, block_d), nsplit)
+    grid = (min(n_work, programs), nsplit)
     scratch = u.new_empty(grid[0] * nsplit * K * block_n * block_d, dtype=torch.float32)
     common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=cfg["bwd_warps"],
-                  **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse))
+                  PERSISTENT=n_work > grid[0], **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse))
     sizes = (*_st3(u), *_st3(delta), *_st3(z), *_st3(dout), *_st3(du), *_st3(ddelta), *_st3(dz),
              *_st_bc(Bk, B_inv), *_st_bc(Ck, C_inv),
-             dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K)
+             dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K, n_work)
     qin = None
     if dlast is not None:
         qin = dlast.float().contiguous().unsqueeze(2)
@@ -299,11 +312,13 @@ def _setup_context(ctx, inputs, output):
     ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
 
 
-def _backward(ctx, dy, dlast, _dtiles):
+def _input_grads(ctx, dy, dlast, backward_fn):
+    """The gradients of scan_fwd's inputs (None for absent ones) from backward_fn (scan_bwd or scan_backward)."""
     u, delta, A, B, C, D, z, delta_bias, seq_idx, hs = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(u)
-    g = scan_bwd(dy, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, ctx.softplus, ctx.has_h0, ctx.reverse)
+    g = backward_fn(dy, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, ctx.softplus, ctx.has_h0,
+                    ctx.reverse)
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = g
     return (du, ddelta, dA, dB, dC,
             dD if D is not None else None, dz if z is not None else None,
@@ -311,4 +326,25 @@ def _backward(ctx, dy, dlast, _dtiles):
             dh0.to(ctx.h0_dtype) if ctx.has_h0 else None, None, None, None)
 
 
+def _backward(ctx, dy, dlast, _dtiles):
+    return _input_grads(ctx, dy, dlast, scan_bwd)
+
+
 scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerScan(torch.autograd.Function):
+    """scan_fwd / scan_bwd without the custom-op dispatcher, for eager mode: the same launchers and the same
+    autograd formula, minus the dispatcher's per-call work (schema checks, the autograd wrapper, output
+    checks), which is host time the GPU waits on when a scan is short. torch.compile uses the custom ops."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse):
+        y, last, hs = scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse)
+        _setup_context(ctx, (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse),
+                       (y, last, hs))
+        return y, last, hs
+
+    @staticmethod
+    def backward(ctx, dy, dlast, _dtiles):
+        return _input_grads(ctx, dy, dlast, scan_backward)

@@ -250,10 +250,11 @@ def _add_tn(ptrs, val, mask, ABLATE: tl.constexpr):
 
 
 @triton.jit
-def _program(dim, N, dpg_b, dpg_c, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    """What a program of either pass owns: (program id, stretch s, batch row b, first channel d0, the channel /
-    state / step offsets and masks, the B and C groups of its channels)."""
-    pid = tl.program_id(0)
+def _program(work, dim, N, dpg_b, dpg_c, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """What work item `work` (a block of BLOCK_D channels of one batch row) of either pass owns: (work, stretch s,
+    batch row b, first channel d0, the channel / state / step offsets and masks, the B and C groups of its
+    channels)."""
+    pid = work
     s = tl.program_id(1)
     n_dblk = tl.cdiv(dim, BLOCK_D)
     b = pid // n_dblk
@@ -293,6 +294,7 @@ def scan_fwd_kernel(
     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, B_INV: tl.constexpr, C_INV: tl.constexpr,
     STATE_ONLY: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, FAST: tl.constexpr,
+    STAGES: tl.constexpr = 1,
 ):
     """Grid (b * cdiv(d, BLOCK_D), nsplit).  Full pass: writes y, the tile states and the end state
     of each stretch (hend (b, d, nsplit, N)).  STATE_ONLY: writes hend from a zero start and the
@@ -303,7 +305,7 @@ def scan_fwd_kernel(
     C.h reduction over N stay inside a thread, and per-(t, d) work (softplus, D, gate) is not
     repeated for every n."""
     pid, s, b, d0, offs_d, offs_n, offs_l, mask_d, mask_n, mask_nd, gb, gc = _program(
-        dim, N, dpg_b, dpg_c, BLOCK_D, BLOCK_N, BLOCK_L)
+        tl.program_id(0), dim, N, dpg_b, dpg_c, BLOCK_D, BLOCK_N, BLOCK_L)
     u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr = _inputs_at_row(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, gb, gc, sub, sdb, szb,
                                                         sBb, sBg, sCb, sCg, HAS_Z, B_INV, C_INV)
     if not STATE_ONLY:
@@ -326,8 +328,10 @@ def scan_fwd_kernel(
 
     tile0 = s * tiles_per_split
     t_begin = tile0 * BLOCK_L
-    # the last stretch may hold fewer tiles: its extra tiles lie past L, fully masked (identity steps)
-    for it in range(tiles_per_split):
+    # the last stretch may hold fewer tiles: its extra tiles lie past L, fully masked (identity steps).
+    # STAGES > 1: Triton's pipeliner copies the inputs of the next tiles to shared memory (cp.async) while
+    # this one computes; one warp per program leaves few warps to hide the load latency otherwise.
+    for it in tl.range(tiles_per_split, num_stages=STAGES):
         t = t_begin + it * BLOCK_L + offs_l
         tm = _mem(t, L, REVERSE)
         mask_t = t < L
@@ -365,19 +369,21 @@ def scan_fwd_kernel(
 
 @triton.jit
 def scan_bwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, hs_ptr, dout_ptr, qin_ptr,
-    du_ptr, ddl_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr, qend_ptr, rend_ptr, scratch_ptr,
+    u_base, dl_base, A_ptr, B_base, C_base, D_ptr, z_base, bias_ptr, seq_ptr, hs_ptr, dout_base, qin_ptr,
+    du_base, ddl_base, dz_base, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr, qend_ptr, rend_ptr, scratch_ptr,
     sub, sud, sul: tl.constexpr, sdb, sdd, sdl: tl.constexpr, szb, szd, szl: tl.constexpr,
     sob, sod, sol: tl.constexpr, sgub, sgud, sgul: tl.constexpr, sgdb, sgdd, sgdl: tl.constexpr,
     sgzb, sgzd, sgzl: tl.constexpr, sBb, sBg, sBn, sBl: tl.constexpr, sCb, sCg, sCn, sCl: tl.constexpr,
-    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K,
+    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K, n_work,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_QIN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_INV: tl.constexpr, C_INV: tl.constexpr, STATE_ONLY: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, FAST: tl.constexpr,
-    PAIR_REDUCE: tl.constexpr = False, ABLATE: tl.constexpr = 0,
+    PAIR_REDUCE: tl.constexpr = False, ABLATE: tl.constexpr = 0, PERSISTENT: tl.constexpr = False,
 ):
-    """Grid (b * cdiv(d, BLOCK_D), nsplit); walks its stretch of L backwards, tile by tile.
+    """Grid (programs, nsplit): each program takes work items w = slot, slot + programs, ... < n_work =
+    b * cdiv(d, BLOCK_D) (BLOCK_D channels of one batch row) and walks its stretch of L backwards, tile by tile,
+    with its own scratch (K states of (BLOCK_N, BLOCK_D)).
 
     q_t = dL/dx_t = dL/dh_t obeys q_t = C_t dy_t + a_{t+1} q_{t+1}: a reverse scan of the pairs
     (a_{t+1}, C_t dy_t).  qin (b, d, nsplit, N) is q entering each stretch from its right.
@@ -387,176 +393,188 @@ def scan_bwd_kernel(
     STATE_ONLY: needs no u, B or states; writes q at the stretch's first step from a zero carry
     (qend) and the product of the a_{t+1} of the stretch (rend).
     Tiles are (BLOCK_L, BLOCK_N, BLOCK_D) as in the forward."""
-    pid, s, b, d0, offs_d, offs_n, offs_l, mask_d, mask_n, mask_nd, gb, gc = _program(
-        dim, N, dpg_b, dpg_c, BLOCK_D, BLOCK_N, BLOCK_L)
-    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr = _inputs_at_row(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, gb, gc, sub, sdb, szb,
-                                                        sBb, sBg, sCb, sCg, HAS_Z, B_INV, C_INV)
-    dout_ptr = _row(dout_ptr, b, sob)
-    if not STATE_ONLY:
-        du_ptr = _row(du_ptr, b, sgub)
-        ddl_ptr = _row(ddl_ptr, b, sgdb)
-        if HAS_Z:
-            dz_ptr = _row(dz_ptr, b, sgzb)
-    first = offs_l[:, None, None] == 0
-    last = offs_l[:, None, None] == BLOCK_L - 1
-
-    An = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)  # (BN, BD)
-    A2 = An * 1.4426950408889634
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-    state_off = ((b * dim + offs_d[None, :]) * nsplit + s) * N + offs_n[:, None]  # (BN, BD)
-    q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if HAS_QIN and not STATE_ONLY:
-        q = tl.load(qin_ptr + state_off, mask=mask_nd, other=0.0)
-    rprod = tl.full([BLOCK_N, BLOCK_D], 1.0, dtype=tl.float32)
-    dA_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dB_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dC_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-
-    tile0 = s * tiles_per_split
-    t_begin = tile0 * BLOCK_L
-    # the last stretch may hold fewer tiles: its extra tiles lie past L, fully masked (identity steps)
-    scratch = (scratch_ptr + (pid * nsplit + s) * K * BLOCK_N * BLOCK_D  # this program's K (BN, BD) states
-               + offs_n[:, None] * BLOCK_D + offs_d[None, :] - d0)
-    n_tiles = tiles_per_split
-    # the decay just past this stretch (1 past L): a_{t+1} of the stretch's last step
-    a_next = _first(_a_tile(dl_ptr, bias, b, offs_d, t_begin + n_tiles * BLOCK_L + offs_l, L, sdd, sdl, A2, mask_d,
-                            seq_ptr, HAS_BIAS, SOFTPLUS, FAST, HAS_SEQ, REVERSE), offs_l)
-    for it_rev in range(n_tiles):
-        it = n_tiles - 1 - it_rev
-        j = it % K
-        if not STATE_ONLY and (ABLATE & 1) == 0:  # ABLATE bits: timing experiments only (wrong results)
-            if j == K - 1:
-                # entering a chunk from its end: re-derive the states entering each of its K tiles
-                # from the chunk's checkpoint into this program's scratch (b, d, N per tile)
-                tc = tile0 + it - j
-                hc = tl.load(hs_ptr + ((b * dim + offs_d[None, :]) * n_chunks + tc // K) * N + offs_n[:, None],
-                            mask=mask_nd & (tc < n_tiles_total), other=0.0)
-                for jj in range(K):
-                    tl.store(scratch + jj * BLOCK_N * BLOCK_D, hc)
-                    t = (tc + jj) * BLOCK_L + offs_l
-                    tm = _mem(t, L, REVERSE)
-                    mask_t = t < L
-                    io_mask = mask_t[:, None] & mask_d[None, :]
-                    _, _, _, _, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
-                                        offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS, SOFTPLUS, FAST,
-                                        HAS_SEQ, REVERSE, B_INV)
-                    _, hh = tl.associative_scan((a, tl.where(first, x + a * hc[None, :, :], x)), axis=0,
-                                                combine_fn=_combine)
-                    hc = _last(hh, offs_l, BLOCK_L)
-                tl.debug_barrier()
-        t = t_begin + it * BLOCK_L + offs_l
-        tm = _mem(t, L, REVERSE)
-        mask_t = t < L
-        io_mask = mask_t[:, None] & mask_d[None, :]
-        dout = tl.load(dout_ptr + _off(offs_d, tm, sod, sol), mask=io_mask, other=0.0).to(tl.float32)
-        dy = dout
-        if HAS_Z:
-            zv = tl.load(z_ptr + _off(offs_d, tm, szd, szl), mask=io_mask, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(zv)
-            dy = dout * zv * sz
-        if C_INV:
-            Ct = _bc_inv(C_ptr, N, offs_d, offs_n, mask_d, mask_n)
-        else:
-            Ct = _bc_var(C_ptr, sCn, sCl, offs_n, tm, mask_n, mask_t)
-        c = Ct * dy[:, None, :]
-        if STATE_ONLY:
-            # a_{t+1}: 1 past the end so that q_L (the last state's gradient) flows into q_{L-1}
-            an = _a_tile(dl_ptr, bias, b, offs_d, t + 1, L, sdd, sdl, A2, mask_d, seq_ptr,
-                         HAS_BIAS, SOFTPLUS, FAST, HAS_SEQ, REVERSE)
-            rcum, qz = _rscan(an, c)
-            rprod = rprod * _first(rcum, offs_l)
-            q = _first(qz, offs_l) + _first(rcum, offs_l) * q
-        else:
-            # recompute the forward decays and inputs of this tile
-            dt, v, u, Bt, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
-                                             offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS,
-                                             SOFTPLUS, FAST, HAS_SEQ, REVERSE, B_INV)
-            # a_{t+1}: a_t moved up one step inside the thread; the tile's last step takes the first
-            # decay of the tile after it (carried from the previous iteration)
-            an = _next_steps(a, a_next, BLOCK_L, BLOCK_N, BLOCK_D)
-            a_next = _first(a, offs_l)
-            # the carried q enters at the tile's last step; the products of a are then dead code
-            c = tl.where(last, c + an * q[None, :, :], c)
-            _, qt = _rscan(an, c)
-            q = _first(qt, offs_l)
-            # recompute the forward states of this tile from its stored entering state
-            dtu = dt * u
-            h_in = tl.load(scratch + j * BLOCK_N * BLOCK_D)
-            _, h = tl.associative_scan((a, tl.where(first, x + a * h_in[None, :, :], x)), axis=0,
-                                       combine_fn=_combine)
-            hm = h - x  # a_t h_{t-1}
-            if HAS_Z and (ABLATE & 16) == 0:
-                y = tl.sum(h * Ct, axis=1) + Dv[None, :] * u
-                dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
-                tl.store(dz_ptr + _off(offs_d, tm, sgzd, sgzl), dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
-            qB = tl.sum(qt * Bt, axis=1)  # (BL, BD)
-            du = dt * qB + dy * Dv[None, :]
-            tl.store(du_ptr + _off(offs_d, tm, sgud, sgul), du.to(du_ptr.dtype.element_ty), mask=io_mask)
-            qhm = qt * hm
-            ddt = u * qB + tl.sum(qhm * An[None, :, :], axis=1)
-            if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(v)
-            ddt = tl.where(io_mask, ddt, 0.0)
-            tl.store(ddl_ptr + _off(offs_d, tm, sgdd, sgdl), ddt.to(ddl_ptr.dtype.element_ty), mask=io_mask)
-            dbias_acc += tl.sum(ddt, axis=0)
-            dD_acc += tl.sum(dy * u, axis=0)
-            dA_acc += tl.sum(qhm * dt[:, None, :], axis=0)
-            if (ABLATE & 2) == 0 and PAIR_REDUCE and FAST and not B_INV and not C_INV:
-                # dB and dC summed over the channels together: lane pairs (d, d^1) first swap halves
-                # (one shuffle per (t, n) for both), then the tree continues over the other lanes
-                pb = qt * dtu[:, None, :]
-                pc = h * dy[:, None, :]
-                odd = (offs_d % 2 == 1)[None, None, :]
-                r = tl.where(odd, pc, pb) + _lane_xor1(tl.where(odd, pb, pc))
-                r = tl.sum(tl.reshape(r, [BLOCK_L, BLOCK_N, BLOCK_D // 2, 2]), axis=2)  # [..., 0] dB, [..., 1] dC
-                jj2 = tl.arange(0, 2)[None, None, :]
-                rows_b = ((b * GB + gb) * N + offs_n) * L
-                rows_c = ((b * GC + gc) * N + offs_n) * L
-                ptrs = tl.where(jj2 == 0, dB_ptr + (rows_b[None, :] + tm[:, None])[:, :, None],
-                                dC_ptr + (rows_c[None, :] + tm[:, None])[:, :, None])
-                tl.atomic_add(ptrs, r, mask=(mask_t[:, None] & mask_n[None, :])[:, :, None] & (jj2 < 2),
-                              sem="relaxed")
-            elif (ABLATE & 2) == 0:
-                if B_INV:
-                    dB_acc += tl.sum(qt * dtu[:, None, :], axis=0)
-                else:
-                    dBt = tl.sum(qt * dtu[:, None, :], axis=2)  # (BL, BN)
-                    rows = ((b * GB + gb) * N + offs_n) * L
-                    _add_tn(dB_ptr + rows[None, :] + tm[:, None], dBt, mask_t[:, None] & mask_n[None, :], ABLATE)
-                if C_INV:
-                    dC_acc += tl.sum(h * dy[:, None, :], axis=0)
-                else:
-                    dCt = tl.sum(h * dy[:, None, :], axis=2)
-                    rows = ((b * GC + gc) * N + offs_n) * L
-                    _add_tn(dC_ptr + rows[None, :] + tm[:, None], dCt, mask_t[:, None] & mask_n[None, :], ABLATE)
-    if STATE_ONLY:
-        tl.store(qend_ptr + state_off, q, mask=mask_nd)
-        tl.store(rend_ptr + state_off, rprod, mask=mask_nd)
+    # PERSISTENT: the grid holds at most the programs that fit on the GPU at once, each taking work items
+    # (blocks of channels of one batch row) in turn, so the scratch is sized by programs, not by work items.
+    # Otherwise one work item per program: the one-trip loop folds away (the outer loop costs registers:
+    # 168 -> 214 per thread at the (4, 8) tile on sm_90).
+    slot = tl.program_id(0)
+    if PERSISTENT:
+        stop = n_work
+        step = tl.num_programs(0)
     else:
-        nd_off = offs_d[None, :] * N + offs_n[:, None]
-        tl.atomic_add(dA_ptr + nd_off, dA_acc, mask=mask_nd, sem="relaxed")
-        if B_INV:
-            tl.atomic_add(dB_ptr + nd_off, dB_acc, mask=mask_nd, sem="relaxed")
-        if C_INV:
-            tl.atomic_add(dC_ptr + nd_off, dC_acc, mask=mask_nd, sem="relaxed")
-        if HAS_D:
-            tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d, sem="relaxed")
+        stop = slot + 1
+        step = 1
+    for work in range(slot, stop, step):
+        pid, s, b, d0, offs_d, offs_n, offs_l, mask_d, mask_n, mask_nd, gb, gc = _program(
+            work, dim, N, dpg_b, dpg_c, BLOCK_D, BLOCK_N, BLOCK_L)
+        u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr = _inputs_at_row(u_base, dl_base, z_base, B_base, C_base, b, gb, gc,
+                                                            sub, sdb, szb, sBb, sBg, sCb, sCg, HAS_Z, B_INV, C_INV)
+        dout_ptr = _row(dout_base, b, sob)
+        du_ptr = _row(du_base, b, sgub)
+        ddl_ptr = _row(ddl_base, b, sgdb)
+        dz_ptr = dz_base
+        if HAS_Z:
+            dz_ptr = _row(dz_base, b, sgzb)
+        first = offs_l[:, None, None] == 0
+        last = offs_l[:, None, None] == BLOCK_L - 1
+
+        An = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)  # (BN, BD)
+        A2 = An * 1.4426950408889634
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
         if HAS_BIAS:
-            tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d, sem="relaxed")
-        if HAS_H0:
-            if s == 0:
-                # dh_{-1} = a_0 q_0
-                t0 = offs_l * 0
-                m0 = (offs_l == 0)[:, None] & mask_d[None, :]
-                dt0, _ = _dt_tile(dl_ptr, bias, _off(offs_d, _mem(t0, L, REVERSE), sdd, sdl), m0, HAS_BIAS, SOFTPLUS, FAST)
-                dt0 = tl.sum(dt0, axis=0)  # (BD,)
-                a0 = tl.exp2(dt0[None, :] * A2)
-                tl.store(dh0_ptr + (b * dim + offs_d[None, :]) * N + offs_n[:, None], a0 * q, mask=mask_nd)
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+        state_off = ((b * dim + offs_d[None, :]) * nsplit + s) * N + offs_n[:, None]  # (BN, BD)
+        q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        if HAS_QIN and not STATE_ONLY:
+            q = tl.load(qin_ptr + state_off, mask=mask_nd, other=0.0)
+        rprod = tl.full([BLOCK_N, BLOCK_D], 1.0, dtype=tl.float32)
+        dA_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dB_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dC_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+        tile0 = s * tiles_per_split
+        t_begin = tile0 * BLOCK_L
+        # the last stretch may hold fewer tiles: its extra tiles lie past L, fully masked (identity steps)
+        scratch = (scratch_ptr + (slot * nsplit + s) * K * BLOCK_N * BLOCK_D  # this program's K (BN, BD) states
+                   + offs_n[:, None] * BLOCK_D + offs_d[None, :] - d0)
+        n_tiles = tiles_per_split
+        # the decay just past this stretch (1 past L): a_{t+1} of the stretch's last step
+        a_next = _first(_a_tile(dl_ptr, bias, b, offs_d, t_begin + n_tiles * BLOCK_L + offs_l, L, sdd, sdl, A2, mask_d,
+                                seq_ptr, HAS_BIAS, SOFTPLUS, FAST, HAS_SEQ, REVERSE), offs_l)
+        for it_rev in range(n_tiles):
+            it = n_tiles - 1 - it_rev
+            j = it % K
+            if not STATE_ONLY and (ABLATE & 1) == 0:  # ABLATE bits: timing experiments only (wrong results)
+                if j == K - 1:
+                    # entering a chunk from its end: re-derive the states entering each of its K tiles
+                    # from the chunk's checkpoint into this program's scratch (b, d, N per tile)
+                    tc = tile0 + it - j
+                    hc = tl.load(hs_ptr + ((b * dim + offs_d[None, :]) * n_chunks + tc // K) * N + offs_n[:, None],
+                                mask=mask_nd & (tc < n_tiles_total), other=0.0)
+                    for jj in range(K):
+                        tl.store(scratch + jj * BLOCK_N * BLOCK_D, hc)
+                        t = (tc + jj) * BLOCK_L + offs_l
+                        tm = _mem(t, L, REVERSE)
+                        mask_t = t < L
+                        io_mask = mask_t[:, None] & mask_d[None, :]
+                        _, _, _, _, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
+                                            offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS, SOFTPLUS, FAST,
+                                            HAS_SEQ, REVERSE, B_INV)
+                        _, hh = tl.associative_scan((a, tl.where(first, x + a * hc[None, :, :], x)), axis=0,
+                                                    combine_fn=_combine)
+                        hc = _last(hh, offs_l, BLOCK_L)
+                    tl.debug_barrier()
+            t = t_begin + it * BLOCK_L + offs_l
+            tm = _mem(t, L, REVERSE)
+            mask_t = t < L
+            io_mask = mask_t[:, None] & mask_d[None, :]
+            dout = tl.load(dout_ptr + _off(offs_d, tm, sod, sol), mask=io_mask, other=0.0).to(tl.float32)
+            dy = dout
+            if HAS_Z:
+                zv = tl.load(z_ptr + _off(offs_d, tm, szd, szl), mask=io_mask, other=0.0).to(tl.float32)
+                sz = tl.sigmoid(zv)
+                dy = dout * zv * sz
+            if C_INV:
+                Ct = _bc_inv(C_ptr, N, offs_d, offs_n, mask_d, mask_n)
+            else:
+                Ct = _bc_var(C_ptr, sCn, sCl, offs_n, tm, mask_n, mask_t)
+            c = Ct * dy[:, None, :]
+            if STATE_ONLY:
+                # a_{t+1}: 1 past the end so that q_L (the last state's gradient) flows into q_{L-1}
+                an = _a_tile(dl_ptr, bias, b, offs_d, t + 1, L, sdd, sdl, A2, mask_d, seq_ptr,
+                             HAS_BIAS, SOFTPLUS, FAST, HAS_SEQ, REVERSE)
+                rcum, qz = _rscan(an, c)
+                rprod = rprod * _first(rcum, offs_l)
+                q = _first(qz, offs_l) + _first(rcum, offs_l) * q
+            else:
+                # recompute the forward decays and inputs of this tile
+                dt, v, u, Bt, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
+                                                 offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS,
+                                                 SOFTPLUS, FAST, HAS_SEQ, REVERSE, B_INV)
+                # a_{t+1}: a_t moved up one step inside the thread; the tile's last step takes the first
+                # decay of the tile after it (carried from the previous iteration)
+                an = _next_steps(a, a_next, BLOCK_L, BLOCK_N, BLOCK_D)
+                a_next = _first(a, offs_l)
+                # the carried q enters at the tile's last step; the products of a are then dead code
+                c = tl.where(last, c + an * q[None, :, :], c)
+                _, qt = _rscan(an, c)
+                q = _first(qt, offs_l)
+                # recompute the forward states of this tile from its stored entering state
+                dtu = dt * u
+                h_in = tl.load(scratch + j * BLOCK_N * BLOCK_D)
+                _, h = tl.associative_scan((a, tl.where(first, x + a * h_in[None, :, :], x)), axis=0,
+                                           combine_fn=_combine)
+                hm = h - x  # a_t h_{t-1}
+                if HAS_Z and (ABLATE & 16) == 0:
+                    y = tl.sum(h * Ct, axis=1) + Dv[None, :] * u
+                    dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
+                    tl.store(dz_ptr + _off(offs_d, tm, sgzd, sgzl), dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
+                qB = tl.sum(qt * Bt, axis=1)  # (BL, BD)
+                du = dt * qB + dy * Dv[None, :]
+                tl.store(du_ptr + _off(offs_d, tm, sgud, sgul), du.to(du_ptr.dtype.element_ty), mask=io_mask)
+                qhm = qt * hm
+                ddt = u * qB + tl.sum(qhm * An[None, :, :], axis=1)
+                if SOFTPLUS:
+                    ddt = ddt * tl.sigmoid(v)
+                ddt = tl.where(io_mask, ddt, 0.0)
+                tl.store(ddl_ptr + _off(offs_d, tm, sgdd, sgdl), ddt.to(ddl_ptr.dtype.element_ty), mask=io_mask)
+                dbias_acc += tl.sum(ddt, axis=0)
+                dD_acc += tl.sum(dy * u, axis=0)
+                dA_acc += tl.sum(qhm * dt[:, None, :], axis=0)
+                if (ABLATE & 2) == 0 and PAIR_REDUCE and FAST and not B_INV and not C_INV:
+                    # dB and dC summed over the channels together: lane pairs (d, d^1) first swap halves
+                    # (one shuffle per (t, n) for both), then the tree continues over the other lanes
+                    pb = qt * dtu[:, None, :]
+                    pc = h * dy[:, None, :]
+                    odd = (offs_d % 2 == 1)[None, None, :]
+                    r = tl.where(odd, pc, pb) + _lane_xor1(tl.where(odd, pb, pc))
+                    r = tl.sum(tl.reshape(r, [BLOCK_L, BLOCK_N, BLOCK_D // 2, 2]), axis=2)  # [..., 0] dB, [..., 1] dC
+                    jj2 = tl.arange(0, 2)[None, None, :]
+                    rows_b = ((b * GB + gb) * N + offs_n) * L
+                    rows_c = ((b * GC + gc) * N + offs_n) * L
+                    ptrs = tl.where(jj2 == 0, dB_ptr + (rows_b[None, :] + tm[:, None])[:, :, None],
+                                    dC_ptr + (rows_c[None, :] + tm[:, None])[:, :, None])
+                    tl.atomic_add(ptrs, r, mask=(mask_t[:, None] & mask_n[None, :])[:, :, None] & (jj2 < 2),
+                                  sem="relaxed")
+                elif (ABLATE & 2) == 0:
+                    if B_INV:
+                        dB_acc += tl.sum(qt * dtu[:, None, :], axis=0)
+                    else:
+                        dBt = tl.sum(qt * dtu[:, None, :], axis=2)  # (BL, BN)
+                        rows = ((b * GB + gb) * N + offs_n) * L
+                        _add_tn(dB_ptr + rows[None, :] + tm[:, None], dBt, mask_t[:, None] & mask_n[None, :], ABLATE)
+                    if C_INV:
+                        dC_acc += tl.sum(h * dy[:, None, :], axis=0)
+                    else:
+                        dCt = tl.sum(h * dy[:, None, :], axis=2)
+                        rows = ((b * GC + gc) * N + offs_n) * L
+                        _add_tn(dC_ptr + rows[None, :] + tm[:, None], dCt, mask_t[:, None] & mask_n[None, :], ABLATE)
+        if STATE_ONLY:
+            tl.store(qend_ptr + state_off, q, mask=mask_nd)
+            tl.store(rend_ptr + state_off, rprod, mask=mask_nd)
+        else:
+            nd_off = offs_d[None, :] * N + offs_n[:, None]
+            tl.atomic_add(dA_ptr + nd_off, dA_acc, mask=mask_nd, sem="relaxed")
+            if B_INV:
+                tl.atomic_add(dB_ptr + nd_off, dB_acc, mask=mask_nd, sem="relaxed")
+            if C_INV:
+                tl.atomic_add(dC_ptr + nd_off, dC_acc, mask=mask_nd, sem="relaxed")
+            if HAS_D:
+                tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d, sem="relaxed")
+            if HAS_BIAS:
+                tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d, sem="relaxed")
+            if HAS_H0:
+                if s == 0:
+                    # dh_{-1} = a_0 q_0
+                    t0 = offs_l * 0
+                    m0 = (offs_l == 0)[:, None] & mask_d[None, :]
+                    dt0, _ = _dt_tile(dl_ptr, bias, _off(offs_d, _mem(t0, L, REVERSE), sdd, sdl), m0, HAS_BIAS, SOFTPLUS, FAST)
+                    dt0 = tl.sum(dt0, axis=0)  # (BD,)
+                    a0 = tl.exp2(dt0[None, :] * A2)
+                    tl.store(dh0_ptr + (b * dim + offs_d[None, :]) * N + offs_n[:, None], a0 * q, mask=mask_nd)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from kernels._host import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -98,7 +99,7 @@ def launch_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tens
     x, dt = _rows(x), _rows(dt)
     z = _rows(z) if z is not None else None
     y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
-    grid = (batch, triton.cdiv(dim, block_d))
+    grid = (batch, cdiv(dim, block_d))
     state_update_kernel[grid](
         state, x, dt, A.contiguous(), Bk, Ck, D.contiguous() if D is not None else None,
         z, dt_bias.contiguous() if dt_bias is not None else None, y,
@@ -106,7 +107,7 @@ def launch_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tens
         x.stride(0), dt.stride(0), z.stride(0) if z is not None else 0,
         Bk.stride(0), Bk.stride(1), Bk.stride(2), Ck.stride(0), Ck.stride(1), Ck.stride(2),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        A_IS_LOG=bool(A_is_log), BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N),
+        A_IS_LOG=bool(A_is_log), BLOCK_D=block_d, BLOCK_N=next_power_of_2(N),
         num_warps=4 if state.is_cuda else 1,
     )
     return y

@@ -34,10 +34,12 @@ run() {  # name, args...
 }
 
 # COMPILE: the task's compile option (reduce-overhead: CUDA graphs; eager, this small model's step is bound by
-# the host: 63 ms per step for 10.8 ms of GPU work at batch 256 on an H100); WORKERS: loader processes per GPU.
+# the host: 63 ms per step for 10.8 ms of GPU work at batch 256 on an H100); WORKERS: loader processes per GPU
+# (default: the config's); PROFILE=1: Lightning's simple profiler (time per hook, printed at the end of each log).
 VIM=(--config vim-tiny-fashion --data.init_args.root "$FM" --trainer.max_epochs "$EPOCHS" --trainer.max_time null
-     --model.init_args.warmup_steps 200 --model.init_args.compile "${COMPILE:-false}"
-     --data.init_args.num_workers "${WORKERS:-4}")
+     --model.init_args.warmup_steps 200 --model.init_args.compile "${COMPILE:-false}")
+[ -n "${WORKERS:-}" ] && VIM+=(--data.init_args.num_workers "$WORKERS")
+[ -n "${PROFILE:-}" ] && VIM+=(--trainer.profiler simple)
 RUNS=${ONLY:-"vim-1gpu vim-ddp vim-ddp-b512 jamba-fsdp"}
 for name in $RUNS; do
     case $name in

@@ -100,17 +100,20 @@ class PeerScan(torch.autograd.Function):
 def check_against_reference():
     """Kernel vs the sequential oracle on the GPU: forward, last state and all gradients."""
     print("== correctness on GPU (relative error vs core.selective_scan_ref) ==")
-    cases = [("fp32", dict(dtype=torch.float32, h0=True), 1e-4, None),
-             ("bf16", dict(dtype=torch.bfloat16, h0=True), 2e-2, None),
-             ("fp32 groups=2", dict(dtype=torch.float32, groups=2), 1e-4, None),
-             ("fp32 split=4", dict(dtype=torch.float32, h0=True), 1e-4, 4)]
+    cases = [("fp32", dict(dtype=torch.float32, h0=True), 1e-4, {}),
+             ("bf16", dict(dtype=torch.bfloat16, h0=True), 2e-2, {}),
+             ("fp32 groups=2", dict(dtype=torch.float32, groups=2), 1e-4, {}),
+             ("fp32 split=4", dict(dtype=torch.float32, h0=True), 1e-4, dict(nsplit=4)),
+             # the persistent backward: 3 programs take the 16 work items in turns
+             ("fp32 persist.", dict(dtype=torch.float32, h0=True), 1e-4,
+              dict(bwd_block_l=8, bwd_block_d=8, bwd_programs=3, nsplit=2))]
     worst = 0.0
-    for name, kw, tol, nsplit in cases:
+    for name, kw, tol, overrides in cases:
         x = make(2, 64, 333, 16, **kw)
         outs = []
         for impl in ("triton", "ref"):
-            old = ops.CONFIG["cuda"]["nsplit"]
-            ops.CONFIG["cuda"]["nsplit"] = nsplit or old
+            old = dict(ops.CONFIG["cuda"])
+            ops.CONFIG["cuda"].update(overrides)
             leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in x.items()}
             args = [leaves[k] for k in ORDER]
             fn = selective_scan_triton if impl == "triton" else selective_scan_ref
@@ -119,7 +122,8 @@ def check_against_reference():
             gy = torch.randn(y.shape, device=DEV, generator=gen)
             gh = torch.randn(h.shape, device=DEV, generator=gen)
             ((y.float() * gy).sum() + (h * gh).sum()).backward()
-            ops.CONFIG["cuda"]["nsplit"] = old
+            ops.CONFIG["cuda"].clear()
+            ops.CONFIG["cuda"].update(old)
             res = {"y": y, "last": h}
             res.update({"d" + k: v.grad for k, v in leaves.items() if v is not None})
             outs.append(res)
@@ -292,6 +296,43 @@ def probe():
     return out
 
 
+FWD_TILES = [dict(fwd_block_l=bl, block_d=bd, fwd_warps=w, fwd_stages=st) for bl, bd, w, st in (
+    (8, 16, 1, 1), (8, 16, 1, 2), (8, 16, 1, 3), (8, 16, 1, 4), (16, 16, 1, 3), (8, 32, 1, 3), (4, 16, 1, 3),
+    (8, 16, 2, 3), (16, 8, 1, 3))]
+# L split (timed on the forward): split below split_below programs, aiming at min_programs
+FWD_SPLITS = [dict(split_below=sb, min_programs=mp) for sb, mp in (
+    (512, 3072), (2048, 3072), (2048, 4096), (4096, 6144), (4096, 4096), (8192, 8192))]
+
+
+def tune_forward(candidates, label: str, rep: int = 30):
+    """Times the forward at the table's shapes and Vim's (64 images at 1024 and 1248 px, the second in
+    reverse) for each candidate (a dict of ops.CONFIG["cuda"] keys), keeps the one with the least total time
+    in ops.CONFIG for the rest of this run and returns every point."""
+    shapes = [(*s, False) for s in SHAPES] + [(64, 384, 4097, 16, False), (64, 384, 6085, 16, True)]
+    inputs = {sh: make(*sh[:4]) for sh in shapes}
+    rows, totals = [], []
+    print(f"== forward tuning: {label}: ms per shape {[sh[:4] for sh in shapes]} ==")
+    for cand in candidates:
+        ops.CONFIG["cuda"].update(cand)
+        times = []
+        for sh in shapes:
+            args = [inputs[sh][k] for k in ORDER]
+            try:
+                t = bench(lambda: ops.scan_forward(*args, None, None, True, sh[4]), rep=rep)
+            except Exception as e:  # noqa: BLE001  (a candidate that does not compile is reported, not fatal)
+                print(f"  {cand} {sh}: {type(e).__name__}: {str(e)[:120]}")
+                t = float("inf")
+            times.append(t)
+            rows.append(dict(candidate=cand, shape=sh, fwd=t))
+        totals.append(sum(times))
+        print(f"{str(tuple(cand.values())):18s} " + " ".join(f"{t:7.3f}" for t in times) + f"  total {totals[-1]:.3f}",
+              flush=True)
+    best = candidates[min(range(len(candidates)), key=totals.__getitem__)]
+    ops.CONFIG["cuda"].update(best)
+    print(f"best {label}: {best} (total {min(totals):.3f} ms)")
+    return dict(points=rows, best=best)
+
+
 def ab_pair_reduce():
     """Backward with and without pair_reduce at three shapes; keeps the faster (total) for the table."""
     rows, total = [], {}
@@ -413,20 +454,25 @@ def resources(configs=((8, 16, 1, "fwd"), (4, 8, 1, "bwd"), (4, 16, 1, "bwd"), (
     from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    bf16 = {"u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr", "ddl_ptr", "dz_ptr"}
+    # B and C reach the kernels in fp32 (ops._bc_layout), the rest in bf16
+    bf16 = {name + end for name in ("u", "dl", "z", "y", "dout", "du", "ddl", "dz") for end in ("_ptr", "_base")}
+    pointer = lambda n: n.endswith(("_ptr", "_base"))  # noqa: E731
     for bl, bd, w, kind in configs:
         fn = scan_fwd_kernel if kind == "fwd" else scan_bwd_kernel
         consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_SEQ=False, SOFTPLUS=True, B_INV=False,
                       C_INV=False, STATE_ONLY=False, HAS_H0=False, BLOCK_D=bd, BLOCK_N=16, BLOCK_L=bl, FAST=True)
+        if kind == "fwd":
+            consts["STAGES"] = ops.CONFIG["cuda"]["fwd_stages"]
         if kind == "bwd":
-            consts.update(HAS_QIN=False, PAIR_REDUCE=bool(ops.CONFIG["cuda"].get("pair_reduce")))
+            consts.update(HAS_QIN=False, PAIR_REDUCE=bool(ops.CONFIG["cuda"].get("pair_reduce")), PERSISTENT=False,
+                          ABLATE=0)
         consts.update({n: 1 for n in fn.arg_names if n.startswith("s") and n.endswith("l") and len(n) <= 5})
         consts["REVERSE"] = False
         sig = {n: "constexpr" if n in consts else ("*bf16" if n in bf16 else "*i32" if n == "seq_ptr" else
-                                                   "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+                                                   "*fp32" if pointer(n) else "i32") for n in fn.arg_names}
         div16 = {"dim", "L", "N", "dpg_b", "dpg_c", "tiles_per_split", "n_tiles_total", "n_chunks", "K"}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts and
-                 (n.endswith("_ptr") or n in div16 or (n.startswith("s") and len(n) <= 5))}
+                 (pointer(n) or n in div16 or (n.startswith("s") and len(n) <= 5))}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=w))
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -446,6 +492,12 @@ def main():
     p.add_argument("--probe", action="store_true", help="check, then ablations / tiles / splits / reverse only")
     p.add_argument("--ab", action="store_true", help="before the table, time the backward with and without "
                    "pair_reduce and keep the faster")
+    p.add_argument("--tune-fwd", action="store_true", help="before the table, time forward tiles and pipeline "
+                   "depths (FWD_TILES) and use the fastest")
+    p.add_argument("--tune-split", action="store_true", help="before the table, time the forward's L-split "
+                   "thresholds (FWD_SPLITS) and use the fastest")
+    p.add_argument("--tune-only", action="store_true", help="with --tune-fwd / --tune-split: stop after tuning")
+    p.add_argument("--scan-config", default=None, metavar="JSON", help='overrides of ops.CONFIG["cuda"] for the run')
     p.add_argument("--resources", action="store_true", help="compile for sm_90 (no GPU needed) and print "
                    "registers, spills and SASS instruction counts, then exit")
     a = p.parse_args()
@@ -453,6 +505,8 @@ def main():
         resources()
         return
     t0 = time.time()
+    if a.scan_config:
+        ops.CONFIG["cuda"].update(json.loads(a.scan_config))
     print(torch.cuda.get_device_name(), torch.__version__, "config", ops.CONFIG["cuda"])
     ok = check_against_reference()
     if not ok and ops.CONFIG["cuda"].get("pair_reduce"):
@@ -474,6 +528,18 @@ def main():
                 json.dump(out, fh, indent=1, default=str)
         print(f"total {time.time() - t0:.0f} s")
         return
+    if a.tune_fwd:
+        out["tune_fwd"] = tune_forward(FWD_TILES, "tiles and pipeline stages")
+    if a.tune_split:
+        out["tune_split"] = tune_forward(FWD_SPLITS, "L splits")
+    if a.tune_fwd or a.tune_split:
+        out["config"] = dict(ops.CONFIG["cuda"])
+        if a.tune_only:
+            if a.json:
+                with open(a.json, "w") as fh:
+                    json.dump(out, fh, indent=1, default=str)
+            print(f"total {time.time() - t0:.0f} s")
+            return
     if a.ab and ops.CONFIG["cuda"].get("pair_reduce"):
         out["ab"] = ab_pair_reduce()
     out["decode"] = decode_table(peer_upd)

@@ -4,7 +4,8 @@ attention) at several image sizes, bf16 autocast, forward_features only. Needs a
     PYTHONPATH=. python scripts/bench_vision.py --sizes 224 512 1024 1248 --batch 64
 
 Each (model, size) starts at --batch and halves on out-of-memory. Prints a markdown table.
-With --profile it also prints the top CUDA kernels of one vim-tiny batch at the largest size.
+With --profile it also prints the top CUDA kernels of one vim-tiny batch at the largest size;
+--compile runs both models through torch.compile (inductor) first.
 """
 
 from __future__ import annotations
@@ -19,19 +20,22 @@ import torch
 import zoo.vim  # noqa: F401  (registers vim_*_patch16_224 with timm)
 
 
-def measure(name: str, img_size: int, batch: int, iters: int, warmup: int, **kwargs) -> dict:
-    """Images/s and peak memory (GB) of ``forward_features`` on random images."""
+def measure(name: str, img_size: int, batch: int, iters: int, warmup: int, compile: bool = False,
+            **kwargs) -> dict:
+    """Images/s and peak memory (GB) of ``forward_features`` on random images (torch.compile'd when
+    ``compile``: the first warmup call compiles)."""
     torch.cuda.empty_cache()
     model = timm.create_model(name, img_size=img_size, num_classes=0, **kwargs).cuda().eval()
+    forward = torch.compile(model.forward_features) if compile else model.forward_features
     x = torch.randn(batch, 3, img_size, img_size, device="cuda")
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(warmup):
-            model.forward_features(x)
+            forward(x)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for _ in range(iters):
-            model.forward_features(x)
+            forward(x)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 1e9
@@ -39,10 +43,11 @@ def measure(name: str, img_size: int, batch: int, iters: int, warmup: int, **kwa
     return {"img_s": batch * iters / elapsed, "peak_gb": peak, "batch": batch}
 
 
-def measure_fitting(name: str, img_size: int, batch: int, iters: int, warmup: int, **kwargs) -> dict:
+def measure_fitting(name: str, img_size: int, batch: int, iters: int, warmup: int, compile: bool = False,
+                    **kwargs) -> dict:
     while batch >= 1:
         try:
-            return measure(name, img_size, batch, iters, warmup, **kwargs)
+            return measure(name, img_size, batch, iters, warmup, compile, **kwargs)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             batch //= 2
@@ -74,19 +79,30 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--unfused", action="store_true", help="also DeiT-Ti with unfused attention")
     ap.add_argument("--profile", action="store_true", help="also profile vim-tiny at the largest size")
+    ap.add_argument("--profile-batch", type=int, default=16, help="batch of the --profile run")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models' forward_features")
+    ap.add_argument("--scan-config", default=None, metavar="JSON",
+                    help='overrides of kernels.ops.CONFIG["cuda"], e.g. \'{"fwd_stages": 2}\' (scan tuning)')
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_vision needs a CUDA GPU")
+    if args.scan_config:
+        import json
+
+        from kernels import ops
+
+        ops.CONFIG["cuda"].update(json.loads(args.scan_config))
     models = [("vim-tiny", "vim_tiny_patch16_224", True), ("DeiT-Ti (fused attn)", "deit_tiny_patch16_224", True)]
     if args.unfused:
         models.append(("DeiT-Ti (unfused attn)", "deit_tiny_patch16_224", False))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, "
-          f"scan backend: {os.environ.get('MAMBAZOO_SCAN') or 'default (triton on CUDA)'}")
+          f"scan backend: {os.environ.get('MAMBAZOO_SCAN') or 'default (triton on CUDA)'}, "
+          f"compiled: {args.compile}")
     rows = []
     for size in args.sizes:
         for label, name, fused in models:
             timm.layers.set_fused_attn(fused)  # read by timm's Attention when it is built
-            r = measure_fitting(name, size, args.batch, args.iters, args.warmup)
+            r = measure_fitting(name, size, args.batch, args.iters, args.warmup, compile=args.compile)
             timm.layers.set_fused_attn(True)
             rows.append((size, label, r))
             print(f"  {size:5d} px  {label:24s} batch {r['batch']:3d}  {r['img_s']:9.1f} img/s  "
@@ -95,7 +111,7 @@ def main() -> None:
     for size, label, r in rows:
         print(f"| {size} | {label} | {r['batch']} | {r['img_s']:,.1f} | {r['peak_gb']:.2f} |")
     if args.profile:
-        profile_vim(max(args.sizes), min(args.batch, 16))
+        profile_vim(max(args.sizes), args.profile_batch)
 
 
 if __name__ == "__main__":

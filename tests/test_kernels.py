@@ -117,6 +117,33 @@ def test_split_sequence(split_l):
     assert_close(got, ref, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("programs,nsplit", [(1, 1), (3, 3), (64, 1)])
+def test_persistent_backward(programs, nsplit, monkeypatch):
+    """The backward launches at most `bwd_programs` programs, each walking several work items (blocks of channels
+    of a batch row) with one scratch; gradients are the same however the work is shared out."""
+    monkeypatch.setitem(ops.CONFIG["cpu"], "bwd_programs", programs)
+    monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", nsplit)
+    launches = []
+    kernel = ops.scan_bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                scratch = args[23]
+                launches.append((grid, kwargs["PERSISTENT"], scratch.numel()))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(ops, "scan_bwd_kernel", Spy())
+    got, ref = run_both(make_inputs(batch=3, dim=8, L=40, b_shape="grouped", c_shape="variable"))
+    assert_close(got, ref, TOL[torch.float32])
+    work = 3 * 8 // ops.CONFIG["cpu"]["bwd_block_d"]  # 6 work items of 4 channels
+    grid, persistent, scratch = launches[-1]
+    assert grid == (min(programs, work), nsplit) and persistent == (programs < work)
+    per_program = (16 // 8) * 4 * 4  # K = chunk / block_l states of (N, block_d)
+    assert scratch == grid[0] * nsplit * per_program
+
+
 def test_row_too_long_for_32_bit_offsets_is_refused():
     """A batch row the kernel cannot address with 32-bit offsets raises a clear error before any launch
     (meta tensors: the shapes and strides are real, no memory is allocated)."""
@@ -350,13 +377,13 @@ def test_backward_outputs_have_the_strides_the_fake_promises():
 def test_unused_outputs_reach_the_backward_as_none(monkeypatch):
     """No zero-filled gradient is made for the tile states or an unused last state (memory at the peak)."""
     seen = []
-    real = ops.scan_bwd
+    real = ops.scan_backward  # the eager path (EagerScan) calls the launcher directly
 
     def spy(dout, dlast, *rest):
         seen.append(dlast)
         return real(dout, dlast, *rest)
 
-    monkeypatch.setattr(ops, "scan_bwd", spy)
+    monkeypatch.setattr(ops, "scan_backward", spy)
     x = leaves(make_inputs(L=9, batch=1, dim=2, N=2))
     y = selective_scan_triton(*[x[k] for k in NAMES[:8]], True)
     y.sum().backward()

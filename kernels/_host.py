@@ -1,0 +1,15 @@
+"""Host-side integer helpers for the launchers.
+
+triton.cdiv and triton.next_power_of_2 are ConstexprFunctions in Triton 3.6: called from Python each goes
+through a wrapper costing several microseconds (~9 us measured on this CPU), and a scan's forward and backward
+used 14 of them per call. These are the plain versions."""
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
