@@ -2,9 +2,14 @@
 
 - ``FashionMNISTDataModule``: the IDX files of Debian's dataset-fashion-mnist
   (``sudo apt-get install dataset-fashion-mnist`` puts them in /usr/share/datasets/fashion-mnist).
-- ``ImageFolderDataModule``: any tree root/<class>/*.jpg (or root/{train,val,test}/<class>/...).
+  Its loaders yield raw uint8 batches (images (B, 1, 28, 28), labels (B,)), each gathered by one
+  indexing op; its ``on_after_batch_transfer`` hook turns them, on the device, into normalized
+  float32 images (resize, and in training random crop + flip, all vectorized on the batch). Code
+  that iterates its loaders without a Lightning Trainer calls ``dm.transform_batch(batch, train)``.
+- ``ImageFolderDataModule``: any tree root/<class>/*.jpg (or root/{train,val,test}/<class>/...);
+  its loaders yield (images (B, C, H, W) float normalized, labels (B,) int64) directly.
 
-Batches are (images (B, C, H, W) float normalized, labels (B,) int64).
+What the model sees is (images (B, C, H, W) float normalized, labels (B,) int64).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from zoo.data.base import SplitDataModule, split_indices
 from torchvision.transforms import v2 as T
@@ -74,27 +80,70 @@ def read_fashion_mnist(root: str | Path, split: str) -> tuple[torch.Tensor, torc
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
-class TensorImageDataset(Dataset):
-    """uint8 images (n, H, W) or (n, C, H, W) and labels (n,) -> (transform(image), label)."""
+class UInt8ImageDataset(Dataset):
+    """uint8 images (n, H, W) or (n, C, H, W) and labels (n,), served as they are stored.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
+    ``dataset[i]`` is (image (C, H, W) uint8, label); ``dataset.__getitems__(indices)``, which the
+    DataLoader calls with a whole batch of indices, is (images (B, C, H, W) uint8, labels (B,)),
+    gathered by one indexing op. Load it with ``collate_fn=stacked_batch``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images = images if images.dim() == 4 else images[:, None]
-        self.labels, self.transform = labels, transform
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
-        x = self.images[i]
-        x = self.transform(x) if self.transform is not None else x.float() / 255
-        return x, self.labels[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.images.index_select(0, index), self.labels.index_select(0, index)
+
+
+def stacked_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataLoader's collate_fn for ``UInt8ImageDataset``: the fetcher hands it what
+    ``__getitems__`` returned, a batch already stacked, which passes through unchanged."""
+    return batch
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """float images (B, C, H, W) -> (B, C, size, size), bilinear with antialias (as torchvision's
+    ``Resize(antialias=True)`` on float tensors)."""
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def random_crop_flip(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """images (B, C, H, W) -> (B, C, H, W): each sample is cropped at its own random offset from
+    itself zero-padded by ``pad`` on every side (torchvision's ``RandomCrop(H, padding=pad)``), then
+    mirrored left-right with probability 0.5 (``RandomHorizontalFlip``). One gather on the batch's
+    device, random numbers from that device's default generator, no host synchronization."""
+    b, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (pad, pad, pad, pad))  # (B, C, H + 2 pad, W + 2 pad), zeros around
+    top = torch.randint(0, 2 * pad + 1, (b, 1), device=device)
+    left = torch.randint(0, 2 * pad + 1, (b, 1), device=device)
+    flip = torch.rand(b, 1, device=device) < 0.5
+    rows = top + torch.arange(h, device=device)  # (B, H) rows of padded
+    ramp = torch.arange(w, device=device)
+    cols = left + torch.where(flip, ramp.flip(0), ramp)  # (B, W) columns of padded, reversed if flipped
+    index = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(b, 1, h * w)  # (B, 1, H*W)
+    return padded.flatten(2).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
 
 
 class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST from local IDX files: 60k train (minus ``val_split`` held out, fixed seed) and
-    the 10k test images. Batches: images (B, 1, img_size, img_size) normalized, labels (B,).
+    the 10k test images.
 
-    Augmentation in training (``augment``): random crop with 2 px padding and horizontal flip."""
+    The loaders yield uint8 batches (images (B, 1, 28, 28), labels (B,)), gathered by one indexing
+    op per batch with no per-sample work, so the main process alone (num_workers=0) keeps up with a
+    GPU. Under a Lightning Trainer, ``on_after_batch_transfer`` runs ``transform_batch`` on the
+    device: images (B, 1, img_size, img_size) float32 normalized with ``FASHION_MNIST_MEAN``/``STD``;
+    code that iterates the loaders itself calls ``transform_batch(batch, train)``.
+
+    Augmentation in training (``augment``): random crop with max(2, img_size // 14) px zero padding
+    and horizontal flip, drawn per sample."""
 
     num_classes = 10
     classes = FASHION_MNIST_CLASSES
@@ -105,15 +154,32 @@ class FashionMNISTDataModule(SplitDataModule):
         self.root, self.val_split, self.augment = Path(root), val_split, augment
         self.img_size, self.seed = img_size, seed
 
-    def _transform(self, train: bool):
-        steps = [T.ToDtype(torch.float32, scale=True)]
-        if self.img_size != 28:
-            steps.append(T.Resize((self.img_size, self.img_size), antialias=True))
+    def transform_batch(self, batch: tuple[torch.Tensor, torch.Tensor],
+                        train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images (B, 1, 28, 28), labels (B,)) on any device -> (float32 images
+        (B, 1, img_size, img_size) normalized, labels): scale to [0, 1], resize if img_size != 28,
+        random crop + flip if ``train and self.augment``, normalize. Vectorized on the batch's
+        device, without host synchronization."""
+        images, labels = batch
+        x = images.float() / 255
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            x = resize_batch(x, self.img_size)
         if train and self.augment:
-            pad = max(2, self.img_size // 14)
-            steps += [T.RandomCrop(self.img_size, padding=pad), T.RandomHorizontalFlip()]
-        steps.append(T.Normalize([FASHION_MNIST_MEAN], [FASHION_MNIST_STD]))
-        return T.Compose(steps)
+            x = random_crop_flip(x, pad=max(2, self.img_size // 14))
+        return (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD, labels
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning calls this on the batch once it is on the device: the training loop gets the
+        augmented transform; validation, sanity checks, test and predict the deterministic one."""
+        training = self.trainer is not None and self.trainer.training
+        return self.transform_batch(batch, train=training)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self.train_set is None:
+            self.setup()
+        return DataLoader(getattr(self, f"{split}_set"), batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          collate_fn=stacked_batch)
 
     def prepare_data(self) -> None:
         for split in FASHION_MNIST_FILES.values():
@@ -125,10 +191,9 @@ class FashionMNISTDataModule(SplitDataModule):
             return
         images, labels = read_fashion_mnist(self.root, "train")
         train_idx, val_idx = split_indices(len(labels), self.val_split, self.seed)
-        self.train_set = Subset(TensorImageDataset(images, labels, self._transform(True)), train_idx)
-        self.val_set = Subset(TensorImageDataset(images, labels, self._transform(False)), val_idx)
-        test_images, test_labels = read_fashion_mnist(self.root, "test")
-        self.test_set = TensorImageDataset(test_images, test_labels, self._transform(False))
+        full = UInt8ImageDataset(images, labels)
+        self.train_set, self.val_set = Subset(full, train_idx), Subset(full, val_idx)
+        self.test_set = UInt8ImageDataset(*read_fashion_mnist(self.root, "test"))
 
 
 class ImageFolderDataModule(SplitDataModule):
