@@ -91,6 +91,25 @@ class Block(nn.Module):
             h = self._ffn(x[:, None])[:, 0]
         return h, x
 
+    def forward_residual(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """A whole sequence with the residual add deferred to the next norm, for inference on the fused
+        path (``fused_decode_enabled``: CUDA, no autograd). hidden (batch, L, d_model): the previous block's
+        branch output (or the input tokens, with residual None); residual (batch, L, d_model) fp32, updated in
+        place. Returns (hidden', residual') with residual' + hidden' equal to ``forward(residual + hidden)``:
+        each residual add + RMSNorm (+ the cast to the mixer's autocast dtype) is one pass over the tokens
+        instead of three (add, norm, cast)."""
+        from kernels.decode import add_rms_norm
+
+        b, L, d = hidden.shape
+        flat = lambda t: t.reshape(b * L, d) if t is not None else None  # noqa: E731
+        normed, res = add_rms_norm(flat(hidden), flat(residual), self.norm.weight, self.norm.eps,
+                                   out_dtype=self._mixer_input_dtype(hidden.device))
+        h = self.mixer(normed.view(b, L, d))
+        if self.ffn is not None:
+            normed, res = add_rms_norm(flat(h), res, self.ffn_norm.weight, self.ffn_norm.eps, out_dtype=torch.float32)
+            h = self._ffn_out(self.ffn(normed.view(b, L, d)))
+        return h, res.view(b, L, d)
+
     def _mixer_input_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype of the normed mixer input. The norm's output is fp32 (the residual's dtype); a
         Mamba mixer's first op, in_proj, casts it to the autocast dtype anyway, so the fused norm

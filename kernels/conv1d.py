@@ -2,7 +2,8 @@
 
     causal_conv1d(x, weight, bias=None, silu=True, reverse=False) -> y
 
-x (b, d, L) with any strides (the mixer passes its (b, L, d) in_proj view as is); weight (d, W); bias (d,).
+x (b, d, L) with any strides (the mixer passes its (b, L, d) in_proj view as is; a channel stride other than 1
+is copied once to that layout, so the kernels load whole rows of channels); weight (d, W); bias (d,).
 y[:, c, t] = act(bias[c] + sum_k weight[c, k] x[:, c, t - (W-1) + k]) (zero before the start); with
 reverse=True the window looks ahead instead, x[:, c, t + (W-1) - k] (the causal conv of the reversed
 sequence, read in place: Vim's backward direction). y is returned as a (b, d, L) view of a (b, L, d)
@@ -54,7 +55,7 @@ def _src(t, k, W: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, mask_d, L, sxb, sxd, sxl,
+def _pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, mask_d, L, sxb, sxl,
          W: tl.constexpr, HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """The conv before the activation at steps t (BLOCK_L,) and channels offs_d: (BLOCK_L, BLOCK_D) fp32."""
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
@@ -64,14 +65,14 @@ def _pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, mask_d, L, sxb, sxd, sxl,
     for k in tl.static_range(W):
         s = _src(t, k, W, REVERSE)
         m = ((s >= 0) & (s < L))[:, None] & mask_d[None, :]
-        xv = tl.load(base + s[:, None] * sxl + offs_d[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+        xv = tl.load(base + s[:, None] * sxl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
         wk = tl.load(w_ptr + offs_d * W + k, mask=mask_d, other=0.0).to(tl.float32)
         acc += xv * wk[None, :]
     return acc
 
 
 @triton.jit
-def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, dim, sxb, sxd, sxl,
+def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, dim, sxb, sxl,
                     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (batch, cdiv(L, BLOCK_L), cdiv(dim, BLOCK_D)); y is a contiguous (b, L, d) buffer."""
@@ -79,7 +80,7 @@ def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, dim, sxb, sxd, sxl,
     t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
-    pre = _pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, mask_d, L, sxb, sxd, sxl, W, HAS_BIAS, REVERSE, BLOCK_L, BLOCK_D)
+    pre = _pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, REVERSE, BLOCK_L, BLOCK_D)
     y = pre
     if SILU:
         y = pre * tl.sigmoid(pre)
@@ -89,8 +90,8 @@ def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, dim, sxb, sxd, sxl,
 
 
 @triton.jit
-def conv_dpre_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dp_ptr, dw_ptr, db_ptr, L, dim, sxb, sxd, sxl,
-                     sdb, sdd, sdl, tiles_per_prog,
+def conv_dpre_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dp_ptr, dw_ptr, db_ptr, L, dim, sxb, sxl,
+                     sdb, sdl, tiles_per_prog,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
                      BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (batch, cdiv(L, BLOCK_L * tiles_per_prog), cdiv(dim, BLOCK_D)).  dpre = dy act'(pre) into the fp32
@@ -111,9 +112,9 @@ def conv_dpre_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dp_ptr, dw_ptr, db_ptr, L, 
     for i in range(tiles_per_prog):
         t = (tl.program_id(1) * tiles_per_prog + i) * BLOCK_L + tl.arange(0, BLOCK_L)
         m = (t < L)[:, None] & mask_d[None, :]
-        dp = tl.load(dybase + t[:, None] * sdl + offs_d[None, :] * sdd, mask=m, other=0.0).to(tl.float32)
+        dp = tl.load(dybase + t[:, None] * sdl + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
         if SILU:
-            pre = _pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, mask_d, L, sxb, sxd, sxl, W, HAS_BIAS, REVERSE,
+            pre = _pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, REVERSE,
                        BLOCK_L, BLOCK_D)
             sg = tl.sigmoid(pre)
             dp = dp * sg * (1.0 + pre * (1.0 - sg))
@@ -122,7 +123,7 @@ def conv_dpre_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dp_ptr, dw_ptr, db_ptr, L, 
         for k in tl.static_range(W):
             src = _src(t, k, W, REVERSE)
             mk = ((src >= 0) & (src < L))[:, None] & mask_d[None, :]
-            xv = tl.load(xbase + src[:, None] * sxl + offs_d[None, :] * sxd, mask=mk, other=0.0).to(tl.float32)
+            xv = tl.load(xbase + src[:, None] * sxl + offs_d[None, :], mask=mk, other=0.0).to(tl.float32)
             part = tl.sum(xv * dp, axis=0)
             if k == 0:
                 dw0 += part
@@ -167,6 +168,12 @@ def conv_dx_kernel(w_ptr, dp_ptr, dx_ptr, L, dim, W: tl.constexpr, REVERSE: tl.c
              mask=m)
 
 
+def _channels_contiguous(t: Tensor) -> Tensor:
+    """t (b, d, L) with unit channel stride, as the kernels read it (vector loads along the channels; Triton
+    does not specialize a runtime stride of 1). The mixer's views already are; others are copied once."""
+    return t if t.stride(1) == 1 else t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _grid(batch: int, L: int, dim: int):
     return (batch, cdiv(L, BLOCK_L), cdiv(dim, BLOCK_D))
 
@@ -177,9 +184,11 @@ class _CausalConv1d(torch.autograd.Function):
         batch, dim, L = x.shape
         W = weight.shape[1]
         w = weight.contiguous()
+        x = _channels_contiguous(x)
         y = x.new_empty(batch, L, dim)
-        conv_fwd_kernel[_grid(batch, L, dim)](x, w, bias, y, L, dim, *x.stride(), W=W, HAS_BIAS=bias is not None,
-                                              SILU=silu, REVERSE=reverse, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+        conv_fwd_kernel[_grid(batch, L, dim)](x, w, bias, y, L, dim, x.stride(0), x.stride(2), W=W,
+                                              HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse,
+                                              BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
         ctx.save_for_backward(x, w, bias)
         ctx.silu, ctx.reverse = silu, reverse
         return y.transpose(1, 2)
@@ -189,8 +198,7 @@ class _CausalConv1d(torch.autograd.Function):
         x, w, bias = ctx.saved_tensors
         batch, dim, L = x.shape
         W = w.shape[1]
-        if dy.stride(1) != 1:  # read dy along the channels (coalesced); the mixer's gradient already is
-            dy = dy.transpose(1, 2).contiguous().transpose(1, 2)
+        dy = _channels_contiguous(dy)
         dx = x.new_empty(batch, L, dim)
         dp = x.new_empty(batch, L, dim, dtype=torch.float32)
         dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
@@ -198,7 +206,8 @@ class _CausalConv1d(torch.autograd.Function):
         n_tiles = cdiv(L, BLOCK_L)
         per_prog = min(n_tiles, DW_TILES)
         grid = (batch, cdiv(n_tiles, per_prog), cdiv(dim, BLOCK_D))
-        conv_dpre_kernel[grid](x, w, bias, dy, dp, dw, db, L, dim, *x.stride(), *dy.stride(), per_prog, W=W,
+        conv_dpre_kernel[grid](x, w, bias, dy, dp, dw, db, L, dim, x.stride(0), x.stride(2), dy.stride(0),
+                               dy.stride(2), per_prog, W=W,
                                HAS_BIAS=bias is not None, SILU=ctx.silu, REVERSE=ctx.reverse,
                                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
         conv_dx_kernel[_grid(batch, L, dim)](w, dp, dx, L, dim, W=W, REVERSE=ctx.reverse, BLOCK_L=BLOCK_L,

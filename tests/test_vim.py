@@ -97,6 +97,52 @@ def test_overlapping_patches_and_rectangular_images():
     assert m(torch.randn(1, 3, 16, 24)).shape == (1, 2)
 
 
+@pytest.mark.parametrize("hw,patch", [((32, 32), 16), ((40, 36), 8)])
+def test_patchify_gemm_equals_the_strided_convolution(hw, patch):
+    """Non-overlapping patches go through one GEMM (_patchify): same tokens and gradients as the conv,
+    including images whose size is not a multiple of the patch (the remainder is dropped, as by the conv)."""
+    from zoo.vim.model import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(hw, patch, None, 3, 24)
+    x = torch.randn(2, 3, *hw, requires_grad=True)
+    out = pe(x)
+    ref = pe.proj(x).flatten(2).transpose(1, 2)
+    assert out.shape == ref.shape == (2, pe.num_patches, 24)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, pe.proj.weight), g)
+    rx, rw = torch.autograd.grad(ref, (x, pe.proj.weight), g)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_residual_inference_matches_the_block_forward(monkeypatch):
+    """Inference on the fused path (each residual add + RMSNorm one kernel, the add deferred to the next block)
+    gives the same features as the plain blocks; training mode and autograd keep the plain path."""
+    from kernels import decode
+    from zoo.vim import model as vim_model
+
+    torch.manual_seed(0)
+    model = VisionMamba(img_size=16, patch_size=4, embed_dim=16, depth=3, num_classes=5).eval()
+    x = torch.randn(2, 3, 16, 16)
+    calls = []
+    real = decode.add_rms_norm
+    monkeypatch.setattr(decode, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        ref = model.forward_features(x)  # CPU default: the plain path
+        assert calls == []
+        # the fused path on CPU tensors: add_rms_norm runs in the interpreter, the scan stays core's reference
+        monkeypatch.setattr(vim_model, "fused_decode_enabled", lambda device: True)
+        out = model.forward_features(x)
+    assert len(calls) == 3  # one fused add + norm per block
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    model.train()
+    with torch.no_grad():
+        model.forward_features(x)
+    assert len(calls) == 3
+
+
 def test_drop_path_only_in_training():
     m = VisionMamba(img_size=16, patch_size=4, num_classes=3, drop_path_rate=0.9, **TINY)
     x = torch.randn(4, 3, 16, 16)
