@@ -30,6 +30,7 @@ from kernels._host import cdiv
 __all__ = ["causal_conv1d", "conv_backend"]
 
 BLOCK_L, BLOCK_D = 32, 64  # a (steps, channels) tile per program; channels are contiguous in (b, L, d)
+FWD_WARPS = 4  # warps per forward program
 DW_TILES = 8  # backward: tiles per program summed in registers before the dw / db atomics
 
 
@@ -188,7 +189,7 @@ class _CausalConv1d(torch.autograd.Function):
         y = x.new_empty(batch, L, dim)
         conv_fwd_kernel[_grid(batch, L, dim)](x, w, bias, y, L, dim, x.stride(0), x.stride(2), W=W,
                                               HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse,
-                                              BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+                                              BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=FWD_WARPS)
         ctx.save_for_backward(x, w, bias)
         ctx.silu, ctx.reverse = silu, reverse
         return y.transpose(1, 2)

@@ -61,12 +61,11 @@ def test_moe_aux_loss_is_added_and_cleared():
 
 def test_lm_task_step_loss_plus_aux(monkeypatch):
     task = CausalLMTask("moe-mamba-tiny", dict(n_layer=2, d_model=16, d_state=4), aux_loss_weight=3.0)
-    logged = {}
-    monkeypatch.setattr(task, "log", lambda k, v, **kw: logged.__setitem__(k, v))
     monkeypatch.setattr(task, "log_throughput", lambda *a: None)
     monkeypatch.setattr(task, "_trainer", type("T", (), {"optimizers": [], "world_size": 1})())
     batch = torch.randint(0, 256, (2, 9))
     total = task.training_step(batch, 0)
+    logged = {k: v for k, (v, _prog_bar) in task._train_logs.items()}  # kept for the step's end (log_train)
     assert total.item() == pytest.approx(logged["train/loss"].item() + 3.0 * logged["train/aux_loss"].item(), rel=1e-5)
 
 
@@ -159,3 +158,122 @@ def test_compile_option_compiles_in_place_and_keeps_checkpoint_names():
     assert set(task.state_dict()) == names  # no "_orig_mod." prefixes: checkpoints stay loadable either way
     with pytest.raises(ValueError, match="compile"):
         CausalLMTask("mambabyte-tiny", model_kwargs=TINY_LM, compile=3)
+
+
+class _RecordingTask(ClassificationTask):
+    """Records each training step's loss and learning rate, and the step at which each ``self.log`` happens."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen, self.logged = [], []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.seen.append((loss.item(), self.trainer.optimizers[0].param_groups[0]["lr"]))
+        return loss
+
+    def log(self, name, value, *args, **kwargs):
+        self.logged.append((len(self.seen) - 1, name))
+        super().log(name, value, *args, **kwargs)
+
+
+def test_training_scalars_are_logged_at_logging_steps_only(tmp_path, monkeypatch):
+    """train/loss and train/lr are logged (self.log) only at the trainer's logging steps, with that step's values;
+    train/samples_s is the rate over the steps since the previous logged value (a fake clock, 1 s apart)."""
+    import csv
+    import types
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import zoo.tasks.base as base
+
+    clock = iter(range(1, 100))  # read once per throughput-window boundary
+    monkeypatch.setattr(base, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    data = TensorDataset(torch.randn(48, 1, 28, 28), torch.randint(0, 10, (48,)))
+    task = _RecordingTask(model="vim-tiny-fashion", num_classes=10, model_kwargs=dict(depth=1, embed_dim=32),
+                          warmup_steps=3)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=10, log_every_n_steps=4, gradient_clip_val=1.0,
+                         logger=CSVLogger(tmp_path, name="logs"), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(task, DataLoader(data, batch_size=4))
+
+    names = {"train/loss", "train/lr", "train/samples_s"}
+    assert sorted(set(task.logged)) == sorted((step, name) for step in (3, 7) for name in names)
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f) if r.get("train/loss")}
+    assert sorted(rows) == [3, 7]
+    for step, row in rows.items():
+        loss, lr = task.seen[step]
+        assert float(row["train/loss"]) == pytest.approx(loss, rel=1e-6)
+        assert float(row["train/lr"]) == pytest.approx(lr, rel=1e-6)
+    # windows: end of step 0 (t=1) .. end of step 3 (t=2): 3 steps of 4 samples; then 4 steps until t=3
+    assert float(rows[3]["train/samples_s"]) == 12.0 and float(rows[7]["train/samples_s"]) == 16.0
+    assert trainer.progress_bar_metrics["train/loss"] == pytest.approx(task.seen[7][0], rel=1e-6)
+
+
+def test_device_guard_clipping_measures_the_norm():
+    """The fused optimizer's clipping (ZooTask with the device guard): by norm it returns the norm before
+    clipping, by value the norm after, without clipping only the norm (gradients untouched); parameters
+    without a gradient are skipped."""
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+
+    from zoo.tasks.base import _clip_and_norm
+
+    def optimizer_with_grads():
+        a, b, c = (nn.Parameter(torch.zeros(3)) for _ in range(3))
+        a.grad, b.grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, -0.5])  # c has none
+        return torch.optim.AdamW([{"params": [a]}, {"params": [b, c]}]), a, b
+
+    total = math.sqrt(9 + 16 + 0.25)
+    opt, a, b = optimizer_with_grads()
+    assert _clip_and_norm(opt, None, None).item() == pytest.approx(total)
+    assert a.grad.tolist() == [3.0, 0.0, 0.0] and b.grad.tolist() == [0.0, 4.0, -0.5]
+    opt, a, b = optimizer_with_grads()
+    assert _clip_and_norm(opt, 1.0, GradClipAlgorithmType.NORM).item() == pytest.approx(total)
+    assert torch.cat([a.grad, b.grad]).norm().item() == pytest.approx(1.0, rel=1e-5)
+    opt, a, b = optimizer_with_grads()
+    assert _clip_and_norm(opt, 1.0, GradClipAlgorithmType.VALUE).item() == pytest.approx(math.sqrt(1 + 1 + 0.25))
+    assert a.grad.tolist() == [1.0, 0.0, 0.0] and b.grad.tolist() == [0.0, 1.0, -0.5]
+
+
+def test_task_attributes_still_register_parameters_and_modules():
+    """The task's fast __setattr__ (Lightning's hook name, the per-step state) leaves nn.Module's
+    registration of parameters and submodules as it was."""
+    task = ClassificationTask("vim-tiny-fashion", num_classes=10, model_kwargs=dict(depth=1, embed_dim=32))
+    task.extra = nn.Linear(2, 2)
+    task.scale = nn.Parameter(torch.ones(1))
+    task._current_fx_name = "training_step"
+    assert "extra.weight" in task.state_dict() and "scale" in dict(task.named_parameters())
+    assert vars(task)["_current_fx_name"] == "training_step"
+
+
+def test_distributed_checks_run_every_n_steps():
+    """With several processes the per-step SIGTERM broadcast and the max_time Timer's broadcast (each a wait on
+    the GPU) run every n steps, once wrapped however often the wrapping is asked for."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from zoo.tasks.base import _throttle_distributed_checks
+
+    sigterm_checks, timer_checks = [], []
+
+    class Loop:
+        total_batch_idx = 0
+
+        def _broadcast_sigterm_tensor(self):
+            sigterm_checks.append(self.total_batch_idx)
+
+    loop = Loop()
+    timer = Timer(duration="00:00:01:00")  # checked every step by default
+    timer._check_time_remaining = lambda trainer: timer_checks.append(loop.total_batch_idx)
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop), callbacks=[timer])
+    _throttle_distributed_checks(trainer, 4)
+    _throttle_distributed_checks(trainer, 4)
+    for step in range(10):
+        loop.total_batch_idx = step
+        loop._broadcast_sigterm_tensor()
+        timer.on_train_batch_end(trainer, None, None, None, step)
+    assert sigterm_checks == [0, 4, 8] and timer_checks == [0, 4, 8]

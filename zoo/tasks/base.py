@@ -1,5 +1,5 @@
 """What every task shares: a model built by registry name + overrides, the optimizer rules,
-throughput logging and the non-finite-loss stop."""
+training-step logging at the trainer's logging steps (with the throughput) and the non-finite-loss stop."""
 
 from __future__ import annotations
 
@@ -40,11 +40,24 @@ class ZooTask(pl.LightningModule):
         super().__init__()
         self.model_name = model
         self.model = create_model(model, **(model_kwargs or {}))
-        self._last_step_time: float | None = None
+        self._train_logs: dict[str, tuple[torch.Tensor | float, bool]] = {}  # this step's (value, prog_bar)
+        self._window_start: float | None = None  # throughput window: its start (perf_counter) and items since
+        self._window_items = 0
+        self._window_unit = "samples"
         self._pending_guard = None  # (step, host flag, CUDA event) of the device-side non-finite guard
+        self._guard_buffers = None  # (pinned host flag, CUDA event) reused by every step's guard
         if not isinstance(compile, (bool, str)):
             raise ValueError(f"compile: expected true, false or a torch.compile backend name, got {compile!r}")
         self._compile = compile
+
+    def __setattr__(self, name: str, value) -> None:
+        """``nn.Module.__setattr__``, except for ``_PLAIN_ATTRIBUTES`` (set every training step, Lightning's hook
+        name about 50 times a step): never parameters, buffers or submodules, so they are set directly instead
+        of through nn.Module's checks for those (~2.5 us each)."""
+        if name in _PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def configure_model(self) -> None:
         """Compiles the model in place when ``compile`` asks (once; Lightning calls this before fit/validate/test)."""
@@ -110,34 +123,94 @@ class ZooTask(pl.LightningModule):
             self._stop(step, "non-finite training loss or gradients (that step was skipped)")
 
     def _guard_step(self, optimizer, grad_norm: torch.Tensor) -> None:
-        """Arms the fused optimizer's on-device skip with this step's flag, and queues the flag's copy."""
+        """Arms the fused optimizer's on-device skip with this step's flag, and queues the flag's copy.
+
+        The copy goes to one pinned buffer and one event kept for the whole run: the previous step's flag has
+        been read (``check_finite`` runs before the clipping) or dropped by then, so nothing reads it later."""
         flag = (~torch.isfinite(grad_norm)).float().reshape(())
         optimizer.found_inf = flag
         host, event = flag, None
         if flag.is_cuda:
-            host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            host, event = self._guard_host_buffers()
             host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
             event.record()
         self._pending_guard = (self.global_step, host, event)
+
+    def _guard_host_buffers(self) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """The pinned host float and the CUDA event of the device guard (made at the first guarded step)."""
+        if self._guard_buffers is None:
+            self._guard_buffers = (torch.empty((), dtype=torch.float32, pin_memory=True), torch.cuda.Event())
+        return self._guard_buffers
+
+    def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1:
+            _throttle_distributed_checks(self.trainer, max(1, self.trainer.log_every_n_steps))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         for opt in self.trainer.optimizers:
             if hasattr(opt, "found_inf"):
                 del opt.found_inf  # used by this step's optimizer.step only
+        self._write_train_logs()
 
     def on_train_end(self) -> None:
-        self._raise_if_flagged()  # the last step's flag
+        try:
+            self._raise_if_flagged()  # the last step's flag
+        finally:
+            self._guard_buffers = None  # no CUDA event left on the task (it could not be copied or pickled)
+
+    # -- training-step logging -------------------------------------------------------------------
+    def log_train(self, name: str, value: torch.Tensor | float, prog_bar: bool = False) -> None:
+        """Log a training-step scalar as ``self.log(name, value, prog_bar=prog_bar)`` in ``training_step`` would
+        (on_step only), but only at the steps whose logs the trainer writes: the value is kept until
+        ``on_train_batch_end`` and logged there if the trainer writes logs at this step (``_logs_this_step``).
+
+        Each ``self.log`` call costs Lightning about half a millisecond of host time, and a CUDA value shown in
+        the progress bar is read back (a device synchronization) after every step; here the values are copied
+        to the host once per logging step instead, so the steps in between neither log nor wait on the device."""
+        self._train_logs[name] = (value.detach() if isinstance(value, torch.Tensor) else value, prog_bar)
 
     def log_throughput(self, items: int, unit: str) -> None:
-        """Log items/second of the training loop (shown in the progress bar)."""
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            dt = now - self._last_step_time
-            if dt > 0:
-                self.log(f"train/{unit}_s", items * self.trainer.world_size / dt, prog_bar=True,
-                         on_step=True, on_epoch=False, sync_dist=False)
-        self._last_step_time = now
+        """Count this step's items for ``train/{unit}_s`` (shown in the progress bar): items per second of the
+        training loop over the steps since the last logged value, logged at the trainer's logging steps."""
+        self._window_items += items
+        self._window_unit = unit
+
+    def _logs_this_step(self) -> bool:
+        """Whether the trainer writes this training step's values to its loggers, by Lightning's own rule
+        (``update_train_step_metrics``): every ``log_every_n_steps`` optimizer steps, at the step where
+        training stops, every step under fast_dev_run; never while gradients accumulate."""
+        trainer = self.trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is None:  # not run by a Lightning loop: log every step
+            return True
+        if self.automatic_optimization and trainer.fit_loop._should_accumulate():
+            return False
+        return bool(connector.should_update_logs or trainer.fast_dev_run)
+
+    def _write_train_logs(self) -> None:
+        """At a logging step, ``self.log`` this step's ``log_train`` values (copied to the host) and the throughput
+        of the window that ends here; the kept values are dropped after every step."""
+        logs, self._train_logs = self._train_logs, {}
+        window_starts = self._window_start is None
+        if window_starts:  # the first step after a (re)start: the window's time begins at its end
+            self._window_start, self._window_items = time.perf_counter(), 0
+        if not self._logs_this_step():
+            return
+        values = {name: (_host_value(v), prog_bar) for name, (v, prog_bar) in logs.items()}  # waits for the step
+        rate = None if window_starts else self._end_window()
+        if rate is not None:
+            values[f"train/{self._window_unit}_s"] = (torch.tensor(rate, dtype=_log_dtype()), True)
+        for name, (value, prog_bar) in values.items():
+            self.log(name, value, prog_bar=prog_bar, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _end_window(self) -> float | None:
+        """Items per second (all processes) since the throughput window started, or None when no items were
+        counted; the next window starts now."""
+        now, start, items = time.perf_counter(), self._window_start, self._window_items
+        self._window_start, self._window_items = now, 0
+        if not items or now <= start:
+            return None
+        return items * self.trainer.world_size / (now - start)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Lightning's clipping, except under FSDP, whose precision plugin refuses norm clipping: there the
@@ -152,24 +225,22 @@ class ZooTask(pl.LightningModule):
         if _fused(self.trainer):
             # Lightning's mixed-precision plugin refuses clipping with a fused optimizer because of fp16
             # loss scaling; there is no scaler here (see _device_guard), so clip as its base class would
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if gradient_clip_val and gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            else:  # the norm is needed for the guard either way (inf: measure without clipping)
-                norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"))
-            self._guard_step(optimizer, norm)
+            self._guard_step(optimizer, _clip_and_norm(optimizer, gradient_clip_val, gradient_clip_algorithm))
             return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
     def on_train_epoch_start(self) -> None:
-        self._last_step_time = None
+        self._window_start = None
 
     def on_validation_epoch_start(self) -> None:
-        self._last_step_time = None  # time spent validating is not training throughput
+        self._window_start = None  # time spent validating is not training throughput
 
 
+# attributes of a task that never hold a parameter, buffer or submodule: Lightning's current hook name (set
+# before and after each hook call) and the per-step state of the training-step logs and of the device guard
+_PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_train_logs", "_window_start", "_window_items", "_window_unit",
+                               "_pending_guard"})
 _INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -179,10 +250,68 @@ def _fused(trainer) -> bool:
     return bool(opts) and all(any(g.get("fused") for g in o.param_groups) for o in opts)
 
 
+def _clip_and_norm(optimizer, clip_val: float | None, algorithm) -> torch.Tensor:
+    """Clips the optimizer's gradients as Lightning's base precision plugin would (by norm, or by value when
+    ``algorithm`` is 'value') and returns their total 2-norm for the device guard: before clipping by norm,
+    after clipping by value. Without clipping the norm is only measured."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if clip_val and algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, clip_val)
+    elif clip_val:
+        return torch.nn.utils.clip_grad_norm_(params, clip_val)  # skips parameters without a gradient
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def _throttle_distributed_checks(trainer: pl.Trainer, every: int) -> None:
+    """With several processes, Lightning 2.6 makes every training step wait for the GPU twice: the epoch loop
+    broadcasts a SIGTERM flag from rank 0 and reads it back (``.item()``), and a ``max_time`` Timer broadcasts
+    its stop decision. The host can then never run ahead of the GPU, so each step costs host time plus GPU
+    time (DDP on 2 GPUs gave 1.28x one GPU's samples/s). Here both run every ``every`` training steps instead
+    (this trainer only): a SIGTERM or the time limit is acted on at most ``every`` steps later, by all ranks
+    together (the step counter is the same on every rank)."""
+    from lightning.pytorch.callbacks import Timer
+
+    loop = trainer.fit_loop.epoch_loop
+    if not getattr(loop._broadcast_sigterm_tensor, "_zoo_every", None):
+        broadcast = loop._broadcast_sigterm_tensor
+
+        def sigterm_check_every() -> None:
+            if loop.total_batch_idx % every == 0:
+                broadcast()
+
+        sigterm_check_every._zoo_every = every
+        loop._broadcast_sigterm_tensor = sigterm_check_every
+    for timer in (cb for cb in trainer.callbacks if isinstance(cb, Timer)):
+        if getattr(timer.on_train_batch_end, "_zoo_every", None):
+            continue
+        check = timer.on_train_batch_end
+
+        def timer_check_every(trainer, *args, _check=check, **kwargs) -> None:
+            if trainer.fit_loop.epoch_loop.total_batch_idx % every == 0:
+                _check(trainer, *args, **kwargs)
+
+        timer_check_every._zoo_every = every
+        timer.on_train_batch_end = timer_check_every
+
+
 def _is_fsdp(trainer: pl.Trainer) -> bool:
     from lightning.pytorch.strategies import FSDPStrategy
 
     return isinstance(trainer.strategy, FSDPStrategy)
+
+
+def _log_dtype() -> torch.dtype:
+    """The dtype Lightning stores a logged value in: the default dtype, at least float32."""
+    dtype = torch.get_default_dtype()
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _host_value(value: torch.Tensor | float) -> torch.Tensor:
+    """A logged scalar as a CPU tensor (the value ``self.log`` would store), so that Lightning's reads of it after
+    every step (progress bar, callback metrics) never wait on the device."""
+    if isinstance(value, torch.Tensor):
+        return value.to("cpu")
+    return torch.tensor(value, dtype=_log_dtype())
 
 
 def lr_of(trainer: pl.Trainer) -> float:

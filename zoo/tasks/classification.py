@@ -78,8 +78,8 @@ class ClassificationTask(ZooTask):
             logits = self.model(x).float()
             loss = F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
         self.check_finite(loss)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", lr_of(self.trainer))
+        self.log_train("train/loss", loss, prog_bar=True)
+        self.log_train("train/lr", lr_of(self.trainer))
         self.log_throughput(x.shape[0], "samples")
         return loss
 

@@ -135,12 +135,12 @@ class CausalLMTask(ZooTask):
         aux = collect_aux_loss(self.model)
         total = loss if aux is None else loss + self.hparams.aux_loss_weight * aux
         self.check_finite(total)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train("train/loss", loss, prog_bar=True)
         if aux is not None:
-            self.log("train/aux_loss", aux)
+            self.log_train("train/aux_loss", aux)
         if self.hparams.bytes_per_token:
-            self.log("train/bpb", loss / math.log(2) / self.hparams.bytes_per_token)
-        self.log("train/lr", lr_of(self.trainer))
+            self.log_train("train/bpb", loss / math.log(2) / self.hparams.bytes_per_token)
+        self.log_train("train/lr", lr_of(self.trainer))
         self.log_throughput(x.numel(), "tok")
         return total
 
