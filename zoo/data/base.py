@@ -48,7 +48,8 @@ class SplitDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.setup()
         return DataLoader(getattr(self, f"{split}_set"), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())  # asynchronous copies to the GPU
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
