@@ -277,18 +277,3 @@ def test_distributed_checks_run_every_n_steps():
         loop._broadcast_sigterm_tensor()
         timer.on_train_batch_end(trainer, None, None, None, step)
     assert sigterm_checks == [0, 4, 8] and timer_checks == [0, 4, 8]
-
-
-def test_ddp_gradients_are_bucket_views_unless_set():
-    from types import SimpleNamespace
-
-    from lightning.pytorch.strategies import DDPStrategy
-
-    from zoo.tasks.base import _bucket_view_grads
-
-    default, explicit = DDPStrategy(), DDPStrategy(gradient_as_bucket_view=False)
-    for strategy in (default, explicit):
-        _bucket_view_grads(SimpleNamespace(strategy=strategy))
-    assert default._ddp_kwargs["gradient_as_bucket_view"] is True
-    assert explicit._ddp_kwargs["gradient_as_bucket_view"] is False
-    _bucket_view_grads(SimpleNamespace(strategy=None))  # no trainer strategy: nothing to do

@@ -60,9 +60,7 @@ class ZooTask(pl.LightningModule):
             super().__setattr__(name, value)
 
     def configure_model(self) -> None:
-        """Compiles the model in place when ``compile`` asks (once; Lightning calls this before fit/validate/test,
-        before a DDP strategy wraps the model: see ``_bucket_view_grads``)."""
-        _bucket_view_grads(getattr(self, "_trainer", None))
+        """Compiles the model in place when ``compile`` asks (once; Lightning calls this before fit/validate/test)."""
         if self._compile and getattr(self.model, "_compiled_call_impl", None) is None:
             if self._compile is True:
                 self.model.compile()
@@ -262,18 +260,6 @@ def _clip_and_norm(optimizer, clip_val: float | None, algorithm) -> torch.Tensor
     elif clip_val:
         return torch.nn.utils.clip_grad_norm_(params, clip_val)  # skips parameters without a gradient
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-
-
-def _bucket_view_grads(trainer) -> None:
-    """Under Lightning's DDPStrategy, DistributedDataParallel(gradient_as_bucket_view=True) unless the strategy was
-    given a value: the gradients are then views of the all-reduce buckets instead of copies made from them after
-    every step (one device copy and its host-side bookkeeping per parameter tensor: ~1.4 ms of host time per step
-    for vim-tiny-fashion's 144 tensors, profiled on 2 x H200)."""
-    from lightning.pytorch.strategies import DDPStrategy
-
-    strategy = getattr(trainer, "strategy", None)
-    if isinstance(strategy, DDPStrategy):
-        strategy._ddp_kwargs.setdefault("gradient_as_bucket_view", True)
 
 
 def _throttle_distributed_checks(trainer: pl.Trainer, every: int) -> None:
