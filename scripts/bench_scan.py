@@ -437,6 +437,39 @@ def conv_note(bw):
     return dict(fwd=tf, fb=tfb, triton_fwd=tf2, triton_fb=tfb2, triton_err=err)
 
 
+CONV_TILES = ((32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 64, 4), (16, 128, 4))
+
+
+def tune_conv():
+    """Forward tiles (BLOCK_L, BLOCK_D, warps) of kernels.conv1d on the mixer's (b, L, 2d) in_proj view at Vim's
+    batch-64 shapes (both directions at 1248 px) and shape 1; prints ms per tile and keeps the fastest in total
+    for the rest of this run. Results are checked against the first tile's output."""
+    from kernels import conv1d
+
+    shapes = [(64, 384, 6085, False), (64, 384, 6085, True), (64, 384, 4097, False), (8, 1536, 2048, False)]
+    data, ref, totals = {}, {}, {}
+    for b, d, L, rev in shapes:
+        xz = torch.randn(b, L, 2 * d, device=DEV, dtype=torch.bfloat16)
+        data[(b, d, L, rev)] = (xz[..., :d].transpose(1, 2), torch.randn(d, 4, device=DEV), torch.randn(d, device=DEV))
+    print(f"== conv1d forward tiles (BLOCK_L, BLOCK_D, warps): ms at {list(data)} ==")
+    for tile in CONV_TILES:
+        conv1d.BLOCK_L, conv1d.BLOCK_D, conv1d.FWD_WARPS = tile
+        times = []
+        with torch.no_grad():
+            for sh, (x, w, bias) in data.items():
+                y = conv1d.causal_conv1d(x, w, bias, True, sh[3]).float()
+                ref.setdefault(sh, y)
+                if rel(y, ref[sh]) > 1e-3:
+                    print(f"  {tile} {sh}: WRONG (rel. error {rel(y, ref[sh]):.1e})")
+                times.append(bench(lambda: conv1d.causal_conv1d(x, w, bias, True, sh[3]), rep=50))
+        totals[tile] = sum(times)
+        print(f"{str(tile):16s} " + " ".join(f"{t:7.3f}" for t in times) + f"  total {totals[tile]:.3f}", flush=True)
+    best = min(totals, key=totals.get)
+    conv1d.BLOCK_L, conv1d.BLOCK_D, conv1d.FWD_WARPS = best
+    print(f"best conv tile: {best}")
+    return dict(totals={str(k): v for k, v in totals.items()}, best=best)
+
+
 def resources(configs=((8, 16, 1, "fwd"), (4, 8, 1, "bwd"), (4, 16, 1, "bwd"), (8, 8, 1, "bwd"))):
     """Compile the scan kernels for sm_90 without a GPU (Triton's bundled ptxas) and print registers,
     spills and the SASS instruction mix: the cheap first look before spending device time.  Pointers,
@@ -496,7 +529,9 @@ def main():
                    "depths (FWD_TILES) and use the fastest")
     p.add_argument("--tune-split", action="store_true", help="before the table, time the forward's L-split "
                    "thresholds (FWD_SPLITS) and use the fastest")
-    p.add_argument("--tune-only", action="store_true", help="with --tune-fwd / --tune-split: stop after tuning")
+    p.add_argument("--tune-conv", action="store_true", help="time kernels.conv1d forward tiles (CONV_TILES) at "
+                   "Vim's shapes and use the fastest")
+    p.add_argument("--tune-only", action="store_true", help="with --tune-*: stop after tuning")
     p.add_argument("--scan-config", default=None, metavar="JSON", help='overrides of ops.CONFIG["cuda"] for the run')
     p.add_argument("--resources", action="store_true", help="compile for sm_90 (no GPU needed) and print "
                    "registers, spills and SASS instruction counts, then exit")
@@ -532,7 +567,9 @@ def main():
         out["tune_fwd"] = tune_forward(FWD_TILES, "tiles and pipeline stages")
     if a.tune_split:
         out["tune_split"] = tune_forward(FWD_SPLITS, "L splits")
-    if a.tune_fwd or a.tune_split:
+    if a.tune_conv:
+        out["tune_conv"] = tune_conv()
+    if a.tune_fwd or a.tune_split or a.tune_conv:
         out["config"] = dict(ops.CONFIG["cuda"])
         if a.tune_only:
             if a.json:
