@@ -269,6 +269,21 @@ def _program(work, dim, N, dpg_b, dpg_c, BLOCK_D: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, N, mask_d, mask_nd, HAS_BIAS: tl.constexpr,
+                    HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The per-channel parameters both passes load once per program: A (BLOCK_N, BLOCK_D) fp32, A * log2(e) (so
+    that exp(dt A) = exp2(dt A2)), the delta bias and D (BLOCK_D,) (zeros when absent)."""
+    An = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return An, An * 1.4426950408889634, bias, Dv
+
+
+@triton.jit
 def _inputs_at_row(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, gb, gc, sub, sdb, szb, sBb, sBg, sCb, sCg,
                    HAS_Z: tl.constexpr, B_INV: tl.constexpr, C_INV: tl.constexpr):
     """The inputs both passes read, moved to batch row b (and B / C to their groups) once, in 64 bits."""
@@ -311,14 +326,8 @@ def scan_fwd_kernel(
     if not STATE_ONLY:
         y_ptr = _row(y_ptr, b, syb)
 
-    A2 = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
-    A2 = A2 * 1.4426950408889634  # exp(dt A) = exp2(dt A log2(e))
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    An, A2, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, N, mask_d, mask_nd, HAS_BIAS, HAS_D,
+                                       BLOCK_D)  # An: the backward's
 
     state_off = ((b * dim + offs_d[None, :]) * nsplit + s) * N + offs_n[:, None]  # (BN, BD) into (b, d, nsplit, N)
     h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -418,14 +427,8 @@ def scan_bwd_kernel(
         first = offs_l[:, None, None] == 0
         last = offs_l[:, None, None] == BLOCK_L - 1
 
-        An = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)  # (BN, BD)
-        A2 = An * 1.4426950408889634
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        An, A2, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, N, mask_d, mask_nd, HAS_BIAS,
+                                           HAS_D, BLOCK_D)
 
         state_off = ((b * dim + offs_d[None, :]) * nsplit + s) * N + offs_n[:, None]  # (BN, BD)
         q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
