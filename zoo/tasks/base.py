@@ -181,11 +181,12 @@ class ZooTask(pl.LightningModule):
         training stops, every step under fast_dev_run; never while gradients accumulate."""
         trainer = self.trainer
         connector = getattr(trainer, "_logger_connector", None)
-        if connector is None:  # not run by a Lightning loop: log every step
+        should_accumulate = getattr(getattr(trainer, "fit_loop", None), "_should_accumulate", None)
+        if connector is None or should_accumulate is None:  # no Lightning loop (or another Lightning): every step
             return True
-        if self.automatic_optimization and trainer.fit_loop._should_accumulate():
+        if self.automatic_optimization and should_accumulate():
             return False
-        return bool(connector.should_update_logs or trainer.fast_dev_run)
+        return bool(getattr(connector, "should_update_logs", True) or trainer.fast_dev_run)
 
     def _write_train_logs(self) -> None:
         """At a logging step, ``self.log`` this step's ``log_train`` values (copied to the host) and the throughput
@@ -272,6 +273,8 @@ def _throttle_distributed_checks(trainer: pl.Trainer, every: int) -> None:
     from lightning.pytorch.callbacks import Timer
 
     loop = trainer.fit_loop.epoch_loop
+    if not hasattr(loop, "_broadcast_sigterm_tensor") or not hasattr(loop, "total_batch_idx"):
+        return  # a Lightning without the per-step SIGTERM broadcast (written against 2.6): nothing to throttle
     if not getattr(loop._broadcast_sigterm_tensor, "_zoo_every", None):
         broadcast = loop._broadcast_sigterm_tensor
 
