@@ -177,8 +177,8 @@ class FashionMNISTDataModule(SplitDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if self.train_set is None:
             self.setup()
-        # pinned batches: Lightning's non_blocking copy to the GPU is then asynchronous; from pageable memory it
-        # waits for the GPU to finish the previous step, so the host could not run ahead (2-GPU DDP: 1.33x)
+        # pinned batches: Lightning's non_blocking copy to the GPU is then truly asynchronous (from pageable memory
+        # the host waits for the copy); measured on 2 x H200 DDP it made no difference either way
         return DataLoader(getattr(self, f"{split}_set"), batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           collate_fn=stacked_batch, pin_memory=torch.cuda.is_available())
