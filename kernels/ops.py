@@ -140,7 +140,7 @@ def _bwd_tile(batch: int, dim: int, device: torch.device, cfg: dict) -> tuple[in
     programs: how many programs run at once (SMs x warps per SM; cfg["bwd_programs"] where given); the
     persistent backward launches no more than that, so its scratch does not grow with the work."""
     if cfg["bwd_block_l"] is not None:
-        return cfg["bwd_block_l"], cfg["bwd_block_d"], cfg.get("bwd_programs") or batch * cdiv(dim, 1)
+        return cfg["bwd_block_l"], cfg["bwd_block_d"], cfg.get("bwd_programs") or batch * dim
     tiles = cfg["bwd_tiles"]
     for block_l, block_d, warps_per_sm in tiles:
         if batch * cdiv(dim, block_d) <= _sm_count(device) * warps_per_sm:

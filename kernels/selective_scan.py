@@ -87,6 +87,15 @@ def _mem(t, L, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _steps(t0, offs_l, L, mask_d, REVERSE: tl.constexpr):
+    """The BLOCK_L scan steps of the tile starting at step t0: (steps t, memory positions tm, t < L, the
+    (BLOCK_L, BLOCK_D) mask of in-range steps and channels)."""
+    t = t0 + offs_l
+    mask_t = t < L
+    return t, _mem(t, L, REVERSE), mask_t, mask_t[:, None] & mask_d[None, :]
+
+
+@triton.jit
 def _reset_tile(seq_ptr, b, L, t, mask_t, SHIFT: tl.constexpr, REVERSE: tl.constexpr):
     """True where the state restarts at scan step t + SHIFT (its seq_idx differs from the step before it)."""
     tt = t + SHIFT
@@ -341,10 +350,7 @@ def scan_fwd_kernel(
     # STAGES > 1: Triton's pipeliner copies the inputs of the next tiles to shared memory (cp.async) while
     # this one computes; one warp per program leaves few warps to hide the load latency otherwise.
     for it in tl.range(tiles_per_split, num_stages=STAGES):
-        t = t_begin + it * BLOCK_L + offs_l
-        tm = _mem(t, L, REVERSE)
-        mask_t = t < L
-        io_mask = mask_t[:, None] & mask_d[None, :]
+        t, tm, mask_t, io_mask = _steps(t_begin + it * BLOCK_L, offs_l, L, mask_d, REVERSE)
         dt, _, u, Bt, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
                                     offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS, SOFTPLUS, FAST,
                                     HAS_SEQ, REVERSE, B_INV)
@@ -462,10 +468,7 @@ def scan_bwd_kernel(
                                 mask=mask_nd & (tc < n_tiles_total), other=0.0)
                     for jj in range(K):
                         tl.store(scratch + jj * BLOCK_N * BLOCK_D, hc)
-                        t = (tc + jj) * BLOCK_L + offs_l
-                        tm = _mem(t, L, REVERSE)
-                        mask_t = t < L
-                        io_mask = mask_t[:, None] & mask_d[None, :]
+                        t, tm, mask_t, io_mask = _steps((tc + jj) * BLOCK_L, offs_l, L, mask_d, REVERSE)
                         _, _, _, _, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
                                             offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS, SOFTPLUS, FAST,
                                             HAS_SEQ, REVERSE, B_INV)
@@ -473,10 +476,7 @@ def scan_bwd_kernel(
                                                     combine_fn=_combine)
                         hc = _last(hh, offs_l, BLOCK_L)
                     tl.debug_barrier()
-            t = t_begin + it * BLOCK_L + offs_l
-            tm = _mem(t, L, REVERSE)
-            mask_t = t < L
-            io_mask = mask_t[:, None] & mask_d[None, :]
+            t, tm, mask_t, io_mask = _steps(t_begin + it * BLOCK_L, offs_l, L, mask_d, REVERSE)
             dout = tl.load(dout_ptr + _off(offs_d, tm, sod, sol), mask=io_mask, other=0.0).to(tl.float32)
             dy = dout
             if HAS_Z:

@@ -239,8 +239,8 @@ def test_device_guard_clipping_measures_the_norm():
 
 
 def test_task_attributes_still_register_parameters_and_modules():
-    """The task's fast __setattr__ (Lightning's hook name, the per-step state) leaves nn.Module's
-    registration of parameters and submodules as it was."""
+    """Setting the task's per-step attributes (Lightning's hook name, the training-step state) leaves
+    nn.Module's registration of parameters and submodules as it was."""
     task = ClassificationTask("vim-tiny-fashion", num_classes=10, model_kwargs=dict(depth=1, embed_dim=32))
     task.extra = nn.Linear(2, 2)
     task.scale = nn.Parameter(torch.ones(1))

@@ -50,15 +50,6 @@ class ZooTask(pl.LightningModule):
             raise ValueError(f"compile: expected true, false or a torch.compile backend name, got {compile!r}")
         self._compile = compile
 
-    def __setattr__(self, name: str, value) -> None:
-        """``nn.Module.__setattr__``, except for ``_PLAIN_ATTRIBUTES`` (set every training step, Lightning's hook
-        name about 50 times a step): never parameters, buffers or submodules, so they are set directly instead
-        of through nn.Module's checks for those (~2.5 us each)."""
-        if name in _PLAIN_ATTRIBUTES:
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     def configure_model(self) -> None:
         """Compiles the model in place when ``compile`` asks (once; Lightning calls this before fit/validate/test)."""
         if self._compile and getattr(self.model, "_compiled_call_impl", None) is None:
@@ -238,10 +229,6 @@ class ZooTask(pl.LightningModule):
         self._window_start = None  # time spent validating is not training throughput
 
 
-# attributes of a task that never hold a parameter, buffer or submodule: Lightning's current hook name (set
-# before and after each hook call) and the per-step state of the training-step logs and of the device guard
-_PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_train_logs", "_window_start", "_window_items", "_window_unit",
-                               "_pending_guard"})
 _INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
