@@ -84,20 +84,28 @@ class _Direction(nn.Module):
         return delta, B, C
 
     def scan(self, x: torch.Tensor, z: torch.Tensor, initial_state=None, return_last_state=False,
-             reverse: bool = False):
+             reverse: bool = False, average_with: torch.Tensor | None = None):
         """x, z (batch, d_inner, L) -> y (batch, d_inner, L) [, final state (batch, d_inner, N)].
-        reverse=True scans from the last position to the first (no flipped copies on the selective path)."""
+        reverse=True scans from the last position to the first (no flipped copies on the selective path).
+        average_with (batch, d_inner, L): y is returned as (average_with + y) / 2 (fused into the scan on CUDA)."""
         if not self.selective:
             if reverse:
                 y = self._lti_scan(x.flip(-1), z.flip(-1), initial_state, return_last_state)
-                return (y[0].flip(-1), y[1]) if return_last_state else y.flip(-1)
-            return self._lti_scan(x, z, initial_state, return_last_state)
+                y = (y[0].flip(-1), y[1]) if return_last_state else y.flip(-1)
+            else:
+                y = self._lti_scan(x, z, initial_state, return_last_state)
+            if average_with is None:
+                return y
+            if return_last_state:
+                return torch.lerp(average_with, y[0], 0.5), y[1]
+            return torch.lerp(average_with, y, 0.5)
         delta, B, C = self.ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         return selective_scan(
             x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             return_last_state=return_last_state, initial_state=initial_state, reverse=reverse,
+            average_with=average_with,
         )
 
 
@@ -154,8 +162,9 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     # -- full sequence ---------------------------------------------------------------------------
-    def _branch(self, direction: _Direction, x, z, state: MambaState | None, reverse: bool = False):
-        """x, z (batch, d_inner, L) -> y (batch, d_inner, L); fills ``state`` if given.
+    def _branch(self, direction: _Direction, x, z, state: MambaState | None, reverse: bool = False,
+                average_with: torch.Tensor | None = None):
+        """x, z (batch, d_inner, L) -> y (batch, d_inner, L), or (average_with + y) / 2; fills ``state`` if given.
 
         reverse=True runs the branch on the reversed sequence without flipping anything: the causal
         conv of the reversed sequence is the anti-causal conv (padding on the right, taps reversed) of
@@ -166,7 +175,7 @@ class Mamba(nn.Module):
             from kernels.conv1d import causal_conv1d
 
             xc = causal_conv1d(x, weight, direction.conv1d.bias, silu=True, reverse=reverse)
-            return direction.scan(xc, z, reverse=reverse)
+            return direction.scan(xc, z, reverse=reverse, average_with=average_with)
         if state is not None:
             xc = torch.cat([state.conv[..., 1:].to(x.dtype), x], dim=-1)
             new_conv = torch.cat([state.conv.to(x.dtype), x], dim=-1)[..., -self.d_conv:]
@@ -177,8 +186,8 @@ class Mamba(nn.Module):
             xc = F.pad(x, (self.d_conv - 1, 0))
         xc = F.silu(F.conv1d(xc, weight, direction.conv1d.bias, groups=self.d_inner))[..., :L]
         if state is None:
-            return direction.scan(xc, z, reverse=reverse)
-        y, last = direction.scan(xc, z, initial_state=state.ssm, return_last_state=True)
+            return direction.scan(xc, z, reverse=reverse, average_with=average_with)
+        y, last = direction.scan(xc, z, initial_state=state.ssm, return_last_state=True, average_with=average_with)
         state.conv.copy_(new_conv)
         state.ssm.copy_(last)
         return y
@@ -193,9 +202,8 @@ class Mamba(nn.Module):
         xz = self.in_proj(x).transpose(1, 2)  # (batch, 2*d_inner, L)
         xs, z = xz.chunk(2, dim=1)
         y = self._branch(self.fwd, xs, z, state)
-        if self.bidirectional:
-            yb = self._branch(self.bwd, xs, z, None, reverse=True)
-            y = torch.lerp(y, yb, 0.5)  # (y + yb) / 2 in one pass
+        if self.bidirectional:  # (y + yb) / 2, averaged as the backward direction's scan stores yb
+            y = self._branch(self.bwd, xs, z, None, reverse=True, average_with=y)
         return self.out_proj(y.transpose(1, 2))
 
     # -- decoding --------------------------------------------------------------------------------

@@ -284,29 +284,39 @@ def scan_backend(device: torch.device) -> str:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, seq_idx=None, reverse=False):
+                   return_last_state=False, initial_state=None, seq_idx=None, reverse=False, average_with=None):
     """The selective scan (DESIGN.md contract): Triton kernel on CUDA, chunked reference elsewhere.
 
     Shapes as in ``selective_scan_ref`` (seq_idx (batch, L) int packs several sequences in one row).
     reverse=True scans from position L-1 down to 0: the same as flipping u, delta, z, B, C and seq_idx
     along L, scanning, and flipping y back (the kernel does it without the copies; the last state is
-    then the state after position 0). Set MAMBAZOO_SCAN=ref to force the sequential oracle.
+    then the state after position 0). average_with (batch, dim, L): y is returned as (average_with + y) / 2
+    (a bidirectional mixer's mean of its two directions; the kernel does it as it stores y).
+    Set MAMBAZOO_SCAN=ref to force the sequential oracle.
     """
+    if average_with is not None and tuple(average_with.shape) != tuple(u.shape):
+        raise ValueError(f"average_with: expected u's shape {_shape(u)}, got {_shape(average_with)}")
     backend = scan_backend(u.device)
     if backend == "triton":
         check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
         from kernels import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                     initial_state, seq_idx, reverse)
+                                     initial_state, seq_idx, reverse, average_with)
     fn = selective_scan_ref if backend == "ref" else selective_scan_chunked
     if not reverse:
-        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, seq_idx)
-    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    flip = lambda t: t.flip(-1) if t is not None and t.dim() > 2 else t  # noqa: E731  ((d, N) B/C stay)
-    out = fn(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus, return_last_state,
-             initial_state, seq_idx.flip(-1) if seq_idx is not None else None)
-    return (out[0].flip(-1), out[1]) if return_last_state else out.flip(-1)
+        out = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, seq_idx)
+    else:
+        check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+        flip = lambda t: t.flip(-1) if t is not None and t.dim() > 2 else t  # noqa: E731  ((d, N) B/C stay)
+        out = fn(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus,
+                 return_last_state, initial_state, seq_idx.flip(-1) if seq_idx is not None else None)
+        out = (out[0].flip(-1), out[1]) if return_last_state else out.flip(-1)
+    if average_with is None:
+        return out
+    y = out[0] if return_last_state else out
+    y = torch.lerp(average_with.to(y.dtype), y, 0.5)
+    return (y, out[1]) if return_last_state else y
 
 
 def check_state_update_inputs(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):

@@ -55,20 +55,28 @@ def _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, initial_state=None, seq_idx=None, reverse=False):
+                          return_last_state=False, initial_state=None, seq_idx=None, reverse=False,
+                          average_with=None):
     """The selective scan (DESIGN.md contract) as one fused Triton forward and a recomputing backward.
 
     u, delta, z (batch, dim, L); A (dim, N) fp32; B, C (batch, N, L) | (batch, G, N, L) | (dim, N);
     D, delta_bias (dim,); initial_state (batch, dim, N); seq_idx (batch, L) int: the state restarts
     from zero wherever seq_idx changes (packed sequences). reverse=True scans from position L-1 down to 0
     (the result of flipping every input along L, scanning and flipping y back, without the copies).
+    average_with (batch, dim, L): return (average_with + y) / 2 instead of y, averaged in the kernel's store.
     Returns y (batch, dim, L) in u's dtype and,
     with return_last_state, the final state (batch, dim, N) fp32; both are differentiable.
     """
     _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    if average_with is not None and tuple(average_with.shape) != tuple(u.shape):
+        raise ValueError(f"average_with: expected u's shape {_shape(u)}, got {_shape(average_with)}")
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state, average_with)
+    # the backward's tile states only where a gradient can flow (inference skips their stores)
+    store_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     # eager: an autograd.Function around the same launchers (the custom-op dispatcher costs host time per call)
     op = scan_fwd if torch.compiler.is_compiling() else EagerScan.apply
-    y, last, _ = op(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus), bool(reverse))
+    y, last, _ = op(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus), bool(reverse),
+                    average_with, store_states)
     return (y, last) if return_last_state else y
 
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from kernels._host import cdiv
+from kernels._math import sigmoid
 
 __all__ = ["causal_conv1d", "conv_backend"]
 
@@ -44,6 +45,11 @@ def conv_backend(device: torch.device) -> str:
         return "torch"
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return "triton" if device.type == "cuda" or (interpreting and want == "triton") else "torch"
+
+
+def _fast() -> bool:
+    """Inline-PTX fast math (kernels._math) on the GPU; the interpreter has no PTX."""
+    return os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
 @triton.jit
@@ -75,7 +81,7 @@ def _pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, mask_d, L, sxb, sxl,
 @triton.jit
 def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, dim, sxb, sxl,
                     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
-                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr = False):
     """Grid (batch, cdiv(L, BLOCK_L), cdiv(dim, BLOCK_D)); y is a contiguous (b, L, d) buffer."""
     b = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -84,7 +90,7 @@ def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, dim, sxb, sxl,
     pre = _pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, REVERSE, BLOCK_L, BLOCK_D)
     y = pre
     if SILU:
-        y = pre * tl.sigmoid(pre)
+        y = pre * sigmoid(pre, FAST)
     m = (t < L)[:, None] & mask_d[None, :]
     tl.store(y_ptr + b.to(tl.int64) * L * dim + t[:, None] * dim + offs_d[None, :], y.to(y_ptr.dtype.element_ty),
              mask=m)
@@ -94,7 +100,7 @@ def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, dim, sxb, sxl,
 def conv_dpre_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dp_ptr, dw_ptr, db_ptr, L, dim, sxb, sxl,
                      sdb, sdl, tiles_per_prog,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr = False):
     """Grid (batch, cdiv(L, BLOCK_L * tiles_per_prog), cdiv(dim, BLOCK_D)).  dpre = dy act'(pre) into the fp32
     (b, L, d) buffer dp; dw[:, k] = sum_t x[_src(t, k)] dpre[t] and db = sum_t dpre[t] over the program's
     tiles_per_prog tiles, kept in registers and added with one relaxed atomic each (few programs share an
@@ -117,7 +123,7 @@ def conv_dpre_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dp_ptr, dw_ptr, db_ptr, L, 
         if SILU:
             pre = _pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, REVERSE,
                        BLOCK_L, BLOCK_D)
-            sg = tl.sigmoid(pre)
+            sg = sigmoid(pre, FAST)
             dp = dp * sg * (1.0 + pre * (1.0 - sg))
         tl.store(dpbase + t[:, None] * dim + offs_d[None, :], dp, mask=m)
         db += tl.sum(dp, axis=0)
@@ -188,7 +194,7 @@ class _CausalConv1d(torch.autograd.Function):
         x = _channels_contiguous(x)
         y = x.new_empty(batch, L, dim)
         conv_fwd_kernel[_grid(batch, L, dim)](x, w, bias, y, L, dim, x.stride(0), x.stride(2), W=W,
-                                              HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse,
+                                              HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, FAST=_fast(),
                                               BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, num_warps=FWD_WARPS)
         ctx.save_for_backward(x, w, bias)
         ctx.silu, ctx.reverse = silu, reverse
@@ -209,7 +215,7 @@ class _CausalConv1d(torch.autograd.Function):
         grid = (batch, cdiv(n_tiles, per_prog), cdiv(dim, BLOCK_D))
         conv_dpre_kernel[grid](x, w, bias, dy, dp, dw, db, L, dim, x.stride(0), x.stride(2), dy.stride(0),
                                dy.stride(2), per_prog, W=W,
-                               HAS_BIAS=bias is not None, SILU=ctx.silu, REVERSE=ctx.reverse,
+                               HAS_BIAS=bias is not None, SILU=ctx.silu, REVERSE=ctx.reverse, FAST=_fast(),
                                BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
         conv_dx_kernel[_grid(batch, L, dim)](w, dp, dx, L, dim, W=W, REVERSE=ctx.reverse, BLOCK_L=BLOCK_L,
                                              BLOCK_D=BLOCK_D)

@@ -162,9 +162,12 @@ def _flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse):
                 FAST=not _interpreting())
 
 
-def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse=False):
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse=False,
+                 y_other=None, store_states=True):
     """Returns y (b, d, L) in u's dtype, the last state (b, d, N) fp32, tile states (b, d, T, N) fp32.
-    reverse: scan from position L-1 down to 0 (as if every input and the output were flipped along L)."""
+    reverse: scan from position L-1 down to 0 (as if every input and the output were flipped along L).
+    y_other (b, d, L): y is returned as (y_other + y) / 2, averaged in the kernel's store (a bidirectional
+    mixer's two directions). store_states=False: no tile states (T = 0), for calls that need no backward."""
     cfg = _cfg(u.device)
     batch, dim, L = u.shape
     N = A.shape[1]
@@ -176,8 +179,11 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
     block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["block_d"], block_l, cfg)
     block_n = next_power_of_2(N)
     y = new_output(u, z)
+    if y_other is not None and y_other.stride() != y.stride():  # the kernel reads y_other through y's strides
+        y_other = y.copy_(y_other)
+        y = new_output(u, z)
     _check_row_extent(u=u, delta=delta, z=z, y=y, B=B, C=C)
-    hs = u.new_empty(batch, dim, n_chunks, N, dtype=torch.float32)
+    hs = u.new_empty(batch, dim, n_chunks if store_states else 0, N, dtype=torch.float32)
     hend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)
     grid = (batch * cdiv(dim, block_d), nsplit)
     common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=cfg["fwd_warps"],
@@ -197,7 +203,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
             starts.append(h)
         h0 = torch.stack(starts, dim=2).contiguous()
     scan_fwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, h0, y, hs, hend, None,
-                          *sizes, HAS_H0=h0 is not None, STATE_ONLY=False, **common)
+                          *sizes, HAS_H0=h0 is not None, STATE_ONLY=False, STORE_STATES=store_states,
+                          HAS_YO=y_other is not None, yo_ptr=y_other, **common)
     return y, hend[:, :, -1].contiguous(), hs
 
 
@@ -264,17 +271,20 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
 @torch.library.custom_op("mambazoo::scan_fwd", mutates_args=())
 def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
              z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
-             seq_idx: Optional[Tensor], delta_softplus: bool, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused forward: (y, last state, tile states)."""
-    return scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse)
+             seq_idx: Optional[Tensor], delta_softplus: bool, reverse: bool = False,
+             y_other: Optional[Tensor] = None, store_states: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused forward: (y, last state, tile states); see scan_forward."""
+    return scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse,
+                        y_other, store_states)
 
 
 @scan_fwd.register_fake
-def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse=False):
+def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, reverse=False,
+                   y_other=None, store_states=True):
     batch, dim, L = u.shape
     N = A.shape[1]
     return (new_output(u, z), u.new_empty(batch, dim, N, dtype=torch.float32),
-            u.new_empty(batch, dim, _n_chunks(L, u.device), N, dtype=torch.float32))
+            u.new_empty(batch, dim, _n_chunks(L, u.device) if store_states else 0, N, dtype=torch.float32))
 
 
 @torch.library.custom_op("mambazoo::scan_bwd", mutates_args=())
@@ -305,7 +315,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[2])
     ctx.set_materialize_grads(False)
     u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, *rest = inputs
-    ctx.reverse = bool(rest[0]) if rest else False
+    rest = rest + [False, None, True][len(rest):]  # reverse, y_other, store_states
+    ctx.reverse, ctx.has_y_other, ctx.stored_states = bool(rest[0]), rest[1] is not None, bool(rest[2])
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
     ctx.softplus = softplus
     ctx.has_h0 = initial_state is not None
@@ -314,16 +325,21 @@ def _setup_context(ctx, inputs, output):
 
 def _input_grads(ctx, dy, dlast, backward_fn):
     """The gradients of scan_fwd's inputs (None for absent ones) from backward_fn (scan_bwd or scan_backward)."""
+    if not ctx.stored_states:
+        raise RuntimeError("scan_fwd ran with store_states=False (no tile states): it cannot be differentiated")
     u, delta, A, B, C, D, z, delta_bias, seq_idx, hs = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(u)
+    elif ctx.has_y_other:  # y = (y_other + scan) / 2: both get half of the gradient
+        dy = dy * 0.5
     g = backward_fn(dy, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, ctx.softplus, ctx.has_h0,
                     ctx.reverse)
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = g
     return (du, ddelta, dA, dB, dC,
             dD if D is not None else None, dz if z is not None else None,
             dbias if delta_bias is not None else None,
-            dh0.to(ctx.h0_dtype) if ctx.has_h0 else None, None, None, None)
+            dh0.to(ctx.h0_dtype) if ctx.has_h0 else None, None, None, None,
+            dy if ctx.has_y_other else None, None)
 
 
 def _backward(ctx, dy, dlast, _dtiles):
@@ -339,10 +355,12 @@ class EagerScan(torch.autograd.Function):
     checks), which is host time the GPU waits on when a scan is short. torch.compile uses the custom ops."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse):
-        y, last, hs = scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse)
-        _setup_context(ctx, (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse),
-                       (y, last, hs))
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse,
+                y_other=None, store_states=True):
+        y, last, hs = scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse,
+                                   y_other, store_states)
+        _setup_context(ctx, (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse,
+                             y_other, store_states), (y, last, hs))
         return y, last, hs
 
     @staticmethod

@@ -37,6 +37,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels._math import sigmoid
+
 
 @triton.jit
 def _combine(a1, x1, a2, x2):
@@ -313,16 +315,17 @@ def scan_fwd_kernel(
     y_ptr, hs_ptr, hend_ptr, pend_ptr,
     sub, sud, sul: tl.constexpr, sdb, sdd, sdl: tl.constexpr, szb, szd, szl: tl.constexpr,
     syb, syd, syl: tl.constexpr, sBb, sBg, sBn, sBl: tl.constexpr, sCb, sCg, sCn, sCl: tl.constexpr,
-    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K,
+    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, B_INV: tl.constexpr, C_INV: tl.constexpr,
     STATE_ONLY: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, FAST: tl.constexpr,
-    STAGES: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1, STORE_STATES: tl.constexpr = True, HAS_YO: tl.constexpr = False, yo_ptr=None,
 ):
-    """Grid (b * cdiv(d, BLOCK_D), nsplit).  Full pass: writes y, the tile states and the end state
-    of each stretch (hend (b, d, nsplit, N)).  STATE_ONLY: writes hend from a zero start and the
-    decay product pend (b, d, nsplit, N) of each stretch.
+    """Grid (b * cdiv(d, BLOCK_D), nsplit).  Full pass: writes y, the tile states (STORE_STATES: only the
+    backward reads them) and the end state of each stretch (hend (b, d, nsplit, N)).  STATE_ONLY: writes hend
+    from a zero start and the decay product pend (b, d, nsplit, N) of each stretch.  HAS_YO: y = (y + yo) / 2
+    with yo (b, d, L) in y's strides (the other direction's output).
 
     Tiles are (BLOCK_L, BLOCK_N, BLOCK_D): on the GPU the lanes of a warp take 32 channels, the
     warps split N, and each thread holds all BLOCK_L steps, so the scan over L and most of the
@@ -334,6 +337,8 @@ def scan_fwd_kernel(
                                                         sBb, sBg, sCb, sCg, HAS_Z, B_INV, C_INV)
     if not STATE_ONLY:
         y_ptr = _row(y_ptr, b, syb)
+        if HAS_YO:
+            yo_ptr = _row(yo_ptr, b, syb)  # the output to average with: y's strides
 
     An, A2, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, N, mask_d, mask_nd, HAS_BIAS, HAS_D,
                                        BLOCK_D)  # An: the backward's
@@ -359,7 +364,7 @@ def scan_fwd_kernel(
             prod = prod * _last(acum, offs_l, BLOCK_L)
             h = _last(hz, offs_l, BLOCK_L) + _last(acum, offs_l, BLOCK_L) * h
         else:
-            if (tile0 + it) % K == 0:  # a checkpoint for the backward every K tiles
+            if STORE_STATES and (tile0 + it) % K == 0:  # a checkpoint for the backward every K tiles
                 tl.store(hs_ptr + ((b * dim + offs_d[None, :]) * n_chunks + (tile0 + it) // K) * N + offs_n[:, None],
                          h, mask=mask_nd & (tile0 + it < n_tiles_total))
             # the carried state enters at the tile's first step; the products of a are then dead code
@@ -374,7 +379,10 @@ def scan_fwd_kernel(
                 y += Dv[None, :] * u
             if HAS_Z:
                 zv = tl.load(z_ptr + _off(offs_d, tm, szd, szl), mask=io_mask, other=0.0).to(tl.float32)
-                y = y * zv * tl.sigmoid(zv)
+                y = y * zv * sigmoid(zv, FAST)
+            if HAS_YO:  # the mean of the two directions of a bidirectional mixer, in the same pass
+                yo = tl.load(yo_ptr + _off(offs_d, tm, syd, syl), mask=io_mask, other=0.0).to(tl.float32)
+                y = 0.5 * (y + yo)
             tl.store(y_ptr + _off(offs_d, tm, syd, syl), y.to(y_ptr.dtype.element_ty), mask=io_mask)
             h = _last(hfull, offs_l, BLOCK_L)
     tl.store(hend_ptr + state_off, h, mask=mask_nd)
@@ -389,7 +397,7 @@ def scan_bwd_kernel(
     sub, sud, sul: tl.constexpr, sdb, sdd, sdl: tl.constexpr, szb, szd, szl: tl.constexpr,
     sob, sod, sol: tl.constexpr, sgub, sgud, sgul: tl.constexpr, sgdb, sgdd, sgdl: tl.constexpr,
     sgzb, sgzd, sgzl: tl.constexpr, sBb, sBg, sBn, sBl: tl.constexpr, sCb, sCg, sCn, sCl: tl.constexpr,
-    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K, n_work,
+    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K: tl.constexpr, n_work,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_QIN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_INV: tl.constexpr, C_INV: tl.constexpr, STATE_ONLY: tl.constexpr, REVERSE: tl.constexpr,
@@ -481,7 +489,7 @@ def scan_bwd_kernel(
             dy = dout
             if HAS_Z:
                 zv = tl.load(z_ptr + _off(offs_d, tm, szd, szl), mask=io_mask, other=0.0).to(tl.float32)
-                sz = tl.sigmoid(zv)
+                sz = sigmoid(zv, FAST)
                 dy = dout * zv * sz
             if C_INV:
                 Ct = _bc_inv(C_ptr, N, offs_d, offs_n, mask_d, mask_n)
@@ -524,7 +532,7 @@ def scan_bwd_kernel(
                 qhm = qt * hm
                 ddt = u * qB + tl.sum(qhm * An[None, :, :], axis=1)
                 if SOFTPLUS:
-                    ddt = ddt * tl.sigmoid(v)
+                    ddt = ddt * sigmoid(v, FAST)
                 ddt = tl.where(io_mask, ddt, 0.0)
                 tl.store(ddl_ptr + _off(offs_d, tm, sgdd, sgdl), ddt.to(ddl_ptr.dtype.element_ty), mask=io_mask)
                 dbias_acc += tl.sum(ddt, axis=0)

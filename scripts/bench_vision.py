@@ -83,7 +83,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile both models' forward_features")
     ap.add_argument("--scan-config", default=None, metavar="JSON",
                     help='overrides of kernels.ops.CONFIG["cuda"], e.g. \'{"fwd_stages": 2}\' (scan tuning)')
+    ap.add_argument("--conv-tile", default=None, metavar="BL,BD,W",
+                    help="kernels.conv1d forward tile (BLOCK_L, BLOCK_D, warps), e.g. 64,128,4 (conv tuning)")
     args = ap.parse_args()
+    if args.conv_tile:
+        from kernels import conv1d
+
+        conv1d.BLOCK_L, conv1d.BLOCK_D, conv1d.FWD_WARPS = (int(v) for v in args.conv_tile.split(","))
     if not torch.cuda.is_available():
         raise SystemExit("bench_vision needs a CUDA GPU")
     if args.scan_config:

@@ -391,3 +391,74 @@ def test_unused_outputs_reach_the_backward_as_none(monkeypatch):
     y, last = selective_scan_triton(*[x[k] for k in NAMES[:8]], True, True)
     (y.sum() + last.sum()).backward()
     assert seen[1] is not None and tuple(seen[1].shape) == tuple(last.shape)
+
+
+@pytest.mark.parametrize("reverse,split", [(True, False), (True, True), (False, False)])
+def test_average_with_is_the_mean_in_values_and_gradients(reverse, split, monkeypatch):
+    """average_with: (y_other + scan) / 2 from the kernel's store equals the reference scan averaged by lerp,
+    and the gradients of y_other and of every scan input are those of the plain average (a bidirectional
+    mixer's two directions)."""
+    if split:
+        monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 2)
+    inp = make_inputs(L=37, h0=False)
+    other = torch.randn(2, 4, 37)
+    results = []
+    for impl in ("triton", "ref"):
+        x, o = leaves(inp), other.clone().requires_grad_()
+        args = [x[k] for k in NAMES[:8]]
+        if impl == "triton":
+            y = selective_scan_triton(*args, True, reverse=reverse, average_with=o)
+        else:
+            flip = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if reverse else (lambda t: t)
+            y = flip(selective_scan_ref(*[flip(a) for a in args], True))
+            y = (o + y) / 2
+        torch.manual_seed(1)
+        (y * torch.randn_like(y)).sum().backward()
+        res = {"y": y.detach(), "dother": o.grad}
+        res.update({f"d{k}": v.grad for k, v in x.items() if v is not None})
+        results.append(res)
+    assert_close(results[0], results[1], TOL[torch.float32])
+
+
+def test_average_with_under_torch_compile():
+    """The averaged scan traces as the registered op (no graph break) with the same values and gradient."""
+    inp = make_inputs(L=9, batch=1, dim=2, h0=False)
+    other = torch.randn(1, 2, 9)
+
+    def f(u, delta, A, B, C, D, z, bias, o):
+        return selective_scan_triton(u, delta, A, B, C, D, z, bias, True, reverse=True, average_with=o)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    o1, o2 = other.clone().requires_grad_(), other.clone().requires_grad_()
+    y1 = compiled(*[inp[k] for k in NAMES[:8]], o1)
+    y2 = f(*[inp[k] for k in NAMES[:8]], o2)
+    (y1 * 3).sum().backward()
+    (y2 * 3).sum().backward()
+    assert rel(y1.detach(), y2.detach()) < 1e-6
+    assert torch.allclose(o1.grad, torch.full_like(other, 1.5)) and torch.allclose(o2.grad, o1.grad)
+
+
+def test_inference_stores_no_tile_states(monkeypatch):
+    """Without autograd the forward skips the backward's tile states (same y); a scan_fwd run that way
+    refuses a backward with a clear error instead of reading missing states."""
+    seen = []
+    real = ops.scan_forward
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(out[2].shape[2])
+        return out
+
+    monkeypatch.setattr(ops, "scan_forward", spy)
+    inp = make_inputs(L=37, h0=False)
+    args = [inp[k] for k in NAMES[:8]]
+    with torch.no_grad():
+        y_inf = selective_scan_triton(*args, True)
+    x = leaves(inp)
+    y_train = selective_scan_triton(*[x[k] for k in NAMES[:8]], True)
+    assert seen[0] == 0 and seen[1] > 0
+    assert torch.equal(y_inf, y_train.detach())
+    u = inp["u"].clone().requires_grad_()
+    y, _, _ = ops.EagerScan.apply(u, *args[1:], None, None, True, False, None, False)
+    with pytest.raises(RuntimeError, match="store_states=False"):
+        y.sum().backward()

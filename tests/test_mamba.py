@@ -155,3 +155,25 @@ def test_mixer_under_torch_compile_matches_eager(bidirectional):
         grads.append((y.detach(), xi.grad, m.in_proj.weight.grad.clone()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bidirectional_mixer_on_the_kernels_matches_the_reference_path(monkeypatch):
+    """The Triton path of the bidirectional mixer (interpreter: anti-causal conv kernel, reverse scan averaged
+    with the forward direction in its store, no tile states without autograd) gives the values and gradients
+    of the PyTorch path (chunked scan, F.conv1d, lerp)."""
+    torch.manual_seed(0)
+    m = Mamba(8, d_state=4, bidirectional=True)
+    x = torch.randn(1, 19, 8)
+    outs = {}
+    for scan, conv in (("chunked", "torch"), ("triton", "triton")):
+        monkeypatch.setenv("MAMBAZOO_SCAN", scan)
+        monkeypatch.setenv("MAMBAZOO_CONV", conv)
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        (y * torch.linspace(-1, 1, 8)).sum().backward()
+        with torch.no_grad():
+            y_inf = m(x)
+        outs[scan] = (y.detach(), y_inf, xi.grad, m.bwd.A_log.grad.clone(), m.fwd.conv1d.weight.grad.clone())
+    for got, want in zip(outs["triton"], outs["chunked"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
