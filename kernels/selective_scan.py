@@ -397,7 +397,7 @@ def scan_bwd_kernel(
     sub, sud, sul: tl.constexpr, sdb, sdd, sdl: tl.constexpr, szb, szd, szl: tl.constexpr,
     sob, sod, sol: tl.constexpr, sgub, sgud, sgul: tl.constexpr, sgdb, sgdd, sgdl: tl.constexpr,
     sgzb, sgzd, sgzl: tl.constexpr, sBb, sBg, sBn, sBl: tl.constexpr, sCb, sCg, sCn, sCl: tl.constexpr,
-    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K: tl.constexpr, n_work,
+    dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles_total, nsplit, n_chunks, K, n_work,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_QIN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_INV: tl.constexpr, C_INV: tl.constexpr, STATE_ONLY: tl.constexpr, REVERSE: tl.constexpr,

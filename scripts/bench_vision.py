@@ -89,7 +89,7 @@ def main() -> None:
     if args.conv_tile:
         from kernels import conv1d
 
-        conv1d.BLOCK_L, conv1d.BLOCK_D, conv1d.FWD_WARPS = (int(v) for v in args.conv_tile.split(","))
+        conv1d.FWD_BLOCK_L, conv1d.FWD_BLOCK_D, conv1d.FWD_WARPS = (int(v) for v in args.conv_tile.split(","))
     if not torch.cuda.is_available():
         raise SystemExit("bench_vision needs a CUDA GPU")
     if args.scan_config:

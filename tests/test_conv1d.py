@@ -24,6 +24,7 @@ def test_forward_and_gradients_match_torch(W, bias, silu, L, dw_tiles, reverse, 
     import kernels.conv1d
 
     monkeypatch.setattr(kernels.conv1d, "DW_TILES", dw_tiles)
+    monkeypatch.setattr(kernels.conv1d, "FWD_BLOCK_D", 32)  # d = 70 crosses the forward's channel tiles too
     torch.manual_seed(0)
     b, d = 2, 70  # crosses channel and step tiles
     proj = torch.randn(b, L, 2 * d)  # an in_proj output: x is a strided (b, d, L) view of it

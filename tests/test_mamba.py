@@ -177,3 +177,31 @@ def test_bidirectional_mixer_on_the_kernels_matches_the_reference_path(monkeypat
         outs[scan] = (y.detach(), y_inf, xi.grad, m.bwd.A_log.grad.clone(), m.fwd.conv1d.weight.grad.clone())
     for got, want in zip(outs["triton"], outs["chunked"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_folds_dt_proj_into_x_proj(monkeypatch):
+    """Without autograd, delta comes from one GEMM with W_dt W_x,dt folded into one weight: the same delta, B and
+    C as the two projections, and the folded weight follows in-place weight updates (optimizer steps,
+    load_state_dict)."""
+    torch.manual_seed(0)
+    d = Mamba(16, d_state=4).fwd
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        folded = d.ssm_inputs(x, fold=True)
+        monkeypatch.setenv("MAMBAZOO_FOLD_DT", "0")
+        plain = d.ssm_inputs(x, fold=True)
+        monkeypatch.setenv("MAMBAZOO_FOLD_DT", "1")
+        for a, b in zip(folded, plain):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # one GEMM: delta is a view of its (b, L, d_inner + 2 N) output; two GEMMs: dt_proj's own (b, L, d_inner)
+        assert folded[0].stride(1) == 32 + 2 * 4 and plain[0].stride(1) == 32
+        d.dt_proj.weight.mul_(2)  # in place: the cached folded weight must not be reused
+        torch.testing.assert_close(d.ssm_inputs(x, fold=True)[0], 2 * folded[0], rtol=1e-5, atol=1e-6)
+        assert d.ssm_inputs(x)[0].stride(1) == 32  # the decode path (fold=False) keeps two GEMMs
+    with torch.inference_mode():  # inference tensors have no version counter: computed, not cached
+        m = Mamba(16, d_state=4)
+        torch.testing.assert_close(m.fwd.ssm_inputs(x, fold=True)[0], m.fwd.ssm_inputs(x)[0], rtol=1e-5, atol=1e-6)
+    with torch.enable_grad():  # training keeps the two projections (their gradients)
+        d.ssm_inputs(x, fold=True)[0].sum().backward()
+    assert d.dt_proj.weight.grad is not None and d.x_proj.weight.grad is not None
+
