@@ -187,42 +187,100 @@ def _grid(batch: int, L: int, dim: int, block_l: int = BLOCK_L, block_d: int = B
     return (batch, cdiv(L, block_l), cdiv(dim, block_d))
 
 
+def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, reverse: bool) -> Tensor:
+    """The forward launch: x (b, d, L) any strides, weight (d, W) -> y as a contiguous (b, L, d) buffer."""
+    batch, dim, L = x.shape
+    W = weight.shape[1]
+    w = weight.contiguous()
+    x = _channels_contiguous(x)
+    y = x.new_empty(batch, L, dim)
+    grid = _grid(batch, L, dim, FWD_BLOCK_L, FWD_BLOCK_D)
+    conv_fwd_kernel[grid](x, w, bias, y, L, dim, x.stride(0), x.stride(2), W=W, HAS_BIAS=bias is not None,
+                          SILU=silu, REVERSE=reverse, FAST=_fast(), BLOCK_L=FWD_BLOCK_L, BLOCK_D=FWD_BLOCK_D,
+                          num_warps=FWD_WARPS)
+    return y
+
+
+def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dy: Tensor, silu: bool, reverse: bool):
+    """The backward launches: dy (b, d, L) any strides -> dx as a contiguous (b, L, d) buffer, dw (d, W) and db (d,)
+    (None without a bias) in the parameters' dtypes."""
+    batch, dim, L = x.shape
+    W = weight.shape[1]
+    w = weight.contiguous()
+    x = _channels_contiguous(x)
+    dy = _channels_contiguous(dy)
+    dx = x.new_empty(batch, L, dim)
+    dp = x.new_empty(batch, L, dim, dtype=torch.float32)
+    dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
+    db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
+    n_tiles = cdiv(L, BLOCK_L)
+    per_prog = min(n_tiles, DW_TILES)
+    grid = (batch, cdiv(n_tiles, per_prog), cdiv(dim, BLOCK_D))
+    conv_dpre_kernel[grid](x, w, bias, dy, dp, dw, db, L, dim, x.stride(0), x.stride(2), dy.stride(0),
+                           dy.stride(2), per_prog, W=W,
+                           HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, FAST=_fast(),
+                           BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+    conv_dx_kernel[_grid(batch, L, dim)](w, dp, dx, L, dim, W=W, REVERSE=reverse, BLOCK_L=BLOCK_L,
+                                         BLOCK_D=BLOCK_D)
+    return dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else None
+
+
 class _CausalConv1d(torch.autograd.Function):
+    """Eager path: the launchers without the custom-op dispatcher (torch.compile uses the ops below)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, silu, reverse):
-        batch, dim, L = x.shape
-        W = weight.shape[1]
-        w = weight.contiguous()
-        x = _channels_contiguous(x)
-        y = x.new_empty(batch, L, dim)
-        grid = _grid(batch, L, dim, FWD_BLOCK_L, FWD_BLOCK_D)
-        conv_fwd_kernel[grid](x, w, bias, y, L, dim, x.stride(0), x.stride(2), W=W, HAS_BIAS=bias is not None,
-                              SILU=silu, REVERSE=reverse, FAST=_fast(), BLOCK_L=FWD_BLOCK_L, BLOCK_D=FWD_BLOCK_D,
-                              num_warps=FWD_WARPS)
-        ctx.save_for_backward(x, w, bias)
+        ctx.save_for_backward(x, weight, bias)
         ctx.silu, ctx.reverse = silu, reverse
-        return y.transpose(1, 2)
+        return conv_forward(x, weight, bias, silu, reverse).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, bias = ctx.saved_tensors
-        batch, dim, L = x.shape
-        W = w.shape[1]
-        dy = _channels_contiguous(dy)
-        dx = x.new_empty(batch, L, dim)
-        dp = x.new_empty(batch, L, dim, dtype=torch.float32)
-        dw = torch.zeros(dim, W, device=x.device, dtype=torch.float32)
-        db = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
-        n_tiles = cdiv(L, BLOCK_L)
-        per_prog = min(n_tiles, DW_TILES)
-        grid = (batch, cdiv(n_tiles, per_prog), cdiv(dim, BLOCK_D))
-        conv_dpre_kernel[grid](x, w, bias, dy, dp, dw, db, L, dim, x.stride(0), x.stride(2), dy.stride(0),
-                               dy.stride(2), per_prog, W=W,
-                               HAS_BIAS=bias is not None, SILU=ctx.silu, REVERSE=ctx.reverse, FAST=_fast(),
-                               BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
-        conv_dx_kernel[_grid(batch, L, dim)](w, dp, dx, L, dim, W=W, REVERSE=ctx.reverse, BLOCK_L=BLOCK_L,
-                                             BLOCK_D=BLOCK_D)
-        return (dx.transpose(1, 2), dw.to(w.dtype), db.to(bias.dtype) if bias is not None else None, None, None)
+        dx, dw, db = conv_backward(x, w, bias, dy, ctx.silu, ctx.reverse)
+        return dx.transpose(1, 2), dw, db, None, None
+
+
+# torch.compile sees the conv as two opaque custom ops (like the scan): tracing into the autograd.Function's
+# Triton launches split vim-tiny's compiled graph at every mixer.
+@torch.library.custom_op("mambazoo::conv1d_fwd", mutates_args=())
+def conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, reverse: bool) -> Tensor:
+    """y as a (b, L, d) buffer (see conv_forward)."""
+    return conv_forward(x, weight, bias, silu, reverse)
+
+
+@conv1d_fwd.register_fake
+def _conv1d_fwd_fake(x, weight, bias, silu, reverse):
+    return x.new_empty(x.shape[0], x.shape[2], x.shape[1])
+
+
+@torch.library.custom_op("mambazoo::conv1d_bwd", mutates_args=())
+def conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], dy: Tensor, silu: bool,
+               reverse: bool) -> list[Tensor]:
+    """[dx (b, L, d) buffer, dw, db (empty without a bias)] (see conv_backward)."""
+    dx, dw, db = conv_backward(x, weight, bias, dy, silu, reverse)
+    return [dx, dw, db if db is not None else x.new_empty(0)]
+
+
+@conv1d_bwd.register_fake
+def _conv1d_bwd_fake(x, weight, bias, dy, silu, reverse):
+    return [x.new_empty(x.shape[0], x.shape[2], x.shape[1]), torch.empty_like(weight, memory_format=torch.contiguous_format),
+            torch.empty_like(bias) if bias is not None else x.new_empty(0)]
+
+
+def _conv1d_setup(ctx, inputs, output):
+    x, weight, bias, silu, reverse = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.silu, ctx.reverse, ctx.has_bias = silu, reverse, bias is not None
+
+
+def _conv1d_grads(ctx, dy):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = conv1d_bwd(x, weight, bias, dy.transpose(1, 2), ctx.silu, ctx.reverse)
+    return dx.transpose(1, 2), dw, db if ctx.has_bias else None, None, None
+
+
+conv1d_fwd.register_autograd(_conv1d_grads, setup_context=_conv1d_setup)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu: bool = True,
@@ -241,4 +299,6 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu
                          f"(MAMBAZOO_CONV=torch runs any width)")
     if bias is not None and tuple(bias.shape) != (dim,):
         raise ValueError(f"bias: expected ({dim},), got {tuple(bias.shape)}")
+    if torch.compiler.is_compiling():
+        return conv1d_fwd(x, weight, bias, bool(silu), bool(reverse)).transpose(1, 2)
     return _CausalConv1d.apply(x, weight, bias, bool(silu), bool(reverse))

@@ -90,3 +90,42 @@ def test_mixer_with_the_triton_conv_matches_the_torch_conv(bidirectional, monkey
         outs.append((y.detach(), m.fwd.conv1d.weight.grad.clone(), m.in_proj.weight.grad.clone()))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_compiled_conv_is_one_opaque_op_with_eager_values_and_gradients(reverse):
+    """Under torch.compile the conv is the registered custom op (no graph break, fullgraph): the same values and
+    gradients as the eager autograd.Function; opcheck validates the schema and fake (meta) implementations."""
+    torch.manual_seed(0)
+    proj = torch.randn(2, 21, 2 * 8)
+    w, bias = torch.randn(8, 4), torch.randn(8)
+
+    def f(p, wl, bl):
+        return causal_conv1d(p[..., :8].transpose(1, 2), wl, bl, True, reverse)
+
+    outs = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        p, wl, bl = (t.clone().requires_grad_() for t in (proj, w, bias))
+        y = fn(p, wl, bl)
+        (y * torch.linspace(-1, 1, 21)).sum().backward()
+        outs.append((y.detach(), p.grad, wl.grad, bl.grad))
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    x = proj[..., :8].transpose(1, 2)
+    torch.library.opcheck(torch.ops.mambazoo.conv1d_fwd.default, (x, w, bias, True, reverse),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.mambazoo.conv1d_bwd.default, (x, w, None, torch.randn(2, 8, 21), True, reverse),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bidirectional_mixer_compiles_to_one_graph(monkeypatch):
+    """The whole Vim mixer on the kernel path (conv and scan custom ops) traces without a graph break."""
+    import torch._dynamo
+
+    from core.mamba import Mamba
+
+    monkeypatch.setenv("MAMBAZOO_CONV", "triton")
+    monkeypatch.setenv("MAMBAZOO_SCAN", "triton")
+    m = Mamba(8, d_state=4, bidirectional=True)
+    ex = torch._dynamo.explain(m)(torch.randn(1, 9, 8, requires_grad=True))
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
