@@ -531,8 +531,9 @@ def resources(configs=((8, 16, 1, "fwd"), (4, 8, 1, "bwd"), (4, 16, 1, "bwd"), (
         fn = scan_fwd_kernel if kind == "fwd" else scan_bwd_kernel
         consts = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_SEQ=False, SOFTPLUS=True, B_INV=False,
                       C_INV=False, STATE_ONLY=False, HAS_H0=False, BLOCK_D=bd, BLOCK_N=16, BLOCK_L=bl, FAST=True)
-        if kind == "fwd":
-            consts["STAGES"] = ops.CONFIG["cuda"]["fwd_stages"]
+        if kind == "fwd":  # the training forward (tile states stored every K = chunk / block_l tiles)
+            consts.update(STAGES=ops.CONFIG["cuda"]["fwd_stages"], K=ops.CONFIG["cuda"]["chunk"] // bl,
+                          STORE_STATES=True, HAS_YO=False, yo_ptr=None)
         if kind == "bwd":
             consts.update(HAS_QIN=False, PAIR_REDUCE=bool(ops.CONFIG["cuda"].get("pair_reduce")), PERSISTENT=False,
                           ABLATE=0)
