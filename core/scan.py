@@ -294,8 +294,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     (a bidirectional mixer's mean of its two directions; the kernel does it as it stores y).
     Set MAMBAZOO_SCAN=ref to force the sequential oracle.
     """
-    if average_with is not None and tuple(average_with.shape) != tuple(u.shape):
-        raise ValueError(f"average_with: expected u's shape {_shape(u)}, got {_shape(average_with)}")
     backend = scan_backend(u.device)
     if backend == "triton":
         check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
@@ -303,6 +301,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                      initial_state, seq_idx, reverse, average_with)
+    if average_with is not None and tuple(average_with.shape) != tuple(u.shape):  # (kernels checks its own)
+        raise ValueError(f"average_with: expected u's shape {_shape(u)}, got {_shape(average_with)}")
     fn = selective_scan_ref if backend == "ref" else selective_scan_chunked
     if not reverse:
         out = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, seq_idx)

@@ -1,8 +1,15 @@
-"""Host-side integer helpers for the launchers.
+"""Host-side helpers for the launchers.
 
 triton.cdiv and triton.next_power_of_2 are ConstexprFunctions in Triton 3.6: called from Python each goes
 through a wrapper costing several microseconds (~9 us measured on this CPU), and a scan's forward and backward
 used 14 of them per call. These are the plain versions."""
+
+import os
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1): no PTX there, so no inline-asm fast math."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def cdiv(a: int, b: int) -> int:

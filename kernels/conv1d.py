@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from kernels._host import cdiv
+from kernels._host import cdiv, interpreting
 from kernels._math import sigmoid
 
 __all__ = ["causal_conv1d", "conv_backend"]
@@ -45,13 +45,7 @@ def conv_backend(device: torch.device) -> str:
         raise ValueError(f"MAMBAZOO_CONV: expected torch or triton, got {want!r}")
     if want == "torch":
         return "torch"
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return "triton" if device.type == "cuda" or (interpreting and want == "triton") else "torch"
-
-
-def _fast() -> bool:
-    """Inline-PTX fast math (kernels._math) on the GPU; the interpreter has no PTX."""
-    return os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    return "triton" if device.type == "cuda" or (interpreting() and want == "triton") else "torch"
 
 
 @triton.jit
@@ -196,7 +190,7 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, 
     y = x.new_empty(batch, L, dim)
     grid = _grid(batch, L, dim, FWD_BLOCK_L, FWD_BLOCK_D)
     conv_fwd_kernel[grid](x, w, bias, y, L, dim, x.stride(0), x.stride(2), W=W, HAS_BIAS=bias is not None,
-                          SILU=silu, REVERSE=reverse, FAST=_fast(), BLOCK_L=FWD_BLOCK_L, BLOCK_D=FWD_BLOCK_D,
+                          SILU=silu, REVERSE=reverse, FAST=not interpreting(), BLOCK_L=FWD_BLOCK_L, BLOCK_D=FWD_BLOCK_D,
                           num_warps=FWD_WARPS)
     return y
 
@@ -218,7 +212,7 @@ def conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dy: Tensor,
     grid = (batch, cdiv(n_tiles, per_prog), cdiv(dim, BLOCK_D))
     conv_dpre_kernel[grid](x, w, bias, dy, dp, dw, db, L, dim, x.stride(0), x.stride(2), dy.stride(0),
                            dy.stride(2), per_prog, W=W,
-                           HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, FAST=_fast(),
+                           HAS_BIAS=bias is not None, SILU=silu, REVERSE=reverse, FAST=not interpreting(),
                            BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     conv_dx_kernel[_grid(batch, L, dim)](w, dp, dx, L, dim, W=W, REVERSE=reverse, BLOCK_L=BLOCK_L,
                                          BLOCK_D=BLOCK_D)

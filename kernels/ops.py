@@ -7,13 +7,12 @@ an autograd formula, so ``torch.compile`` traces models that call them without g
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from kernels._host import cdiv, next_power_of_2
+from kernels._host import cdiv, interpreting, next_power_of_2
 from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 
 # Tile sizes (steps per tile block_l, channels per program block_d, warps), per pass.  The forward
@@ -39,10 +38,6 @@ CONFIG = {
     "cpu": dict(fwd_block_l=8, block_d=4, fwd_warps=1, fwd_stages=1, bwd_block_l=8, bwd_block_d=4, bwd_warps=1, chunk=16,
                 bwd_programs=3, min_programs=1, split_below=1, nsplit=0, bc_fp32=True),
 }
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _cfg(device: torch.device) -> dict:
@@ -161,7 +156,7 @@ def _n_chunks(L: int, device: torch.device) -> int:
 def _flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse):
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                 HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, B_INV=B_inv, C_INV=C_inv, REVERSE=reverse,
-                FAST=not _interpreting())
+                FAST=not interpreting())
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse=False,
