@@ -91,19 +91,21 @@ class Block(nn.Module):
             h = self._ffn(x[:, None])[:, 0]
         return h, x
 
-    def forward_residual(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+    def forward_residual(self, hidden: torch.Tensor | None, residual: torch.Tensor | None):
         """A whole sequence with the residual add deferred to the next norm, for inference on the fused
         path (``fused_decode_enabled``: CUDA, no autograd). hidden (batch, L, d_model): the previous block's
-        branch output (or the input tokens, with residual None); residual (batch, L, d_model) fp32, updated in
+        branch output (or the input tokens, with residual None; or None, with the fp32 input tokens as the
+        residual: the first block then makes no copy of them); residual (batch, L, d_model) fp32, updated in
         place. Returns (hidden', residual') with residual' + hidden' equal to ``forward(residual + hidden)``:
         each residual add + RMSNorm (+ the cast to the mixer's autocast dtype) is one pass over the tokens
         instead of three (add, norm, cast)."""
         from kernels.decode import add_rms_norm
 
-        b, L, d = hidden.shape
+        ref = hidden if hidden is not None else residual
+        b, L, d = ref.shape
         flat = lambda t: t.reshape(b * L, d) if t is not None else None  # noqa: E731
         normed, res = add_rms_norm(flat(hidden), flat(residual), self.norm.weight, self.norm.eps,
-                                   out_dtype=self._mixer_input_dtype(hidden.device))
+                                   out_dtype=self._mixer_input_dtype(ref.device))
         h = self.mixer(normed.view(b, L, d))
         if self.ffn is not None:
             normed, res = add_rms_norm(flat(h), res, self.ffn_norm.weight, self.ffn_norm.eps, out_dtype=torch.float32)

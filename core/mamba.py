@@ -79,11 +79,13 @@ class _Direction(nn.Module):
         """x (batch, L, d_inner) after conv and SiLU -> delta (batch, L, d_inner), B, C (batch, L, N).
 
         fold (the full-sequence path): without autograd, without inner norms and for d_inner <= FOLD_DT_MAX_DIM,
-        x_proj's dt rows and dt_proj run as one GEMM, delta = x (W_dt W_x,dt)^T (see _folded_weight)."""
+        x_proj's dt rows and dt_proj run as one GEMM, delta = x (W_dt W_x,dt)^T (see _folded_weight); B and C
+        are then views of alternating columns of its output (strides 2 along N), which the scan reads in pairs."""
         d_inner = self.dt_proj.weight.shape[0] if self.selective else 0
         if (fold and not self.inner_norm and d_inner <= FOLD_DT_MAX_DIM and not torch.is_grad_enabled()
                 and _fold_dt_enabled()):
-            return F.linear(x, self._folded_weight()).split([d_inner, self.d_state, self.d_state], dim=-1)
+            out = F.linear(x, self._folded_weight())
+            return out[..., :d_inner], out[..., d_inner::2], out[..., d_inner + 1::2]
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.inner_norm:
             dt, B, C = self.dt_norm(dt), self.B_norm(B), self.C_norm(C)
@@ -91,9 +93,11 @@ class _Direction(nn.Module):
         return delta, B, C
 
     def _folded_weight(self) -> torch.Tensor:
-        """cat(W_dt W_x[:dt_rank], W_x[dt_rank:]): (d_inner + 2 N, d_inner), the product taken in fp32. One GEMM
-        of the token stream instead of two (x_proj's output and dt_proj's (b, L, d_inner) result are memory
-        bound: vim-tiny at 1248 px spent ~0.17 ms on each per call). Cached against the weights' versions."""
+        """cat(W_dt W_x[:dt_rank], rows of B and C alternating): (d_inner + 2 N, d_inner), the product taken in
+        fp32. One GEMM of the token stream instead of two (x_proj's output and dt_proj's (b, L, d_inner) result
+        are memory bound: vim-tiny at 1248 px spent ~0.17 ms on each per call); B_n and C_n side by side let the
+        scan load both with one 4-byte read (kernels.ops.bc_pairs) and skip their fp32 copies. Cached against
+        the weights' versions."""
         wx, wdt = self.x_proj.weight, self.dt_proj.weight
         # inference tensors (weights made under torch.inference_mode) have no version counter: no cache then
         cache = not torch.compiler.is_compiling() and not wx.is_inference() and not wdt.is_inference()
@@ -102,7 +106,9 @@ class _Direction(nn.Module):
             cached = getattr(self, "_folded", None)
             if cached is not None and cached[0] == key:
                 return cached[1]
-        w = torch.cat([(wdt.float() @ wx[:self.dt_rank].float()).to(wx.dtype), wx[self.dt_rank:]])
+        r, n = self.dt_rank, self.d_state
+        bc = torch.stack([wx[r:r + n], wx[r + n:]], dim=1).reshape(2 * n, -1)  # B_0, C_0, B_1, C_1, ...
+        w = torch.cat([(wdt.float() @ wx[:r].float()).to(wx.dtype), bc])
         if cache:
             self._folded = (key, w)
         return w
@@ -111,7 +117,8 @@ class _Direction(nn.Module):
              reverse: bool = False, average_with: torch.Tensor | None = None):
         """x, z (batch, d_inner, L) -> y (batch, d_inner, L) [, final state (batch, d_inner, N)].
         reverse=True scans from the last position to the first (no flipped copies on the selective path).
-        average_with (batch, d_inner, L): y is returned as (average_with + y) / 2 (fused into the scan on CUDA)."""
+        average_with (batch, d_inner, L): y is returned as (average_with + y) / 2 (fused into the scan on CUDA),
+        written over average_with where no gradient is recorded (the mixer's own buffer)."""
         if not self.selective:
             if reverse:
                 y = self._lti_scan(x.flip(-1), z.flip(-1), initial_state, return_last_state)
@@ -129,7 +136,7 @@ class _Direction(nn.Module):
             x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             return_last_state=return_last_state, initial_state=initial_state, reverse=reverse,
-            average_with=average_with,
+            average_with=average_with, average_in_place=True,
         )
 
 

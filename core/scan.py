@@ -284,7 +284,8 @@ def scan_backend(device: torch.device) -> str:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, seq_idx=None, reverse=False, average_with=None):
+                   return_last_state=False, initial_state=None, seq_idx=None, reverse=False, average_with=None,
+                   average_in_place=False):
     """The selective scan (DESIGN.md contract): Triton kernel on CUDA, chunked reference elsewhere.
 
     Shapes as in ``selective_scan_ref`` (seq_idx (batch, L) int packs several sequences in one row).
@@ -292,6 +293,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     along L, scanning, and flipping y back (the kernel does it without the copies; the last state is
     then the state after position 0). average_with (batch, dim, L): y is returned as (average_with + y) / 2
     (a bidirectional mixer's mean of its two directions; the kernel does it as it stores y).
+    average_in_place=True lets the result overwrite average_with (returned) where no gradient is recorded
+    (inference: one activation-sized buffer less); elsewhere it is ignored.
     Set MAMBAZOO_SCAN=ref to force the sequential oracle.
     """
     backend = scan_backend(u.device)
@@ -300,7 +303,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         from kernels import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                     initial_state, seq_idx, reverse, average_with)
+                                     initial_state, seq_idx, reverse, average_with, average_in_place)
     if average_with is not None and tuple(average_with.shape) != tuple(u.shape):  # (kernels checks its own)
         raise ValueError(f"average_with: expected u's shape {_shape(u)}, got {_shape(average_with)}")
     fn = selective_scan_ref if backend == "ref" else selective_scan_chunked
@@ -315,7 +318,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if average_with is None:
         return out
     y = out[0] if return_last_state else out
-    y = torch.lerp(average_with.to(y.dtype), y, 0.5)
+    if average_in_place and not torch.is_grad_enabled() and average_with.dtype == y.dtype:
+        y = average_with.lerp_(y, 0.5)
+    else:
+        y = torch.lerp(average_with.to(y.dtype), y, 0.5)
     return (y, out[1]) if return_last_state else y
 
 

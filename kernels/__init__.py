@@ -16,7 +16,7 @@ from kernels import _interpret
 
 _interpret.apply()
 
-from kernels.ops import EagerScan, scan_fwd
+from kernels.ops import EagerScan, output_fits, scan_forward, scan_fwd
 from kernels.state_update import check_state_update, launch_state_update, state_update
 
 __all__ = ["selective_scan_triton", "selective_state_update"]
@@ -56,14 +56,16 @@ def _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, initial_state=None, seq_idx=None, reverse=False,
-                          average_with=None):
+                          average_with=None, average_in_place=False):
     """The selective scan (DESIGN.md contract) as one fused Triton forward and a recomputing backward.
 
     u, delta, z (batch, dim, L); A (dim, N) fp32; B, C (batch, N, L) | (batch, G, N, L) | (dim, N);
     D, delta_bias (dim,); initial_state (batch, dim, N); seq_idx (batch, L) int: the state restarts
     from zero wherever seq_idx changes (packed sequences). reverse=True scans from position L-1 down to 0
     (the result of flipping every input along L, scanning and flipping y back, without the copies).
-    average_with (batch, dim, L): return (average_with + y) / 2 instead of y, averaged in the kernel's store.
+    average_with (batch, dim, L): return (average_with + y) / 2 instead of y, averaged in the kernel's store;
+    with average_in_place, written over average_with (and that tensor returned) where no gradient is recorded
+    and average_with has the output's layout (a bidirectional mixer's own buffer: one (batch, L, dim) less).
     Returns y (batch, dim, L) in u's dtype and,
     with return_last_state, the final state (batch, dim, N) fp32; both are differentiable.
     """
@@ -73,6 +75,11 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state, average_with)
     # the backward's tile states only where a gradient can flow (inference skips their stores)
     store_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if (average_in_place and average_with is not None and not store_states and not torch.compiler.is_compiling()
+            and not torch.is_grad_enabled() and output_fits(average_with, u, z)):
+        y, last, _ = scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus),
+                                  bool(reverse), average_with, False, in_place=True)
+        return (y, last) if return_last_state else y
     # eager: an autograd.Function around the same launchers (the custom-op dispatcher costs host time per call)
     op = scan_fwd if torch.compiler.is_compiling() else EagerScan.apply
     y, last, _ = op(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus), bool(reverse),

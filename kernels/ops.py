@@ -69,6 +69,15 @@ def _bc_layout(X: Tensor, dim: int, fp32: bool = True):
     return X, G, dim // G, False
 
 
+def bc_pairs(B: Tensor, C: Tensor) -> bool:
+    """True when variable B and C (b, N, L) are bf16 views that interleave in one buffer, B[.., n, t] and
+    C[.., n, t] adjacent (a (b, L, 2 N) projection output whose B / C columns alternate: the Vim mixer's folded
+    x_proj): the forward then reads each (B, C) pair as one int32 word (BC_PAIRS) and makes no fp32 copies."""
+    return (B.dim() == 3 and B.dtype == torch.bfloat16 and C.dtype == torch.bfloat16 and B.shape == C.shape
+            and B.stride() == C.stride() and B.stride(1) == 2 and B.stride(0) % 2 == 0 and B.stride(2) % 2 == 0
+            and C.data_ptr() == B.data_ptr() + 2 and B.data_ptr() % 4 == 0 and B.device == C.device)
+
+
 def _st3(t: Optional[Tensor]) -> tuple:
     """Strides of a (batch, dim, L) tensor (the kernels read and write through them: no copies)."""
     return tuple(t.stride()) if t is not None else (0, 0, 0)
@@ -98,12 +107,24 @@ def _st_bc(X: Tensor, inv: bool) -> tuple:
     return (0, 0, 0, 0) if inv else tuple(X.stride())
 
 
+def _gate_layout(z: Optional[Tensor]) -> bool:
+    return z is not None and z.stride(1) == 1 and z.stride(2) != 1
+
+
 def new_output(u: Tensor, z: Optional[Tensor]) -> Tensor:
     """y (batch, dim, L) in u's dtype. It takes the gate's layout when z is a (batch, L, dim) view (the
     in_proj output of a Mamba mixer), so that out_proj reads y without a transposing copy."""
-    if z is not None and z.stride(1) == 1 and z.stride(2) != 1:
+    if _gate_layout(z):
         return u.new_empty(u.shape[0], u.shape[2], u.shape[1]).transpose(1, 2)
     return u.new_empty(u.shape)
+
+
+def output_fits(y: Tensor, u: Tensor, z: Optional[Tensor]) -> bool:
+    """True when y could be the scan's output buffer: u's shape and dtype, and the layout new_output gives."""
+    b, d, L = u.shape
+    strides = (L * d, 1, d) if _gate_layout(z) else (d * L, L, 1)
+    return y.shape == u.shape and y.dtype == u.dtype and y.device == u.device and (
+        y.stride() == strides or y.is_contiguous() and not _gate_layout(z))
 
 
 def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict):
@@ -160,22 +181,31 @@ def _flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse):
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse=False,
-                 y_other=None, store_states=True):
+                 y_other=None, store_states=True, in_place=False):
     """Returns y (b, d, L) in u's dtype, the last state (b, d, N) fp32, tile states (b, d, T, N) fp32.
     reverse: scan from position L-1 down to 0 (as if every input and the output were flipped along L).
     y_other (b, d, L): y is returned as (y_other + y) / 2, averaged in the kernel's store (a bidirectional
-    mixer's two directions). store_states=False: no tile states (T = 0), for calls that need no backward."""
+    mixer's two directions). store_states=False: no tile states (T = 0), for calls that need no backward.
+    in_place: the average is written over y_other (each element is read and written by the same thread) and
+    y_other returned; the caller checks ``output_fits(y_other, u, z)`` and that no autograd records the call."""
     cfg = _cfg(u.device)
     batch, dim, L = u.shape
     N = A.shape[1]
     A = A.contiguous()
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-    Bk, GB, dpg_b, B_inv = _bc_layout(B, dim, cfg["bc_fp32"])
-    Ck, GC, dpg_c, C_inv = _bc_layout(C, dim, cfg["bc_fp32"])
+    pairs = cfg.get("bc_pairs", True) and bc_pairs(B, C)
+    if pairs:  # one int32 word per (step, state): n's and t's strides in words, the batch row's in bf16 elements
+        Bk = Ck = B.unsqueeze(1)
+        GB, GC, dpg_b, dpg_c, B_inv, C_inv = 1, 1, dim, dim, False, False
+        st_b = st_c = (B.stride(0), 0, 1, B.stride(2) // 2)
+    else:
+        Bk, GB, dpg_b, B_inv = _bc_layout(B, dim, cfg["bc_fp32"])
+        Ck, GC, dpg_c, C_inv = _bc_layout(C, dim, cfg["bc_fp32"])
+        st_b, st_c = _st_bc(Bk, B_inv), _st_bc(Ck, C_inv)
     block_l = cfg["fwd_block_l"]
     block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["block_d"], block_l, cfg)
     block_n = next_power_of_2(N)
-    y = new_output(u, z)
+    y = y_other if in_place else new_output(u, z)
     if y_other is not None and y_other.stride() != y.stride():  # the kernel reads y_other through y's strides
         y_other = y.copy_(y_other)
         y = new_output(u, z)
@@ -184,8 +214,9 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
     hend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)
     grid = (batch * cdiv(dim, block_d), nsplit)
     common = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=cfg["fwd_warps"],
-                  STAGES=cfg["fwd_stages"], **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse))
-    sizes = (*_st3(u), *_st3(delta), *_st3(z), *_st3(y), *_st_bc(Bk, B_inv), *_st_bc(Ck, C_inv),
+                  STAGES=cfg["fwd_stages"], BC_PAIRS=pairs,
+                  **_flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse))
+    sizes = (*_st3(u), *_st3(delta), *_st3(z), *_st3(y), *st_b, *st_c,
              dim, L, N, GB, GC, dpg_b, dpg_c, tiles_per_split, n_tiles, nsplit, n_chunks, K)
     h0 = initial_state.float().contiguous().unsqueeze(2) if initial_state is not None else None
     if nsplit > 1:

@@ -157,6 +157,18 @@ def _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_ma
 
 
 @triton.jit
+def _bc_pairs(ptr, sn, sl: tl.constexpr, offs_n, tm, mask_n, mask_t):
+    """B and C of this program's batch row from one int32 word per (step, state): B's bf16 bits in the low half,
+    C's in the high half (a (b, L, 2 N) bf16 buffer with B and C interleaved; strides in words). Returns two
+    (BLOCK_L, BLOCK_N, 1) fp32 tiles: a bf16 is the top half of its fp32, so each unpacks with one integer op."""
+    w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + offs_n[None, :] * sn + tm[:, None] * sl,
+                mask=mask_t[:, None] & mask_n[None, :], other=0)
+    Bt = (w << 16).to(tl.float32, bitcast=True)
+    Ct = (w & -65536).to(tl.float32, bitcast=True)
+    return Bt[:, :, None], Ct[:, :, None]
+
+
+@triton.jit
 def _rscan(an, c):
     """The reverse scan along axis 0 (q_t = c_t + an_t q_{t+1}) as flip, forward scan, flip: Triton 3.6
     lowers a reverse associative_scan with lane shuffles even when the axis lies inside each thread."""
@@ -321,11 +333,14 @@ def scan_fwd_kernel(
     STATE_ONLY: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, FAST: tl.constexpr,
     STAGES: tl.constexpr = 1, STORE_STATES: tl.constexpr = True, HAS_YO: tl.constexpr = False, yo_ptr=None,
+    BC_PAIRS: tl.constexpr = False,
 ):
     """Grid (b * cdiv(d, BLOCK_D), nsplit).  Full pass: writes y, the tile states (STORE_STATES: only the
     backward reads them) and the end state of each stretch (hend (b, d, nsplit, N)).  STATE_ONLY: writes hend
     from a zero start and the decay product pend (b, d, nsplit, N) of each stretch.  HAS_YO: y = (y + yo) / 2
-    with yo (b, d, L) in y's strides (the other direction's output).
+    with yo (b, d, L) in y's strides (the other direction's output). BC_PAIRS: B_ptr holds B and C as bf16
+    pairs, one int32 word per (step, state) (sBn, sBl in words; C_ptr unused): half the shared-memory loads of
+    two fp32 tiles, whose broadcast over the channel lanes is what bounds this loop next to the exponentials.
 
     Tiles are (BLOCK_L, BLOCK_N, BLOCK_D): on the GPU the lanes of a warp take 32 channels, the
     warps split N, and each thread holds all BLOCK_L steps, so the scan over L and most of the
@@ -356,9 +371,16 @@ def scan_fwd_kernel(
     # this one computes; one warp per program leaves few warps to hide the load latency otherwise.
     for it in tl.range(tiles_per_split, num_stages=STAGES):
         t, tm, mask_t, io_mask = _steps(t_begin + it * BLOCK_L, offs_l, L, mask_d, REVERSE)
-        dt, _, u, Bt, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
-                                    offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS, SOFTPLUS, FAST,
-                                    HAS_SEQ, REVERSE, B_INV)
+        if BC_PAIRS:
+            Bt, Ct = _bc_pairs(B_ptr, sBn, sBl, offs_n, tm, mask_n, mask_t)
+            dt, _ = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
+            u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
+            a = _decay(dt, A2, seq_ptr, b, L, t, mask_t, HAS_SEQ, REVERSE)
+            x = (dt * u)[:, None, :] * Bt
+        else:
+            dt, _, u, Bt, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
+                                             offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS,
+                                             SOFTPLUS, FAST, HAS_SEQ, REVERSE, B_INV)
         if STATE_ONLY:
             acum, hz = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
             prod = prod * _last(acum, offs_l, BLOCK_L)
@@ -372,7 +394,7 @@ def scan_fwd_kernel(
             _, hfull = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
             if C_INV:
                 Ct = _bc_inv(C_ptr, N, offs_d, offs_n, mask_d, mask_n)
-            else:
+            elif not BC_PAIRS:
                 Ct = _bc_var(C_ptr, sCn, sCl, offs_n, tm, mask_n, mask_t)
             y = tl.sum(hfull * Ct, axis=1)
             if HAS_D:

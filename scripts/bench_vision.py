@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--models", nargs="+", default=["vim", "deit"], choices=["vim", "deit"],
+                    help="which of vim-tiny and DeiT-Ti (fused attention) to time")
     ap.add_argument("--unfused", action="store_true", help="also DeiT-Ti with unfused attention")
     ap.add_argument("--profile", action="store_true", help="also profile vim-tiny at the largest size")
     ap.add_argument("--profile-batch", type=int, default=16, help="batch of the --profile run")
@@ -98,7 +100,8 @@ def main() -> None:
         from kernels import ops
 
         ops.CONFIG["cuda"].update(json.loads(args.scan_config))
-    models = [("vim-tiny", "vim_tiny_patch16_224", True), ("DeiT-Ti (fused attn)", "deit_tiny_patch16_224", True)]
+    models = [m for key, m in (("vim", ("vim-tiny", "vim_tiny_patch16_224", True)),
+                               ("deit", ("DeiT-Ti (fused attn)", "deit_tiny_patch16_224", True))) if key in args.models]
     if args.unfused:
         models.append(("DeiT-Ti (unfused attn)", "deit_tiny_patch16_224", False))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, "

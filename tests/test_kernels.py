@@ -462,3 +462,31 @@ def test_inference_stores_no_tile_states(monkeypatch):
     y, _, _ = ops.EagerScan.apply(u, *args[1:], None, None, True, False, None, False)
     with pytest.raises(RuntimeError, match="store_states=False"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("reverse,split", [(False, False), (True, False), (True, True)])
+def test_interleaved_bc_pairs_read_as_words(reverse, split, monkeypatch):
+    """B and C as alternating bf16 columns of one projection (the Vim mixer's folded x_proj) are read as one int32
+    word per (step, state): y and the last state equal those from the fp32 copies of the same values."""
+    if split:
+        monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 3)
+    batch, dim, L, N = 2, 4, 37, 4
+    inp = make_inputs(batch=batch, dim=dim, L=L, N=N, h0=False)
+    proj = torch.randn(batch, L, dim + 2 * N).to(torch.bfloat16)  # [delta | B0 C0 B1 C1 ...]
+    B, C = proj[..., dim::2].transpose(1, 2), proj[..., dim + 1::2].transpose(1, 2)
+    assert ops.bc_pairs(B, C) and not ops.bc_pairs(C, B) and not ops.bc_pairs(B, B)
+    assert not ops.bc_pairs(proj[..., dim - 1:-1:2].transpose(1, 2), proj[..., dim::2].transpose(1, 2))  # odd start
+    assert not ops.bc_pairs(B.float(), C.float())
+    args = dict(inp, B=B, C=C)
+    other = torch.randn(batch, dim, L)
+    outs = []
+    for pairs in (True, False):
+        monkeypatch.setitem(ops.CONFIG["cpu"], "bc_pairs", pairs)
+        with torch.no_grad():
+            outs.append(selective_scan_triton(*[args[k] for k in NAMES[:8]], True, True, reverse=reverse,
+                                              average_with=other))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=0)
+    ref = selective_scan_ref(*[(args[k].float() if k in ("B", "C") else args[k]) for k in NAMES[:8]], True, True)
+    if not reverse:
+        assert rel(outs[0][1], ref[1]) < TOL[torch.float32]

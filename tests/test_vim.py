@@ -135,12 +135,20 @@ def test_fused_residual_inference_matches_the_block_forward(monkeypatch):
         # the fused path on CPU tensors: add_rms_norm runs in the interpreter, the scan stays core's reference
         monkeypatch.setattr(vim_model, "fused_decode_enabled", lambda device: True)
         out = model.forward_features(x)
-    assert len(calls) == 3  # one fused add + norm per block
+        assert len(calls) == 3  # one fused add + norm per block
+        tokens = torch.randn(2, 17, 16)
+        kept = tokens.clone()
+        plain = model.norm(model.forward_tokens(tokens))  # not consumed: the caller's tokens stay as they were
+        assert torch.equal(tokens, kept)
+        consumed = model.norm(model.forward_tokens(tokens, consume=True))  # the residual stream in x's memory
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(consumed, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(tokens, kept)
+    calls.clear()
     model.train()
     with torch.no_grad():
         model.forward_features(x)
-    assert len(calls) == 3
+    assert calls == []
 
 
 def test_drop_path_only_in_training():

@@ -200,11 +200,17 @@ class VisionMamba(nn.Module):
         mid = x.shape[1] // 2
         return torch.cat([x[:, :mid], cls.to(x.dtype), x[:, mid:]], dim=1)
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
         """The block stack alone: tokens (batch, L, dim) -> (batch, L, dim) fp32, before the final norm.
-        Inference on CUDA (no autograd) defers each residual add to the next block's fused add + RMSNorm."""
+        Inference on CUDA (no autograd) defers each residual add to the next block's fused add + RMSNorm;
+        consume=True (forward_features, which made x) lets that path use fp32 contiguous x as its residual
+        stream, overwriting it, instead of a copy: one (batch, L, dim) fp32 less at the peak."""
         if not self.training and fused_decode_enabled(x.device):
-            hidden, residual = x, None
+            if consume and x.dtype == torch.float32 and x.is_contiguous():
+                hidden, residual = None, x
+            else:
+                hidden, residual = x, None
+            del x  # a block output replaces it
             for blk in self.blocks:
                 hidden, residual = blk.forward_residual(hidden, residual)
             return residual + hidden if residual is not None else hidden.float()
@@ -219,10 +225,9 @@ class VisionMamba(nn.Module):
                 f"image: expected {self.patch_embed.img_size} pixels, got {tuple(x.shape[2:])}; build the model "
                 f"with img_size={tuple(x.shape[2:])} (position embeddings are interpolated) or dynamic_img_size=True"
             )
-        tokens = self.patch_embed(x)
         grid = self.patch_embed.grid_for(x.shape[2:])
-        x = self.pos_drop(self._pos_embed(tokens, grid))
-        return self.norm(self.forward_tokens(x))
+        # no local keeps the patch or position-embedded tokens alive while the blocks run (inference peak memory)
+        return self.norm(self.forward_tokens(self.pos_drop(self._pos_embed(self.patch_embed(x), grid)), consume=True))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (batch, 1 + num_patches, dim) -> logits (batch, num_classes), or the pooled
