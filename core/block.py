@@ -91,12 +91,12 @@ class Block(nn.Module):
             h = self._ffn(x[:, None])[:, 0]
         return h, x
 
-    def forward_residual(self, hidden: torch.Tensor | None, residual: torch.Tensor | None):
+    def forward_residual(self, hidden: torch.Tensor | None, residual: torch.Tensor | None, consume: bool = False):
         """A whole sequence with the residual add deferred to the next norm, for inference on the fused
         path (``fused_decode_enabled``: CUDA, no autograd). hidden (batch, L, d_model): the previous block's
         branch output (or the input tokens, with residual None; or None, with the fp32 input tokens as the
         residual: the first block then makes no copy of them); residual (batch, L, d_model) fp32, updated in
-        place. Returns (hidden', residual') with residual' + hidden' equal to ``forward(residual + hidden)``:
+        place. consume=True: the normed mixer input may be written over hidden (the caller's own buffer). Returns (hidden', residual') with residual' + hidden' equal to ``forward(residual + hidden)``:
         each residual add + RMSNorm (+ the cast to the mixer's autocast dtype) is one pass over the tokens
         instead of three (add, norm, cast)."""
         from kernels.decode import add_rms_norm
@@ -105,7 +105,8 @@ class Block(nn.Module):
         b, L, d = ref.shape
         flat = lambda t: t.reshape(b * L, d) if t is not None else None  # noqa: E731
         normed, res = add_rms_norm(flat(hidden), flat(residual), self.norm.weight, self.norm.eps,
-                                   out_dtype=self._mixer_input_dtype(ref.device))
+                                   out_dtype=self._mixer_input_dtype(ref.device), out_into_x=consume)
+        del hidden
         h = self.mixer(normed.view(b, L, d))
         if self.ffn is not None:
             normed, res = add_rms_norm(flat(h), res, self.ffn_norm.weight, self.ffn_norm.eps, out_dtype=torch.float32)

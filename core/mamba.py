@@ -243,10 +243,28 @@ class Mamba(nn.Module):
             raise ValueError("a bidirectional mixer is not causal: it has no recurrent state")
         xz = self.in_proj(x).transpose(1, 2)  # (batch, 2*d_inner, L)
         xs, z = xz.chunk(2, dim=1)
+        if self.bidirectional and self._pair_conv(xs):  # inference: both directions' convs from one read of xs
+            from kernels.conv1d import causal_conv1d_pair
+
+            f, b = self.fwd.conv1d, self.bwd.conv1d
+            xf, xb = causal_conv1d_pair(xs, f.weight, f.bias, b.weight, b.bias, silu=True)
+            y = self.fwd.scan(xf, z)
+            del xf
+            y = self.bwd.scan(xb, z, reverse=True, average_with=y)
+            return self.out_proj(y.transpose(1, 2))
         y = self._branch(self.fwd, xs, z, state)
         if self.bidirectional:  # (y + yb) / 2, averaged as the backward direction's scan stores yb
             y = self._branch(self.bwd, xs, z, None, reverse=True, average_with=y)
         return self.out_proj(y.transpose(1, 2))
+
+    def _pair_conv(self, xs: torch.Tensor) -> bool:
+        """The bidirectional full-sequence path without autograd on the Triton conv (widths <= 4): one conv kernel
+        for both directions (vim-tiny reads its (batch, L, d_inner) input once instead of twice per layer).
+        MAMBAZOO_CONV_PAIR=0 turns it off (A/B timing)."""
+        f, b = self.fwd.conv1d, self.bwd.conv1d
+        return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and f.weight.shape[-1] <= 4
+                and (f.bias is None) == (b.bias is None) and os.environ.get("MAMBAZOO_CONV_PAIR", "1") != "0"
+                and conv_backend(xs.device) == "triton")
 
     # -- decoding --------------------------------------------------------------------------------
     def allocate_state(self, batch: int, device=None, dtype=None) -> MambaState:

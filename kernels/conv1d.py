@@ -28,7 +28,7 @@ from torch import Tensor
 from kernels._host import cdiv, interpreting
 from kernels._math import sigmoid
 
-__all__ = ["causal_conv1d", "conv_backend"]
+__all__ = ["causal_conv1d", "causal_conv1d_pair", "conv_backend"]
 
 BLOCK_L, BLOCK_D = 32, 64  # the backward's (steps, channels) tile per program; channels are contiguous in (b, L, d)
 # The forward's tile and warps (`bench_scan.py --tune-conv`, H100, session 5: (16, 128, 4) took 0.228 / 0.237 ms
@@ -90,6 +90,29 @@ def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, dim, sxb, sxl,
     m = (t < L)[:, None] & mask_d[None, :]
     tl.store(y_ptr + b.to(tl.int64) * L * dim + t[:, None] * dim + offs_d[None, :], y.to(y_ptr.dtype.element_ty),
              mask=m)
+
+
+@triton.jit
+def conv_pair_fwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, yf_ptr, yb_ptr, L, dim, sxb, sxl,
+                         W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr = False):
+    """Both directions of a bidirectional mixer from one read of x: yf the causal conv with (wf, bf), yb the
+    anti-causal one with (wb, bb) (REVERSE). Grid and layouts as conv_fwd_kernel; the second window's loads hit
+    the cache lines the first brought in."""
+    b = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    m = (t < L)[:, None] & mask_d[None, :]
+    out = b.to(tl.int64) * L * dim + t[:, None] * dim + offs_d[None, :]
+    pre = _pre(x_ptr, wf_ptr, bf_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, False, BLOCK_L, BLOCK_D)
+    if SILU:
+        pre = pre * sigmoid(pre, FAST)
+    tl.store(yf_ptr + out, pre.to(yf_ptr.dtype.element_ty), mask=m)
+    pre = _pre(x_ptr, wb_ptr, bb_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, True, BLOCK_L, BLOCK_D)
+    if SILU:
+        pre = pre * sigmoid(pre, FAST)
+    tl.store(yb_ptr + out, pre.to(yb_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -277,10 +300,29 @@ def _conv1d_grads(ctx, dy):
 conv1d_fwd.register_autograd(_conv1d_grads, setup_context=_conv1d_setup)
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu: bool = True,
-                  reverse: bool = False) -> Tensor:
-    """Depthwise causal (or, with reverse, anti-causal) conv1d + optional SiLU: x (b, d, L) any strides,
-    weight (d, W) or (d, 1, W), bias (d,) -> y (b, d, L) in x's dtype (a view of a (b, L, d) buffer)."""
+def causal_conv1d_pair(x: Tensor, weight_f: Tensor, bias_f: Optional[Tensor], weight_b: Tensor,
+                       bias_b: Optional[Tensor], silu: bool = True) -> tuple[Tensor, Tensor]:
+    """Inference only: (causal_conv1d(x, weight_f, bias_f, silu), causal_conv1d(x, weight_b, bias_b, silu,
+    reverse=True)) from one pass over x (b, d, L), as a bidirectional mixer needs them: x is read once instead of
+    twice. Weights (d, W) or (d, 1, W); biases both given or both None. Outputs as causal_conv1d's. No autograd."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight_f, bias_f, weight_b, bias_b)):
+        raise RuntimeError("causal_conv1d_pair has no backward: call causal_conv1d per direction when training")
+    wf, wb = (_check_conv(x, w, b) for w, b in ((weight_f, bias_f), (weight_b, bias_b)))
+    if wf.shape != wb.shape or (bias_f is None) != (bias_b is None):
+        raise ValueError(f"weights {tuple(wf.shape)} / {tuple(wb.shape)} and biases of the two directions must "
+                         f"match in shape and presence")
+    batch, dim, L = x.shape
+    x = _channels_contiguous(x)
+    yf, yb = x.new_empty(batch, L, dim), x.new_empty(batch, L, dim)
+    conv_pair_fwd_kernel[_grid(batch, L, dim, FWD_BLOCK_L, FWD_BLOCK_D)](
+        x, wf.contiguous(), bias_f, wb.contiguous(), bias_b, yf, yb, L, dim, x.stride(0), x.stride(2),
+        W=wf.shape[1], HAS_BIAS=bias_f is not None, SILU=silu, FAST=not interpreting(), BLOCK_L=FWD_BLOCK_L,
+        BLOCK_D=FWD_BLOCK_D, num_warps=FWD_WARPS)
+    return yf.transpose(1, 2), yb.transpose(1, 2)
+
+
+def _check_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Validates x (b, d, L), weight (d, W) or (d, 1, W) with 1 <= W <= 4 and bias (d,); returns weight as (d, W)."""
     if x.dim() != 3:
         raise ValueError(f"x: expected (batch, dim, L), got {tuple(x.shape)}")
     dim = x.shape[1]
@@ -293,6 +335,14 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu
                          f"(MAMBAZOO_CONV=torch runs any width)")
     if bias is not None and tuple(bias.shape) != (dim,):
         raise ValueError(f"bias: expected ({dim},), got {tuple(bias.shape)}")
+    return weight
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu: bool = True,
+                  reverse: bool = False) -> Tensor:
+    """Depthwise causal (or, with reverse, anti-causal) conv1d + optional SiLU: x (b, d, L) any strides,
+    weight (d, W) or (d, 1, W), bias (d,) -> y (b, d, L) in x's dtype (a view of a (b, L, d) buffer)."""
+    weight = _check_conv(x, weight, bias)
     if torch.compiler.is_compiling():
         return conv1d_fwd(x, weight, bias, bool(silu), bool(reverse)).transpose(1, 2)
     return _CausalConv1d.apply(x, weight, bias, bool(silu), bool(reverse))

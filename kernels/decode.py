@@ -80,7 +80,7 @@ def _shape(t) -> str:
 
 
 def add_rms_norm(x: Optional[Tensor], residual: Optional[Tensor], weight: Tensor, eps: float = 1e-5,
-                 out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+                 out_dtype: Optional[torch.dtype] = None, out_into_x: bool = False) -> tuple[Tensor, Tensor]:
     """Fused residual add + RMSNorm of one decode step (one kernel).
 
     x (batch, d) any float dtype, or None; residual (batch, d) fp32, or None; weight (d,).
@@ -90,6 +90,8 @@ def add_rms_norm(x: Optional[Tensor], residual: Optional[Tensor], weight: Tensor
     Returns (out, residual) with out = residual * rsqrt(mean(residual^2) + eps) * weight computed in
     fp32 (exactly core.norm.RMSNorm applied to the fp32 residual) and stored in ``out_dtype``
     (default: x's dtype, or weight's without x). Rows may be strided; the last axis must be dense.
+    out_into_x: out is written over x where x has out's dtype (each row is read before it is written; the
+    caller owns x): no new (batch, d) buffer.
     """
     if x is None and residual is None:
         raise ValueError("add_rms_norm: expected x or residual (or both), got neither")
@@ -111,7 +113,10 @@ def add_rms_norm(x: Optional[Tensor], residual: Optional[Tensor], weight: Tensor
     load_res = residual is not None
     if residual is None:
         residual = torch.empty(batch, d, device=ref.device, dtype=torch.float32)
-    out = torch.empty(batch, d, device=ref.device, dtype=out_dtype)
+    if out_into_x and x is not None and x.dtype == out_dtype:
+        out = x
+    else:
+        out = torch.empty(batch, d, device=ref.device, dtype=out_dtype)
     block = min(next_power_of_2(d), _MAX_BLOCK_NORM)
     add_rms_norm_kernel[(batch,)](
         x if x is not None else residual,  # never read without x (pointer arithmetic needs a tensor)

@@ -194,8 +194,25 @@ def check_against_reference():
         want = torch.nn.functional.silu(torch.nn.functional.conv1d(torch.nn.functional.pad(xin, (3, 0)), wc[:, None],
                                                                    bc, groups=64))
         e8 = max(e8, rel(causal_conv1d(xc, wc, bc, True, rev), want.flip(-1) if rev else want))
-    print(f"conv1d + SiLU  y={e8:.1e}" + ("  ok" if e8 < 1e-5 else "  FAIL"))
-    e1 = max(e1, e8)
+    from kernels.conv1d import causal_conv1d_pair
+
+    with torch.no_grad():
+        pf, pb = causal_conv1d_pair(xc, wc, bc, wc.flip(-1), -bc)
+    e8 = max(e8, rel(pf, causal_conv1d(xc, wc, bc, True, False)), rel(pb, causal_conv1d(xc, wc.flip(-1), -bc, True, True)))
+    print(f"conv1d + SiLU  y={e8:.1e} (both directions, and the pair kernel)" + ("  ok" if e8 < 1e-5 else "  FAIL"))
+    # Vim inference: B / C as interleaved bf16 columns (read as pairs), the inference tiles and softplus polynomial
+    proj = torch.randn(2, 300, 64 + 32, device=DEV).to(torch.bfloat16)
+    xv = dict(x, delta=x["delta"] * 8, B=proj[..., 64::2].transpose(1, 2), C=proj[..., 65::2].transpose(1, 2))
+    e9 = 0.0
+    for rev in (False, True):
+        with torch.no_grad():
+            yp = selective_scan_triton(*[xv[k] for k in ORDER], True, False, reverse=rev)
+        fl = (lambda t: t.flip(-1) if t.dim() == 3 else t) if rev else (lambda t: t)
+        yq = selective_scan_ref(*[fl(xv[k].float()) if xv[k] is not None else None for k in ORDER], True)
+        e9 = max(e9, rel(yp, fl(yq)))
+    print(f"B/C pairs      y={e9:.1e} (inference tiles {ops.CONFIG['cuda'].get('inf_tiles')})"
+          + ("  ok" if e9 < 1e-4 else "  FAIL"))
+    e1 = max(e1, e8, e9)
     # decode step
     st = torch.randn(4, 64, 16, device=DEV)
     d = make(4, 64, 1, 16, dtype=torch.float32)
@@ -569,6 +586,8 @@ def main():
                    "thresholds (FWD_SPLITS) and use the fastest")
     p.add_argument("--tune-conv", action="store_true", help="time kernels.conv1d forward tiles (CONV_TILES) at "
                    "Vim's shapes and use the fastest")
+    p.add_argument("--check-only", action="store_true", help="only check every path against the reference on the "
+                   "GPU (exit status 1 on a failure)")
     p.add_argument("--tune-only", action="store_true", help="with --tune-*: stop after tuning")
     p.add_argument("--scan-config", default=None, metavar="JSON", help='overrides of ops.CONFIG["cuda"] for the run')
     p.add_argument("--resources", action="store_true", help="compile for sm_90 (no GPU needed) and print "
@@ -588,6 +607,8 @@ def main():
         ok = check_against_reference()
     if not ok:
         print("CORRECTNESS CHECK FAILED")
+    if a.check_only:
+        raise SystemExit(0 if ok else 1)
     peer, peer_upd = load_peer()
     print("peer:", "selective_scan_cuda loaded" if peer else "absent (skipped)",
           "| decode step:", "loaded" if peer_upd else "absent")

@@ -129,3 +129,47 @@ def test_bidirectional_mixer_compiles_to_one_graph(monkeypatch):
     m = Mamba(8, d_state=4, bidirectional=True)
     ex = torch._dynamo.explain(m)(torch.randn(1, 9, 8, requires_grad=True))
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+
+
+@pytest.mark.parametrize("W,bias", [(4, True), (3, False)])
+def test_pair_is_both_directions_from_one_read(W, bias, monkeypatch):
+    """causal_conv1d_pair gives exactly the causal conv of one direction and the anti-causal conv of the other;
+    it has no backward (clear error) and checks that the two directions' weights match."""
+    import kernels.conv1d
+    from kernels.conv1d import causal_conv1d_pair
+
+    monkeypatch.setattr(kernels.conv1d, "FWD_BLOCK_D", 32)
+    torch.manual_seed(0)
+    b, d, L = 2, 40, 37
+    x = torch.randn(b, L, 2 * d)[..., :d].transpose(1, 2)
+    wf, wb = torch.randn(d, W), torch.randn(d, 1, W)
+    bf, bb = (torch.randn(d), torch.randn(d)) if bias else (None, None)
+    with torch.no_grad():
+        yf, yb = causal_conv1d_pair(x, wf, bf, wb, bb)
+        torch.testing.assert_close(yf, causal_conv1d(x, wf, bf, True, False), rtol=0, atol=0)
+        torch.testing.assert_close(yb, causal_conv1d(x, wb, bb, True, True), rtol=0, atol=0)
+        torch.testing.assert_close(yb, reference(x, wb[:, 0], bb, True, True), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="must match"):
+            causal_conv1d_pair(x, wf, bf, wb[..., :W - 1], bb)
+    with pytest.raises(RuntimeError, match="no backward"):
+        causal_conv1d_pair(x, wf.requires_grad_(), bf, wb, bb)
+
+
+def test_bidirectional_mixer_inference_uses_the_pair_with_the_same_output(monkeypatch):
+    """Without autograd the Vim mixer runs one conv kernel for both directions: the same output as one per direction."""
+    import kernels.conv1d
+    from core.mamba import Mamba
+
+    monkeypatch.setenv("MAMBAZOO_CONV", "triton")
+    calls = []
+    real = kernels.conv1d.causal_conv1d_pair
+    monkeypatch.setattr(kernels.conv1d, "causal_conv1d_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=4, bidirectional=True).eval()
+    x = torch.randn(2, 21, 16)
+    with torch.no_grad():
+        paired = m(x)
+        monkeypatch.setenv("MAMBAZOO_CONV_PAIR", "0")
+        single = m(x)
+    assert calls == [1]
+    torch.testing.assert_close(paired, single, rtol=0, atol=0)

@@ -61,6 +61,20 @@ def test_add_rms_norm(dtype, mode, loop, monkeypatch):
     assert rel(out32, add_rms_norm_ref(None, r.clone(), weight, 1e-5, torch.float32)[0]) < 1e-6
 
 
+@pytest.mark.parametrize("loop", [False, True])
+def test_add_rms_norm_written_over_x(loop, monkeypatch):
+    """out_into_x: the normed rows land in x's own memory (same values as a fresh output); not where dtypes differ."""
+    if loop:
+        monkeypatch.setattr(decode, "_MAX_BLOCK_NORM", 16)
+    x, residual, weight = torch.randn(3, 37), torch.randn(3, 37), 1 + 0.1 * torch.randn(37)
+    want, r_want = add_rms_norm(x.clone(), residual.clone(), weight)
+    out, r = add_rms_norm(x, residual, weight, out_into_x=True)
+    assert out.data_ptr() == x.data_ptr() and torch.equal(out, want) and torch.equal(r, r_want)
+    xb = torch.randn(3, 37, dtype=torch.bfloat16)
+    out32, _ = add_rms_norm(xb, torch.randn(3, 37), weight, out_dtype=torch.float32, out_into_x=True)
+    assert out32.dtype == torch.float32 and out32.data_ptr() != xb.data_ptr()
+
+
 def test_add_rms_norm_matches_block_norm():
     """The kernel reproduces core.norm.RMSNorm on the fp32 residual stream (eps included)."""
     blk = Block(24, torch.nn.Identity(), norm_eps=1e-3)

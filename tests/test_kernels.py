@@ -490,3 +490,21 @@ def test_interleaved_bc_pairs_read_as_words(reverse, split, monkeypatch):
     ref = selective_scan_ref(*[(args[k].float() if k in ("B", "C") else args[k]) for k in NAMES[:8]], True, True)
     if not reverse:
         assert rel(outs[0][1], ref[1]) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_inference_tiles_and_softplus_polynomial(reverse, monkeypatch):
+    """Inference scans reading B/C pairs take cfg["inf_tiles"] per direction (tile length, stages, softplus as ex2 +
+    polynomial): still the reference's values, for softplus inputs far on both sides of its bend."""
+    monkeypatch.setitem(ops.CONFIG["cpu"], "inf_tiles", dict(fwd=(16, 1, True), rev=(8, 1, True)))
+    batch, dim, L, N = 2, 4, 45, 4
+    inp = make_inputs(batch=batch, dim=dim, L=L, N=N, h0=False)
+    inp["delta"] = torch.linspace(-30, 30, batch * dim * L).reshape(batch, dim, L)[..., torch.randperm(L)]
+    proj = torch.randn(batch, L, dim + 2 * N).to(torch.bfloat16)
+    B, C = proj[..., dim::2].transpose(1, 2), proj[..., dim + 1::2].transpose(1, 2)
+    args = dict(inp, B=B, C=C)
+    with torch.no_grad():
+        y, last = selective_scan_triton(*[args[k] for k in NAMES[:8]], True, True, reverse=reverse)
+    flip = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if reverse else (lambda t: t)
+    ref = selective_scan_ref(*[flip(args[k].float() if k in ("B", "C") else args[k]) for k in NAMES[:8]], True, True)
+    assert rel(y, flip(ref[0])) < TOL[torch.float32] and rel(last, ref[1]) < TOL[torch.float32]

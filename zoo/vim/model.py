@@ -211,8 +211,10 @@ class VisionMamba(nn.Module):
             else:
                 hidden, residual = x, None
             del x  # a block output replaces it
+            own = consume  # whether hidden may be overwritten (the normed mixer input then reuses its memory)
             for blk in self.blocks:
-                hidden, residual = blk.forward_residual(hidden, residual)
+                hidden, residual = blk.forward_residual(hidden, residual, consume=own)
+                own = True  # a block's output
             return residual + hidden if residual is not None else hidden.float()
         for blk in self.blocks:
             x = blk(x)
