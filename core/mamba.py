@@ -114,11 +114,12 @@ class _Direction(nn.Module):
         return w
 
     def scan(self, x: torch.Tensor, z: torch.Tensor, initial_state=None, return_last_state=False,
-             reverse: bool = False, average_with: torch.Tensor | None = None):
+             reverse: bool = False, average_with: torch.Tensor | None = None, out: torch.Tensor | None = None):
         """x, z (batch, d_inner, L) -> y (batch, d_inner, L) [, final state (batch, d_inner, N)].
         reverse=True scans from the last position to the first (no flipped copies on the selective path).
         average_with (batch, d_inner, L): y is returned as (average_with + y) / 2 (fused into the scan on CUDA),
-        written over average_with where no gradient is recorded (the mixer's own buffer)."""
+        written over average_with where no gradient is recorded (the mixer's own buffer); out: where no gradient
+        is recorded, y is stored in that (batch, d_inner, L) buffer (selective path)."""
         if not self.selective:
             if reverse:
                 y = self._lti_scan(x.flip(-1), z.flip(-1), initial_state, return_last_state)
@@ -136,7 +137,7 @@ class _Direction(nn.Module):
             x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             return_last_state=return_last_state, initial_state=initial_state, reverse=reverse,
-            average_with=average_with, average_in_place=True,
+            average_with=average_with, average_in_place=True, out=out,
         )
 
 
@@ -248,7 +249,7 @@ class Mamba(nn.Module):
 
             f, b = self.fwd.conv1d, self.bwd.conv1d
             xf, xb = causal_conv1d_pair(xs, f.weight, f.bias, b.weight, b.bias, silu=True)
-            y = self.fwd.scan(xf, z)
+            y = self.fwd.scan(xf, z, out=xs)  # xs is read no more: y (then the average) takes its memory
             del xf
             y = self.bwd.scan(xb, z, reverse=True, average_with=y)
             return self.out_proj(y.transpose(1, 2))

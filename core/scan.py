@@ -285,7 +285,7 @@ def scan_backend(device: torch.device) -> str:
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, initial_state=None, seq_idx=None, reverse=False, average_with=None,
-                   average_in_place=False):
+                   average_in_place=False, out=None):
     """The selective scan (DESIGN.md contract): Triton kernel on CUDA, chunked reference elsewhere.
 
     Shapes as in ``selective_scan_ref`` (seq_idx (batch, L) int packs several sequences in one row).
@@ -294,7 +294,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     then the state after position 0). average_with (batch, dim, L): y is returned as (average_with + y) / 2
     (a bidirectional mixer's mean of its two directions; the kernel does it as it stores y).
     average_in_place=True lets the result overwrite average_with (returned) where no gradient is recorded
-    (inference: one activation-sized buffer less); elsewhere it is ignored.
+    (inference: one activation-sized buffer less); elsewhere it is ignored. out (batch, dim, L) in u's dtype, not
+    overlapping the inputs: y is stored there (and out returned) where no gradient is recorded.
     Set MAMBAZOO_SCAN=ref to force the sequential oracle.
     """
     backend = scan_backend(u.device)
@@ -303,26 +304,30 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         from kernels import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                     initial_state, seq_idx, reverse, average_with, average_in_place)
+                                     initial_state, seq_idx, reverse, average_with, average_in_place, out)
     if average_with is not None and tuple(average_with.shape) != tuple(u.shape):  # (kernels checks its own)
         raise ValueError(f"average_with: expected u's shape {_shape(u)}, got {_shape(average_with)}")
+    if out is not None and (out.shape != u.shape or out.dtype != u.dtype or out.device != u.device):
+        raise ValueError(f"out: expected u's shape {_shape(u)}, dtype {u.dtype} and device {u.device}, got "
+                         f"{out.dtype} {_shape(out)} on {out.device}")
     fn = selective_scan_ref if backend == "ref" else selective_scan_chunked
     if not reverse:
-        out = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, seq_idx)
+        out_ = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, seq_idx)
     else:
         check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
         flip = lambda t: t.flip(-1) if t is not None and t.dim() > 2 else t  # noqa: E731  ((d, N) B/C stay)
-        out = fn(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus,
-                 return_last_state, initial_state, seq_idx.flip(-1) if seq_idx is not None else None)
-        out = (out[0].flip(-1), out[1]) if return_last_state else out.flip(-1)
-    if average_with is None:
-        return out
-    y = out[0] if return_last_state else out
-    if average_in_place and not torch.is_grad_enabled() and average_with.dtype == y.dtype:
-        y = average_with.lerp_(y, 0.5)
-    else:
-        y = torch.lerp(average_with.to(y.dtype), y, 0.5)
-    return (y, out[1]) if return_last_state else y
+        out_ = fn(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus,
+                  return_last_state, initial_state, seq_idx.flip(-1) if seq_idx is not None else None)
+        out_ = (out_[0].flip(-1), out_[1]) if return_last_state else out_.flip(-1)
+    res, y = (out_, out_[0]) if return_last_state else (out_, out_)
+    if average_with is not None:
+        if average_in_place and not torch.is_grad_enabled() and average_with.dtype == y.dtype:
+            y = average_with.lerp_(y, 0.5)
+        else:
+            y = torch.lerp(average_with.to(y.dtype), y, 0.5)
+    if out is not None and y is not out and not torch.is_grad_enabled():
+        y = out.copy_(y)
+    return (y, res[1]) if return_last_state else y
 
 
 def check_state_update_inputs(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):

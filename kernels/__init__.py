@@ -56,7 +56,7 @@ def _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, initial_state=None, seq_idx=None, reverse=False,
-                          average_with=None, average_in_place=False):
+                          average_with=None, average_in_place=False, out=None):
     """The selective scan (DESIGN.md contract) as one fused Triton forward and a recomputing backward.
 
     u, delta, z (batch, dim, L); A (dim, N) fp32; B, C (batch, N, L) | (batch, G, N, L) | (dim, N);
@@ -65,7 +65,9 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     (the result of flipping every input along L, scanning and flipping y back, without the copies).
     average_with (batch, dim, L): return (average_with + y) / 2 instead of y, averaged in the kernel's store;
     with average_in_place, written over average_with (and that tensor returned) where no gradient is recorded
-    and average_with has the output's layout (a bidirectional mixer's own buffer: one (batch, L, dim) less).
+    and average_with has a layout the kernel stores to (a bidirectional mixer's own buffer: one (batch, L, dim)
+    less). out (batch, dim, L) in u's dtype, unit stride along dim or L, not overlapping the inputs: y is stored
+    there (and out returned) where no gradient is recorded; elsewhere a new tensor is returned.
     Returns y (batch, dim, L) in u's dtype and,
     with return_last_state, the final state (batch, dim, N) fp32; both are differentiable.
     """
@@ -75,10 +77,14 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state, average_with)
     # the backward's tile states only where a gradient can flow (inference skips their stores)
     store_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    if (average_in_place and average_with is not None and not store_states and not torch.compiler.is_compiling()
-            and not torch.is_grad_enabled() and output_fits(average_with, u, z)):
+    if out is not None and not output_fits(out, u):
+        raise ValueError(f"out: expected u's shape {_shape(u)}, dtype {u.dtype} and device {u.device} with a unit "
+                         f"stride along dim or L, got {out.dtype} {_shape(out)} strides {tuple(out.stride())}")
+    target = out if out is not None else average_with if average_in_place else None
+    if (target is not None and not store_states and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and output_fits(target, u)):
         y, last, _ = scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus),
-                                  bool(reverse), average_with, False, in_place=True)
+                                  bool(reverse), average_with, False, y_out=target)
         return (y, last) if return_last_state else y
     # eager: an autograd.Function around the same launchers (the custom-op dispatcher costs host time per call)
     op = scan_fwd if torch.compiler.is_compiling() else EagerScan.apply

@@ -122,12 +122,10 @@ def new_output(u: Tensor, z: Optional[Tensor]) -> Tensor:
     return u.new_empty(u.shape)
 
 
-def output_fits(y: Tensor, u: Tensor, z: Optional[Tensor]) -> bool:
-    """True when y could be the scan's output buffer: u's shape and dtype, and the layout new_output gives."""
-    b, d, L = u.shape
-    strides = (L * d, 1, d) if _gate_layout(z) else (d * L, L, 1)
-    return y.shape == u.shape and y.dtype == u.dtype and y.device == u.device and (
-        y.stride() == strides or y.is_contiguous() and not _gate_layout(z))
+def output_fits(y: Tensor, u: Tensor) -> bool:
+    """True when y can take the scan's output: u's shape, dtype and device, unit stride along dim or L (the kernel
+    stores through y's strides)."""
+    return y.shape == u.shape and y.dtype == u.dtype and y.device == u.device and 1 in (y.stride(1), y.stride(2))
 
 
 def _plan(u: Tensor, B: Tensor, C: Tensor, block_d: int, block_l: int, cfg: dict):
@@ -184,13 +182,13 @@ def _flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse):
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse=False,
-                 y_other=None, store_states=True, in_place=False):
+                 y_other=None, store_states=True, y_out=None):
     """Returns y (b, d, L) in u's dtype, the last state (b, d, N) fp32, tile states (b, d, T, N) fp32.
     reverse: scan from position L-1 down to 0 (as if every input and the output were flipped along L).
     y_other (b, d, L): y is returned as (y_other + y) / 2, averaged in the kernel's store (a bidirectional
     mixer's two directions). store_states=False: no tile states (T = 0), for calls that need no backward.
-    in_place: the average is written over y_other (each element is read and written by the same thread) and
-    y_other returned; the caller checks ``output_fits(y_other, u, z)`` and that no autograd records the call."""
+    y_out: y is stored there (any strides ``output_fits`` accepts; it may be y_other itself: each element is read
+    and written by the same thread; it must not overlap the inputs) and returned; only for calls no autograd records."""
     cfg = _cfg(u.device)
     batch, dim, L = u.shape
     N = A.shape[1]
@@ -211,10 +209,9 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
         block_l, stages, poly = cfg["inf_tiles"]["rev" if reverse else "fwd"]
     block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["block_d"], block_l, cfg)
     block_n = next_power_of_2(N)
-    y = y_other if in_place else new_output(u, z)
-    if y_other is not None and y_other.stride() != y.stride():  # the kernel reads y_other through y's strides
-        y_other = y.copy_(y_other)
-        y = new_output(u, z)
+    y = y_out if y_out is not None else new_output(u, z)
+    if y_other is not None and y_other is not y and y_other.stride() != y.stride():  # read through y's strides
+        y_other = torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(y_other)
     _check_row_extent(u=u, delta=delta, z=z, y=y, B=B, C=C)
     hs = u.new_empty(batch, dim, n_chunks if store_states else 0, N, dtype=torch.float32)
     hend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)

@@ -508,3 +508,26 @@ def test_inference_tiles_and_softplus_polynomial(reverse, monkeypatch):
     flip = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if reverse else (lambda t: t)
     ref = selective_scan_ref(*[flip(args[k].float() if k in ("B", "C") else args[k]) for k in NAMES[:8]], True, True)
     assert rel(y, flip(ref[0])) < TOL[torch.float32] and rel(last, ref[1]) < TOL[torch.float32]
+
+
+def test_out_buffer_takes_y_without_autograd():
+    """out=: y is stored in a caller's strided buffer (the dead half of a mixer's (b, L, 2d) projection) and that
+    buffer returned; the reverse direction then averages into it in place; with autograd, a new tensor."""
+    inp = make_inputs(L=37, h0=False)
+    args = [inp[k] for k in NAMES[:8]]
+    buf = torch.full((2, 37, 8), float("nan"))
+    out = buf[..., :4].transpose(1, 2)  # (b, d, L) with unit stride along d, L stride 8
+    with torch.no_grad():
+        want = selective_scan_triton(*args, True)
+        got = selective_scan_triton(*args, True, out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, want) and buf[..., 4:].isnan().all()
+        back = selective_scan_triton(*args, True, reverse=True)
+        avg = selective_scan_triton(*args, True, reverse=True, average_with=got, average_in_place=True)
+        assert avg.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(avg, (want + back) / 2, rtol=1e-6, atol=1e-6)
+    x = leaves(inp)
+    y = selective_scan_triton(*[x[k] for k in NAMES[:8]], True, out=torch.empty(2, 4, 37))
+    assert y.requires_grad and y.grad_fn is not None
+    for bad in (torch.empty(2, 4, 36), torch.empty(2, 4, 37, dtype=torch.float64), torch.empty(2, 37, 4, 2)[..., 0].mT):
+        with pytest.raises(ValueError, match="out: expected"):
+            selective_scan_triton(*args, True, out=bad)

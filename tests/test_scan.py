@@ -223,3 +223,24 @@ def test_bad_seq_idx_raises():
         selective_scan_ref(**inp, seq_idx=seq_idx[:, :12])
     with pytest.raises(ValueError, match="seq_idx: expected an integer tensor"):
         selective_scan_chunked(**inp, seq_idx=seq_idx.float())
+
+
+def test_reference_path_out_and_average_in_place():
+    """core.scan on the CPU honours out= and average_in_place= without autograd (the Vim mixer's buffers), the same
+    values as without them, and refuses an out of the wrong shape or dtype."""
+    torch.manual_seed(0)
+    b, d, L, N = 2, 3, 11, 4
+    u, delta, z = torch.randn(b, d, L), torch.randn(b, d, L), torch.randn(b, d, L)
+    A, B, C = -torch.rand(d, N) - 0.1, torch.randn(b, N, L), torch.randn(b, N, L)
+    args = (u, delta, A, B, C, torch.randn(d), z, torch.rand(d))
+    with torch.no_grad():
+        want = selective_scan(*args, True)
+        buf = torch.empty(b, L, 2 * d)[..., :d].transpose(1, 2)
+        got = selective_scan(*args, True, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(got, want)
+        back = selective_scan(*args, True, reverse=True)
+        avg = selective_scan(*args, True, reverse=True, average_with=got, average_in_place=True)
+        assert avg.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(avg, torch.lerp(want, back, 0.5))
+        with pytest.raises(ValueError, match="out: expected"):
+            selective_scan(*args, True, out=torch.empty(b, d, L, dtype=torch.float64))
