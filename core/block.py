@@ -96,7 +96,8 @@ class Block(nn.Module):
         path (``fused_decode_enabled``: CUDA, no autograd). hidden (batch, L, d_model): the previous block's
         branch output (or the input tokens, with residual None; or None, with the fp32 input tokens as the
         residual: the first block then makes no copy of them); residual (batch, L, d_model) fp32, updated in
-        place. consume=True: the normed mixer input may be written over hidden (the caller's own buffer). Returns (hidden', residual') with residual' + hidden' equal to ``forward(residual + hidden)``:
+        place. consume=True: the normed mixer input may be written over hidden (the caller's own buffer).
+        Returns (hidden', residual') with residual' + hidden' equal to ``forward(residual + hidden)``:
         each residual add + RMSNorm (+ the cast to the mixer's autocast dtype) is one pass over the tokens
         instead of three (add, norm, cast)."""
         from kernels.decode import add_rms_norm

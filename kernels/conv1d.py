@@ -305,7 +305,8 @@ def causal_conv1d_pair(x: Tensor, weight_f: Tensor, bias_f: Optional[Tensor], we
     """Inference only: (causal_conv1d(x, weight_f, bias_f, silu), causal_conv1d(x, weight_b, bias_b, silu,
     reverse=True)) from one pass over x (b, d, L), as a bidirectional mixer needs them: x is read once instead of
     twice. Weights (d, W) or (d, 1, W); biases both given or both None. Outputs as causal_conv1d's. No autograd."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight_f, bias_f, weight_b, bias_b)):
+    params = (x, weight_f, bias_f, weight_b, bias_b)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
         raise RuntimeError("causal_conv1d_pair has no backward: call causal_conv1d per direction when training")
     wf, wb = (_check_conv(x, w, b) for w, b in ((weight_f, bias_f), (weight_b, bias_b)))
     if wf.shape != wb.shape or (bias_f is None) != (bias_b is None):
@@ -322,7 +323,7 @@ def causal_conv1d_pair(x: Tensor, weight_f: Tensor, bias_f: Optional[Tensor], we
 
 
 def _check_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Validates x (b, d, L), weight (d, W) or (d, 1, W) with 1 <= W <= 4 and bias (d,); returns weight as (d, W)."""
+    """Validates x (b, d, L), weight (d, W) or (d, 1, W) with 1 <= W <= 4 and bias (d,); returns weight (d, W)."""
     if x.dim() != 3:
         raise ValueError(f"x: expected (batch, dim, L), got {tuple(x.shape)}")
     dim = x.shape[1]

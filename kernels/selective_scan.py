@@ -392,7 +392,8 @@ def scan_fwd_kernel(
         t, tm, mask_t, io_mask = _steps(t_begin + it * BLOCK_L, offs_l, L, mask_d, REVERSE)
         if BC_PAIRS:
             Bt, Ct = _bc_pairs(B_ptr, sBn, sBl, offs_n, tm, mask_n, mask_t)
-            dt, _ = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST, SOFTPLUS_POLY)
+            dt, _ = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST,
+                             SOFTPLUS_POLY)
             u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
             a = _decay(dt, A2, seq_ptr, b, L, t, mask_t, HAS_SEQ, REVERSE)
             x = (dt * u)[:, None, :] * Bt

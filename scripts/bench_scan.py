@@ -198,7 +198,8 @@ def check_against_reference():
 
     with torch.no_grad():
         pf, pb = causal_conv1d_pair(xc, wc, bc, wc.flip(-1), -bc)
-    e8 = max(e8, rel(pf, causal_conv1d(xc, wc, bc, True, False)), rel(pb, causal_conv1d(xc, wc.flip(-1), -bc, True, True)))
+    e8 = max(e8, rel(pf, causal_conv1d(xc, wc, bc, True, False)),
+             rel(pb, causal_conv1d(xc, wc.flip(-1), -bc, True, True)))
     print(f"conv1d + SiLU  y={e8:.1e} (both directions, and the pair kernel)" + ("  ok" if e8 < 1e-5 else "  FAIL"))
     # Vim inference: B / C as interleaved bf16 columns (read as pairs), the inference tiles and softplus polynomial
     proj = torch.randn(2, 300, 64 + 32, device=DEV).to(torch.bfloat16)
