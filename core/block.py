@@ -107,7 +107,6 @@ class Block(nn.Module):
         flat = lambda t: t.reshape(b * L, d) if t is not None else None  # noqa: E731
         normed, res = add_rms_norm(flat(hidden), flat(residual), self.norm.weight, self.norm.eps,
                                    out_dtype=self._mixer_input_dtype(ref.device), out_into_x=consume)
-        del hidden
         h = self.mixer(normed.view(b, L, d))
         if self.ffn is not None:
             normed, res = add_rms_norm(flat(h), res, self.ffn_norm.weight, self.ffn_norm.eps, out_dtype=torch.float32)

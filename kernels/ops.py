@@ -110,14 +110,10 @@ def _st_bc(X: Tensor, inv: bool) -> tuple:
     return (0, 0, 0, 0) if inv else tuple(X.stride())
 
 
-def _gate_layout(z: Optional[Tensor]) -> bool:
-    return z is not None and z.stride(1) == 1 and z.stride(2) != 1
-
-
 def new_output(u: Tensor, z: Optional[Tensor]) -> Tensor:
     """y (batch, dim, L) in u's dtype. It takes the gate's layout when z is a (batch, L, dim) view (the
     in_proj output of a Mamba mixer), so that out_proj reads y without a transposing copy."""
-    if _gate_layout(z):
+    if z is not None and z.stride(1) == 1 and z.stride(2) != 1:
         return u.new_empty(u.shape[0], u.shape[2], u.shape[1]).transpose(1, 2)
     return u.new_empty(u.shape)
 

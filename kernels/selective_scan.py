@@ -164,15 +164,29 @@ def _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_ma
                 HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, B_INV: tl.constexpr):
     """What the recurrence needs at scan steps t (memory steps tm): dt and its pre-softplus value v
     (BLOCK_L, BLOCK_D), u, the B tile, the decays a and the inputs x = dt u B (BLOCK_L, BLOCK_N, BLOCK_D)."""
-    dt, v = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST)
-    u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
+    dt, v, u = _dt_u(dl_ptr, u_ptr, bias, tm, io_mask, offs_d, sdd, sdl, sud, sul, HAS_BIAS, SOFTPLUS, FAST)
     if B_INV:
         Bt = _bc_inv(B_ptr, N, offs_d, offs_n, mask_d, mask_n)
     else:
         Bt = _bc_var(B_ptr, sBn, sBl, offs_n, tm, mask_n, mask_t)
-    a = _decay(dt, A2, seq_ptr, b, L, t, mask_t, HAS_SEQ, REVERSE)
-    x = (dt * u)[:, None, :] * Bt
+    a, x = _decay_x(dt, u, Bt, A2, seq_ptr, b, L, t, mask_t, HAS_SEQ, REVERSE)
     return dt, v, u, Bt, a, x
+
+
+@triton.jit
+def _dt_u(dl_ptr, u_ptr, bias, tm, io_mask, offs_d, sdd, sdl: tl.constexpr, sud, sul: tl.constexpr,
+          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, POLY: tl.constexpr = False):
+    """dt, its pre-softplus value and u at memory steps tm: (BLOCK_L, BLOCK_D) each."""
+    dt, v = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST, POLY)
+    u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
+    return dt, v, u
+
+
+@triton.jit
+def _decay_x(dt, u, Bt, A2, seq_ptr, b, L, t, mask_t, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr):
+    """The decays a and the inputs x = dt u B: (BLOCK_L, BLOCK_N, BLOCK_D) each."""
+    a = _decay(dt, A2, seq_ptr, b, L, t, mask_t, HAS_SEQ, REVERSE)
+    return a, (dt * u)[:, None, :] * Bt
 
 
 @triton.jit
@@ -392,11 +406,9 @@ def scan_fwd_kernel(
         t, tm, mask_t, io_mask = _steps(t_begin + it * BLOCK_L, offs_l, L, mask_d, REVERSE)
         if BC_PAIRS:
             Bt, Ct = _bc_pairs(B_ptr, sBn, sBl, offs_n, tm, mask_n, mask_t)
-            dt, _ = _dt_tile(dl_ptr, bias, _off(offs_d, tm, sdd, sdl), io_mask, HAS_BIAS, SOFTPLUS, FAST,
+            dt, _, u = _dt_u(dl_ptr, u_ptr, bias, tm, io_mask, offs_d, sdd, sdl, sud, sul, HAS_BIAS, SOFTPLUS, FAST,
                              SOFTPLUS_POLY)
-            u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
-            a = _decay(dt, A2, seq_ptr, b, L, t, mask_t, HAS_SEQ, REVERSE)
-            x = (dt * u)[:, None, :] * Bt
+            a, x = _decay_x(dt, u, Bt, A2, seq_ptr, b, L, t, mask_t, HAS_SEQ, REVERSE)
         else:
             dt, _, u, Bt, a, x = _tile_terms(dl_ptr, u_ptr, B_ptr, bias, A2, seq_ptr, b, t, tm, mask_t, io_mask, L, N,
                                              offs_d, offs_n, mask_d, mask_n, sdd, sdl, sud, sul, sBn, sBl, HAS_BIAS,

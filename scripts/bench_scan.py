@@ -353,11 +353,55 @@ def vim_inputs(b, d, L, N, dt_rank=12):
     return x
 
 
+def vim_pair_inputs(b, d, L, N):
+    """Inputs as the Vim mixer hands them to the scan at inference: u, z views of in_proj's output, delta and B / C
+    views of the folded x_proj output [delta (d) | B_0 C_0 B_1 C_1 ...] (B / C read as int32 pairs)."""
+    x = make(b, d, L, N)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    rn = lambda *s: torch.randn(*s, device=DEV, generator=g).to(torch.bfloat16)  # noqa: E731
+    xz, out = rn(b, L, 2 * d), rn(b, L, d + 2 * N)
+    out[..., :d] *= 0.5
+    x.update(u=xz[..., :d].transpose(1, 2), z=xz[..., d:].transpose(1, 2), delta=out[..., :d].transpose(1, 2),
+             B=out[..., d::2].transpose(1, 2), C=out[..., d + 1::2].transpose(1, 2))
+    assert ops.bc_pairs(x["B"], x["C"])
+    return x
+
+
+# inference tiles (block_l, stages, softplus polynomial), the same for both directions here; ops.CONFIG's
+# "inf_tiles" picks one per direction
+INF_TILES = [(8, 3, False), (8, 3, True), (16, 4, False), (16, 4, True), (16, 3, False), (16, 2, False)]
+
+
+def tune_inference(rep: int = 50):
+    """Times the scan forward as vim-tiny's inference runs it (batch 64 at 1024 and 1248 px; B / C pairs, no tile
+    states): the forward direction alone and the reverse direction averaging with the forward's output, for each
+    INF_TILES entry. Prints ms per call and the fastest entry per direction; leaves ops.CONFIG unchanged."""
+    keep = ops.CONFIG["cuda"].get("inf_tiles")
+    rows = []
+    print(f"== inference tiles (block_l, stages, polynomial softplus): ms per call; default {keep} ==")
+    for L in (4097, 6085):
+        x = vim_pair_inputs(64, 384, L, 16)
+        args = [x[k] for k in ORDER]
+        other = ops.new_output(x["u"], x["z"]).normal_()
+        for rev in (False, True):
+            times = []
+            for tile in INF_TILES:
+                ops.CONFIG["cuda"]["inf_tiles"] = dict(fwd=tile, rev=tile)
+                times.append(bench(lambda: ops.scan_forward(*args, None, None, True, rev, other if rev else None,
+                                                            False), rep=rep))
+                rows.append(dict(L=L, reverse=rev, tile=tile, ms=times[-1]))
+            best = INF_TILES[min(range(len(times)), key=times.__getitem__)]
+            print(f"L={L} {'reverse + average' if rev else 'forward':17s} " + "  ".join(
+                f"{t}: {ms:.3f}" for t, ms in zip(INF_TILES, times)) + f"  best {best}", flush=True)
+    ops.CONFIG["cuda"]["inf_tiles"] = keep
+    return rows
+
+
 def tune_forward(candidates, label: str, rep: int = 30):
     """Times the forward for each candidate (a dict of ops.CONFIG["cuda"] keys): at the table's shapes as the
     training forward (contiguous inputs, tile states stored) and at vim-tiny's (batch 64 at 1024 and 1248 px) as
-    its inference does it (the mixer's strided views, no tile states; at 1248 the reverse direction averaged
-    with the forward's output). Keeps the candidate with the least total time in ops.CONFIG for the rest of
+    its unfolded layout gives them (the mixer's strided views with B / C as x_proj's, no tile states; at 1248 the
+    reverse direction averaged with the forward's output; --tune-inf times the folded inference layout). Keeps the candidate with the least total time in ops.CONFIG for the rest of
     this run and returns every point."""
     shapes = [(*s, False) for s in SHAPES] + [(64, 384, 4097, 16, False), (64, 384, 6085, 16, True)]
     inputs = {sh: (vim_inputs(*sh[:4]) if sh[1] == 384 and sh[0] == 64 else make(*sh[:4])) for sh in shapes}
@@ -587,6 +631,8 @@ def main():
                    "thresholds (FWD_SPLITS) and use the fastest")
     p.add_argument("--tune-conv", action="store_true", help="time kernels.conv1d forward tiles (CONV_TILES) at "
                    "Vim's shapes and use the fastest")
+    p.add_argument("--tune-inf", action="store_true", help="time the inference tiles (INF_TILES) per direction at "
+                   "Vim's shapes with B / C pairs (reported, CONFIG unchanged)")
     p.add_argument("--check-only", action="store_true", help="only check every path against the reference on the "
                    "GPU (exit status 1 on a failure)")
     p.add_argument("--tune-only", action="store_true", help="with --tune-*: stop after tuning")
@@ -629,7 +675,9 @@ def main():
         out["tune_split"] = tune_forward(FWD_SPLITS, "L splits")
     if a.tune_conv:
         out["tune_conv"] = tune_conv()
-    if a.tune_fwd or a.tune_split or a.tune_conv:
+    if a.tune_inf:
+        out["tune_inf"] = tune_inference()
+    if a.tune_fwd or a.tune_split or a.tune_conv or a.tune_inf:
         out["config"] = dict(ops.CONFIG["cuda"])
         if a.tune_only:
             if a.json:
