@@ -34,6 +34,9 @@ BLOCK_L, BLOCK_D = 32, 64  # the backward's (steps, channels) tile per program; 
 # The forward's tile and warps (`bench_scan.py --tune-conv`, H100, session 5: (16, 128, 4) took 0.228 / 0.237 ms
 # per direction at Vim's (64, 384, 6085) against 0.373 / 0.380 for (32, 64, 4); 0.045 vs 0.071 ms at (8, 1536, 2048)).
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 16, 128, 4
+# causal_conv1d_pair's tile: H100, vim-tiny at 1024 / 1248 px 0.253 / 0.368 ms, (16, 128, 4) 0.260 / 0.380 (session 7,
+# scripts/bench_scan.py --tune-conv)
+PAIR_BLOCK_L, PAIR_BLOCK_D, PAIR_WARPS = 32, 128, 4
 DW_TILES = 8  # backward: tiles per program summed in registers before the dw / db atomics
 
 
@@ -315,10 +318,10 @@ def causal_conv1d_pair(x: Tensor, weight_f: Tensor, bias_f: Optional[Tensor], we
     batch, dim, L = x.shape
     x = _channels_contiguous(x)
     yf, yb = x.new_empty(batch, L, dim), x.new_empty(batch, L, dim)
-    conv_pair_fwd_kernel[_grid(batch, L, dim, FWD_BLOCK_L, FWD_BLOCK_D)](
+    conv_pair_fwd_kernel[_grid(batch, L, dim, PAIR_BLOCK_L, PAIR_BLOCK_D)](
         x, wf.contiguous(), bias_f, wb.contiguous(), bias_b, yf, yb, L, dim, x.stride(0), x.stride(2),
-        W=wf.shape[1], HAS_BIAS=bias_f is not None, SILU=silu, FAST=not interpreting(), BLOCK_L=FWD_BLOCK_L,
-        BLOCK_D=FWD_BLOCK_D, num_warps=FWD_WARPS)
+        W=wf.shape[1], HAS_BIAS=bias_f is not None, SILU=silu, FAST=not interpreting(), BLOCK_L=PAIR_BLOCK_L,
+        BLOCK_D=PAIR_BLOCK_D, num_warps=PAIR_WARPS)
     return yf.transpose(1, 2), yb.transpose(1, 2)
 
 

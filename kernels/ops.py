@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from kernels._host import cdiv, interpreting, next_power_of_2
+from kernels.scan_infer import scan_fwd_infer_kernel
 from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 
 # Tile sizes (steps per tile block_l, channels per program block_d, warps), per pass.  The forward
@@ -37,10 +38,21 @@ CONFIG = {
                  min_programs=3072, split_below=512, nsplit=0, pair_reduce=True, bc_fp32=True,
                  # (block_l, stages, softplus polynomial) of inference scans reading B/C pairs, per direction. H100,
                  # vim-tiny (64, 384, 6085): forward 1.221 -> 1.164 ms, reverse + average 1.268 -> 1.176 (session 6)
-                 inf_tiles=dict(fwd=(16, 4, True), rev=(16, 4, False))),
+                 inf_tiles=dict(fwd=(16, 4, True), rev=(16, 4, False)),
+                 # the inference kernel for B/C pairs (kernels/scan_infer.py). H100, vim-tiny (64, 384, 4097 / 6085),
+                 # forward / reverse + average: 0.708 / 0.721 / 1.047 / 1.059 ms against the general forward's
+                 # 0.792 / 0.800 / 1.163 / 1.169 (session 7)
+                 infer=dict(block_d=16, block_l=16, stages=3, poly=True, tanh=True)),
     "cpu": dict(fwd_block_l=8, block_d=4, fwd_warps=1, fwd_stages=1, bwd_block_l=8, bwd_block_d=4, bwd_warps=1, chunk=16,
-                bwd_programs=3, min_programs=1, split_below=1, nsplit=0, bc_fp32=True),
+                bwd_programs=3, min_programs=1, split_below=1, nsplit=0, bc_fp32=True,
+                infer=dict(block_d=8, block_l=8, stages=1, poly=True, tanh=False)),
 }
+
+
+# infer: the inference forward for B / C pairs (kernels/scan_infer.py; the Vim fold's layout) with one stretch of L,
+# no tile states, initial state or packed sequences: block_d channels per program (32 / block_d lane slices of N),
+# block_l steps per tile, stages, poly (softplus as ex2 + polynomial), tanh (the gate through tanh.approx, for
+# half-precision outputs); None turns it off (the general forward with inf_tiles then).
 
 
 def _cfg(device: torch.device) -> dict:
@@ -199,6 +211,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
         Bk, GB, dpg_b, B_inv = _bc_layout(B, dim, cfg["bc_fp32"])
         Ck, GC, dpg_c, C_inv = _bc_layout(C, dim, cfg["bc_fp32"])
         st_b, st_c = _st_bc(Bk, B_inv), _st_bc(Ck, C_inv)
+    if pairs and not store_states and initial_state is None and seq_idx is None and _infer_fits(u, N, cfg):
+        return _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg)
     # Vim-style inference (B/C pairs, no tile states) has its own tiles per direction (cfg["inf_tiles"])
     block_l, stages, poly = cfg["fwd_block_l"], cfg["fwd_stages"], False
     if pairs and not store_states and cfg.get("inf_tiles"):
@@ -233,6 +247,40 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
                           *sizes, HAS_H0=h0 is not None, STATE_ONLY=False, STORE_STATES=store_states,
                           HAS_YO=y_other is not None, yo_ptr=y_other, **common)
     return y, hend[:, :, -1].contiguous(), hs
+
+
+def _infer_fits(u: Tensor, N: int, cfg: dict) -> bool:
+    """The inference kernel's conditions beyond the caller's: configured, N a power of two and block_l both divided
+    by the lane slices, and enough programs without splitting L (cfg["split_below"])."""
+    infer = cfg.get("infer")
+    if not infer:
+        return False
+    lanes = 32 // infer["block_d"]
+    return (N == next_power_of_2(N) and N % lanes == 0 and infer["block_l"] % lanes == 0
+            and u.shape[0] * cdiv(u.shape[1], infer["block_d"]) >= cfg["split_below"])
+
+
+def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg):
+    """scan_forward for inference with B / C as bf16 pairs (see scan_forward): kernels/scan_infer.py."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    infer = cfg["infer"]
+    block_d, block_l = infer["block_d"], infer["block_l"]
+    lanes = 32 // block_d
+    y = y_out if y_out is not None else new_output(u, z)
+    if y_other is not None and y_other is not y and y_other.stride() != y.stride():  # read through y's strides
+        y_other = torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(y_other)
+    _check_row_extent(u=u, delta=delta, z=z, y=y, B=B)
+    hend = u.new_empty(batch, dim, N, dtype=torch.float32)
+    flags = _flags(D, z, delta_bias, None, softplus, False, False, reverse)
+    tanh = infer["tanh"] and flags["FAST"] and y.dtype in (torch.float16, torch.bfloat16)
+    scan_fwd_infer_kernel[(batch * cdiv(dim, block_d),)](
+        u, delta, A.contiguous(), B, D, z, delta_bias, y, y_other, hend,
+        *_st3(u), *_st3(delta), *_st3(z), *_st3(y), B.stride(0), B.stride(2) // 2, dim, L, N, cdiv(L, block_l),
+        HAS_D=flags["HAS_D"], HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=softplus, REVERSE=reverse,
+        HAS_YO=y_other is not None, SOFTPLUS_POLY=infer["poly"], TANH_GATE=tanh, BLOCK_L=block_l, BLOCK_I=N // lanes,
+        BLOCK_J=lanes, BLOCK_D=block_d, STAGES=infer["stages"], FAST=flags["FAST"], num_warps=1)
+    return y, hend, u.new_empty(batch, dim, 0, N, dtype=torch.float32)
 
 
 def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, softplus, has_h0, reverse=False):

@@ -213,7 +213,27 @@ def check_against_reference():
         e9 = max(e9, rel(yp, fl(yq)))
     print(f"B/C pairs      y={e9:.1e} (inference tiles {ops.CONFIG['cuda'].get('inf_tiles')})"
           + ("  ok" if e9 < 1e-4 else "  FAIL"))
-    e1 = max(e1, e8, e9)
+    # the inference kernel (kernels/scan_infer.py) at Vim's layout and batch (enough programs not to split L), in
+    # bf16 as the mixer runs it (tolerance: bf16 rounding of y) and with an fp32 output (no tanh gate then)
+    keep = ops.CONFIG["cuda"].get("infer")
+    e10 = e11 = 0.0
+    xi = vim_pair_inputs(64, 384, 300, 16)
+    xi["delta"] = xi["delta"] * 4
+    ref_in = {k: (xi[k].float() if xi[k] is not None else None) for k in ORDER}
+    for mode in (keep, dict(block_d=8, block_l=8, stages=2, poly=False, tanh=False)):
+        ops.CONFIG["cuda"]["infer"] = mode
+        for rev in (False, True):
+            fl = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if rev else (lambda t: t)
+            want = fl(selective_scan_ref(*[fl(ref_in[k]) for k in ORDER], True))
+            with torch.no_grad():
+                yb = selective_scan_triton(*[xi[k] for k in ORDER], True, False, reverse=rev)
+                yf = selective_scan_triton(*[ref_in[k] if k in ("u", "z") else xi[k] for k in ORDER], True, False,
+                                           reverse=rev)
+            e10, e11 = max(e10, rel(yb, want)), max(e11, rel(yf, want))
+    ops.CONFIG["cuda"]["infer"] = keep
+    print(f"infer kernel   y={e10:.1e} (bf16 out, two tilings, both directions; bf16 rounding ~1e-3), "
+          f"fp32 out {e11:.1e}" + ("  ok" if e10 < 4e-3 and e11 < 1e-4 else "  FAIL"))
+    e1 = max(e1, e8, e9, e11, e10 / 40)
     # decode step
     st = torch.randn(4, 64, 16, device=DEV)
     d = make(4, 64, 1, 16, dtype=torch.float32)
@@ -397,6 +417,43 @@ def tune_inference(rep: int = 50):
     return rows
 
 
+# the inference kernel (kernels/scan_infer.py): ops.CONFIG["cuda"]["infer"] candidates; block_d 16 gives 2 lane
+# slices of N, 32 none, 8 four
+_T = dict(block_d=16, block_l=16, stages=3, poly=True, tanh=True)
+INFER_TILES = [_T, dict(_T, stages=2), dict(_T, stages=4), dict(_T, block_l=8, stages=4),
+               dict(_T, block_l=32, stages=2), dict(_T, poly=False), dict(_T, tanh=False), dict(_T, block_d=8),
+               dict(_T, block_d=32)]
+
+
+def tune_infer(rep: int = 50):
+    """Times the inference kernel as vim-tiny runs it (batch 64 at 1024 and 1248 px; B / C pairs), per direction, for
+    each INFER_TILES entry, beside the general forward with its inference tiles (infer=None). Prints ms per call and
+    the fastest entry over both sizes and directions; leaves ops.CONFIG unchanged."""
+    keep = ops.CONFIG["cuda"].get("infer")
+    totals = [0.0] * len(INFER_TILES)
+    print(f"== inference kernel: ms per call; default {keep} ==")
+    for i, tile in enumerate(INFER_TILES):
+        print(f"#{i}: {tile}")
+    for L in (4097, 6085):
+        x = vim_pair_inputs(64, 384, L, 16)
+        args = [x[k] for k in ORDER]
+        other = ops.new_output(x["u"], x["z"]).normal_()
+        for rev in (False, True):
+            run = lambda: ops.scan_forward(*args, None, None, True, rev, other if rev else None, False)  # noqa: E731
+            ops.CONFIG["cuda"]["infer"] = None
+            line = [f"general {bench(run, rep=rep):.3f}"]
+            for i, tile in enumerate(INFER_TILES):
+                ops.CONFIG["cuda"]["infer"] = tile
+                ms = bench(run, rep=rep)
+                totals[i] += ms
+                line.append(f"#{i} {ms:.3f}")
+            print(f"L={L} {'reverse + average' if rev else 'forward':17s} " + "  ".join(line), flush=True)
+    ops.CONFIG["cuda"]["infer"] = keep
+    best = min(range(len(totals)), key=totals.__getitem__)
+    print(f"best (sum over both sizes and directions): #{best} {INFER_TILES[best]}")
+    return dict(totals=totals, tiles=INFER_TILES, best=INFER_TILES[best])
+
+
 def tune_forward(candidates, label: str, rep: int = 30):
     """Times the forward for each candidate (a dict of ops.CONFIG["cuda"] keys): at the table's shapes as the
     training forward (contiguous inputs, tile states stored) and at vim-tiny's (batch 64 at 1024 and 1248 px) as
@@ -539,6 +596,42 @@ def conv_note(bw):
 CONV_TILES = ((32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 64, 4), (16, 128, 4))
 
 
+PAIR_TILES = ((16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 64, 4), (64, 64, 4), (128, 64, 4), (64, 128, 8),
+              (32, 256, 8), (128, 128, 8))
+
+
+def tune_conv_pair(rep: int = 50):
+    """Tiles (BLOCK_L, BLOCK_D, warps) of kernels.conv1d.causal_conv1d_pair (both directions' convs from one read) on
+    the mixer's (b, L, 2d) in_proj view at vim-tiny's batch-64 shapes (1024 and 1248 px): ms per tile, checked against
+    the first tile's outputs; prints the fastest in total and leaves the module's tile unchanged."""
+    from kernels import conv1d
+
+    keep = (conv1d.PAIR_BLOCK_L, conv1d.PAIR_BLOCK_D, conv1d.PAIR_WARPS)
+    data = {}
+    for L in (4097, 6085):
+        xz = torch.randn(64, L, 768, device=DEV, dtype=torch.bfloat16)
+        data[L] = (xz[..., :384].transpose(1, 2), torch.randn(384, 4, device=DEV), torch.randn(384, device=DEV))
+    print(f"== conv pair tiles (BLOCK_L, BLOCK_D, warps): ms at L = {list(data)}; default {keep} ==")
+    ref, totals = {}, {}
+    with torch.no_grad():
+        for tile in PAIR_TILES:
+            conv1d.PAIR_BLOCK_L, conv1d.PAIR_BLOCK_D, conv1d.PAIR_WARPS = tile
+            times = []
+            for L, (x, w, bias) in data.items():
+                run = lambda: conv1d.causal_conv1d_pair(x, w, bias, w.flip(-1), -bias)  # noqa: E731
+                yf, yb = run()
+                ref.setdefault(L, (yf, yb))
+                if max(rel(yf, ref[L][0]), rel(yb, ref[L][1])) > 1e-3:
+                    print(f"  {tile} L={L}: WRONG")
+                times.append(bench(run, rep=rep))
+            totals[tile] = sum(times)
+            print(f"{str(tile):16s} " + " ".join(f"{t:7.3f}" for t in times), flush=True)
+    conv1d.PAIR_BLOCK_L, conv1d.PAIR_BLOCK_D, conv1d.PAIR_WARPS = keep
+    best = min(totals, key=totals.get)
+    print(f"best conv pair tile: {best}")
+    return dict(totals={str(k): v for k, v in totals.items()}, best=best)
+
+
 def tune_conv():
     """Forward tiles (BLOCK_L, BLOCK_D, warps) of kernels.conv1d on the mixer's (b, L, 2d) in_proj view at Vim's
     batch-64 shapes (both directions at 1248 px) and shape 1; prints ms per tile and keeps the fastest in total
@@ -630,9 +723,11 @@ def main():
     p.add_argument("--tune-split", action="store_true", help="before the table, time the forward's L-split "
                    "thresholds (FWD_SPLITS) and use the fastest")
     p.add_argument("--tune-conv", action="store_true", help="time kernels.conv1d forward tiles (CONV_TILES) at "
-                   "Vim's shapes and use the fastest")
+                   "Vim's shapes and use the fastest; then the pair conv's tiles (PAIR_TILES, reported)")
     p.add_argument("--tune-inf", action="store_true", help="time the inference tiles (INF_TILES) per direction at "
                    "Vim's shapes with B / C pairs (reported, CONFIG unchanged)")
+    p.add_argument("--tune-infer", action="store_true", help="time the inference kernel's tilings (INFER_TILES) at "
+                   "Vim's shapes beside the general forward (reported, CONFIG unchanged)")
     p.add_argument("--check-only", action="store_true", help="only check every path against the reference on the "
                    "GPU (exit status 1 on a failure)")
     p.add_argument("--tune-only", action="store_true", help="with --tune-*: stop after tuning")
@@ -675,9 +770,12 @@ def main():
         out["tune_split"] = tune_forward(FWD_SPLITS, "L splits")
     if a.tune_conv:
         out["tune_conv"] = tune_conv()
+        out["tune_conv_pair"] = tune_conv_pair()
     if a.tune_inf:
         out["tune_inf"] = tune_inference()
-    if a.tune_fwd or a.tune_split or a.tune_conv or a.tune_inf:
+    if a.tune_infer:
+        out["tune_infer"] = tune_infer()
+    if a.tune_fwd or a.tune_split or a.tune_conv or a.tune_inf or a.tune_infer:
         out["config"] = dict(ops.CONFIG["cuda"])
         if a.tune_only:
             if a.json:

@@ -467,7 +467,9 @@ def test_inference_stores_no_tile_states(monkeypatch):
 @pytest.mark.parametrize("reverse,split", [(False, False), (True, False), (True, True)])
 def test_interleaved_bc_pairs_read_as_words(reverse, split, monkeypatch):
     """B and C as alternating bf16 columns of one projection (the Vim mixer's folded x_proj) are read as one int32
-    word per (step, state): y and the last state equal those from the fp32 copies of the same values."""
+    word per (step, state): y and the last state equal those from the fp32 copies of the same values (the general
+    forward: the inference kernel's own test is test_inference_kernel_matches_reference)."""
+    monkeypatch.setitem(ops.CONFIG["cpu"], "infer", None)
     if split:
         monkeypatch.setitem(ops.CONFIG["cpu"], "nsplit", 3)
     batch, dim, L, N = 2, 4, 37, 4
@@ -497,6 +499,7 @@ def test_inference_tiles_and_softplus_polynomial(reverse, monkeypatch):
     """Inference scans reading B/C pairs take cfg["inf_tiles"] per direction (tile length, stages, softplus as ex2 +
     polynomial): still the reference's values, for softplus inputs far on both sides of its bend."""
     monkeypatch.setitem(ops.CONFIG["cpu"], "inf_tiles", dict(fwd=(16, 1, True), rev=(8, 1, True)))
+    monkeypatch.setitem(ops.CONFIG["cpu"], "infer", None)
     batch, dim, L, N = 2, 4, 45, 4
     inp = make_inputs(batch=batch, dim=dim, L=L, N=N, h0=False)
     inp["delta"] = torch.linspace(-30, 30, batch * dim * L).reshape(batch, dim, L)[..., torch.randperm(L)]
@@ -508,6 +511,77 @@ def test_inference_tiles_and_softplus_polynomial(reverse, monkeypatch):
     flip = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if reverse else (lambda t: t)
     ref = selective_scan_ref(*[flip(args[k].float() if k in ("B", "C") else args[k]) for k in NAMES[:8]], True, True)
     assert rel(y, flip(ref[0])) < TOL[torch.float32] and rel(last, ref[1]) < TOL[torch.float32]
+
+
+def _pair_inputs(batch, dim, L, N, seed=0):
+    """make_inputs with B / C as alternating bf16 columns of one (batch, L, dim + 2N) projection (the Vim fold) and
+    delta spread over both sides of softplus's bend."""
+    torch.manual_seed(seed)
+    inp = make_inputs(batch=batch, dim=dim, L=L, N=N, h0=False)
+    inp["delta"] = torch.linspace(-12, 6, batch * dim * L).reshape(batch, dim, L)[..., torch.randperm(L)]
+    proj = torch.randn(batch, L, dim + 2 * N).to(torch.bfloat16)
+    return dict(inp, B=proj[..., dim::2].transpose(1, 2), C=proj[..., dim + 1::2].transpose(1, 2))
+
+
+def _spy_infer(monkeypatch):
+    calls = []
+    launch = ops._scan_forward_infer
+    monkeypatch.setattr(ops, "_scan_forward_infer", lambda *a: calls.append(a) or launch(*a))
+    return calls
+
+
+@pytest.mark.parametrize("infer", [dict(block_d=8, block_l=4, stages=1, poly=False, tanh=False),
+                                   dict(block_d=8, block_l=8, stages=2, poly=True, tanh=False),
+                                   dict(block_d=16, block_l=16, stages=1, poly=True, tanh=False),
+                                   dict(block_d=32, block_l=4, stages=1, poly=False, tanh=False)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_inference_kernel_matches_reference(infer, reverse, monkeypatch):
+    """The inference forward for B / C pairs (kernels/scan_infer.py: states split across lanes, per-step work shared
+    by a channel's lanes) for every lane split of N (block_d 8 / 16 / 32: 4 / 2 / 1 lane slices), in both
+    directions, averaging with another output and storing into a strided buffer; L not a multiple of the tile.
+    Values: the reference's."""
+    calls = _spy_infer(monkeypatch)
+    monkeypatch.setitem(ops.CONFIG["cpu"], "infer", infer)
+    batch, dim, L, N = 2, 20, 21, 8
+    args = _pair_inputs(batch, dim, L, N)
+    other = torch.randn(batch, dim, L)
+    buf = torch.full((batch, L, 2 * dim), float("nan"))
+    flip = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if reverse else (lambda t: t)
+    ref_y, ref_last = selective_scan_ref(*[flip(args[k].float() if k in ("B", "C") else args[k]) for k in NAMES[:8]],
+                                         True, True)
+    with torch.no_grad():
+        y, last = selective_scan_triton(*[args[k] for k in NAMES[:8]], True, True, reverse=reverse)
+        avg = selective_scan_triton(*[args[k] for k in NAMES[:8]], True, reverse=reverse, average_with=other,
+                                    out=buf[..., :dim].transpose(1, 2))
+    assert len(calls) == 2
+    assert rel(y, flip(ref_y)) < TOL[torch.float32] and rel(last, ref_last) < TOL[torch.float32]
+    assert avg.data_ptr() == buf.data_ptr() and buf[..., dim:].isnan().all()
+    assert rel(avg, (other + flip(ref_y)) / 2) < TOL[torch.float32]
+
+
+def test_inference_kernel_only_where_it_fits(monkeypatch):
+    """The general forward still runs what the inference kernel does not take: a gradient to record, an initial
+    state, packed sequences, B / C that are not pairs, N or a tile length that the lane slices do not divide."""
+    calls = _spy_infer(monkeypatch)
+    monkeypatch.setitem(ops.CONFIG["cpu"], "infer", dict(block_d=8, block_l=4, stages=1, poly=False, tanh=False))
+    args = _pair_inputs(2, 8, 21, 8)
+    plain = [args[k] for k in NAMES[:8]]
+    with torch.no_grad():
+        selective_scan_triton(*plain, True)
+        assert len(calls) == 1
+        selective_scan_triton(*plain, True, initial_state=torch.zeros(2, 8, 8))
+        selective_scan_triton(*plain, True, seq_idx=torch.zeros(2, 21, dtype=torch.int32))
+        selective_scan_triton(*plain[:3], args["B"].float(), args["C"].float(), *plain[5:], True)
+    u = args["u"].clone().requires_grad_()
+    selective_scan_triton(u, *plain[1:], True)
+    args2 = _pair_inputs(2, 8, 21, 2)  # N = 2: four lane slices do not divide it
+    with torch.no_grad():
+        y = selective_scan_triton(*[args2[k] for k in NAMES[:8]], True)
+        monkeypatch.setitem(ops.CONFIG["cpu"], "infer", dict(block_d=8, block_l=2, stages=1, poly=False, tanh=False))
+        selective_scan_triton(*plain, True)  # 2 steps per tile for 4 lane slices
+    assert len(calls) == 1
+    ref = selective_scan_ref(*[args2[k].float() if k in ("B", "C") else args2[k] for k in NAMES[:8]], True)
+    assert rel(y, ref) < TOL[torch.float32]
 
 
 def test_out_buffer_takes_y_without_autograd():

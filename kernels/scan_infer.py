@@ -1,0 +1,134 @@
+"""Inference forward of the selective scan for B / C pairs: the state axis split in two, (BLOCK_L, I, J, BLOCK_D) tiles.
+
+The general forward (selective_scan.scan_fwd_kernel) holds (BLOCK_L, N, BLOCK_D) tiles; Triton's default layout
+then gives the lanes of a warp BLOCK_D channels and J = 32 / BLOCK_D slices of N, and each thread every J-th state,
+so B and C of a step reach a thread as scalar shared-memory loads, and every per-(step, channel) value (softplus,
+D, the gate) is computed on each of the J lanes of its channel. Here:
+  - the state index is n = j * I + i (I = N / J states per thread, i inside the thread): a thread's states are
+    contiguous, one 16-byte shared-memory load brings four (step, state) words of B / C pairs;
+  - delta and its softplus are computed once per (step, channel), each of the J lanes of a channel taking
+    BLOCK_L / J steps ((S, J, BLOCK_D) tiles), then handed to all of them (_full_steps); the output epilogue
+    (D u, gate, average, store) runs on the same compact tiles;
+  - optionally the gate's sigmoid through one tanh.approx (half-precision outputs only).
+
+B and C arrive as bf16 pairs (ops.bc_pairs: the Vim mixer's folded x_proj output): one int32 word per (step,
+state), B's bits low, C's high, each unpacked with one integer op. Only what a bidirectional mixer's inference
+needs: no tile states, no initial state, no packed sequences, one stretch of L per program. y (b, d, L) is stored
+through its strides; HAS_YO averages it with yo (the other direction's output, read through y's strides).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels._math import sigmoid
+from kernels.selective_scan import _combine, _dt_tile, _last, _mem, _off, _row, _steps
+
+
+@triton.jit
+def _gate(z, TANH: tl.constexpr, FAST: tl.constexpr):
+    """silu(z) = z sigmoid(z); TANH (GPU only): sigmoid(z) = (1 + tanh(z / 2)) / 2 with one tanh.approx, one
+    special-function op instead of ex2 + rcp (relative error of tanh ~2^-11: for half-precision outputs)."""
+    if TANH:
+        th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z * 0.5], dtype=tl.float32,
+                                       is_pure=True, pack=1)
+        g = z * (0.5 + 0.5 * th)
+    else:
+        g = z * sigmoid(z, FAST)
+    return g
+
+
+@triton.jit
+def _full_steps(v, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(S, J, BLOCK_D) with step t = j * S + s, lane slice j holding its own S steps -> (BLOCK_L, BLOCK_D) in step
+    order on every lane slice. Built as a sum over the lane axis of v placed at its own j of a new in-thread axis:
+    the reduction pins v to the compact layout (with a plain reshape Triton computes v where it is used, once per
+    lane slice)."""
+    J: tl.constexpr = v.shape[1]
+    jj = tl.arange(0, J)
+    g = tl.where(jj[None, :, None, None] == jj[None, None, :, None], v[:, None, :, :], 0.0)  # (S, J', J, BLOCK_D)
+    return tl.reshape(tl.permute(tl.sum(g, axis=2), (1, 0, 2)), (BLOCK_L, BLOCK_D))
+
+
+@triton.jit
+def _compact_steps(v, J: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_L, BLOCK_D) -> (S, J, BLOCK_D), the inverse of _full_steps (each lane slice keeps its own steps)."""
+    return tl.permute(tl.reshape(v, (J, S, BLOCK_D)), (1, 0, 2))
+
+
+@triton.jit
+def scan_fwd_infer_kernel(
+    u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, yo_ptr, hend_ptr,
+    sub, sud, sul: tl.constexpr, sdb, sdd, sdl: tl.constexpr, szb, szd, szl: tl.constexpr,
+    syb, syd, syl: tl.constexpr, sbcb, sbcl: tl.constexpr,
+    dim, L, N, n_tiles,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_YO: tl.constexpr, SOFTPLUS_POLY: tl.constexpr, TANH_GATE: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr, FAST: tl.constexpr,
+):
+    """Grid (b * cdiv(d, BLOCK_D),): BLOCK_D channels of one batch row over the whole sequence; N = BLOCK_I * BLOCK_J,
+    BLOCK_J = 32 / BLOCK_D, BLOCK_L a multiple of BLOCK_J. Writes y and the last state hend (b, d, N) fp32. bc_ptr: B
+    of the pairs (bf16); sbcb its batch stride in bf16 elements, sbcl the step stride in int32 words."""
+    pid = tl.program_id(0)
+    n_dblk = tl.cdiv(dim, BLOCK_D)
+    b = pid // n_dblk
+    offs_d = (pid % n_dblk) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    offs_n = tl.arange(0, BLOCK_J)[None, :] * BLOCK_I + tl.arange(0, BLOCK_I)[:, None]  # (I, J): n = j * I + i
+    mask_nd = mask_d[None, None, :] & (offs_n < N)[:, :, None]
+    nd_off = offs_d[None, None, :] * N + offs_n[:, :, None]  # (I, J, BLOCK_D) into (d, N)
+    A2 = tl.load(A_ptr + nd_off, mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    u_ptr = _row(u_ptr, b, sub)
+    dl_ptr = _row(dl_ptr, b, sdb)
+    if HAS_Z:
+        z_ptr = _row(z_ptr, b, szb)
+    y_ptr = _row(y_ptr, b, syb)
+    if HAS_YO:
+        yo_ptr = _row(yo_ptr, b, syb)
+    words = _row(bc_ptr, b, sbcb).to(tl.pointer_type(tl.int32)) + offs_n[None, :, :]
+
+    # compact tiles (S, J, BLOCK_D): lane slice j takes steps j * S + s of the tile
+    S: tl.constexpr = BLOCK_L // BLOCK_J
+    steps_c = tl.arange(0, BLOCK_J)[None, :, None] * S + tl.arange(0, S)[:, None, None]
+    od = offs_d[None, None, :]
+    h = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], dtype=tl.float32)
+    for it in tl.range(n_tiles, num_stages=STAGES):
+        t, tm, mask_t, io_mask = _steps(it * BLOCK_L, offs_l, L, mask_d, REVERSE)
+        tc = it * BLOCK_L + steps_c
+        mask_c = (tc < L) & mask_d[None, None, :]
+        tmc = _mem(tc, L, REVERSE)
+        # delta, softplus: once per (step, channel); 0 past L, so that those steps are identities (a = 1, x = 0)
+        dt_c, _ = _dt_tile(dl_ptr, bias[None, :], od * sdd + tmc * sdl, mask_c, HAS_BIAS, SOFTPLUS, FAST,
+                           SOFTPLUS_POLY)
+        dt = _full_steps(dt_c, BLOCK_L, BLOCK_D)
+        u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
+        w = tl.load(words + tm[:, None, None] * sbcl, mask=mask_t[:, None, None], other=0)  # (BL, I, J) pairs
+        Bt = (w << 16).to(tl.float32, bitcast=True)[:, :, :, None]
+        Ct = (w & -65536).to(tl.float32, bitcast=True)[:, :, :, None]
+        a = tl.exp2(dt[:, None, None, :] * A2[None, :, :, :])
+        x = (dt * u)[:, None, None, :] * Bt
+        x = tl.where((offs_l == 0)[:, None, None, None], x + a * h[None, :, :, :], x)  # the carried state enters
+        _, hfull = tl.associative_scan((a, x), axis=0, combine_fn=_combine)
+        h = _last(hfull, offs_l, BLOCK_L)
+        y = _compact_steps(tl.sum(tl.sum(hfull * Ct, axis=1), axis=1), BLOCK_J, S, BLOCK_D)  # i in-thread, then j
+        if HAS_D:
+            u_c = tl.load(u_ptr + od * sud + tmc * sul, mask=mask_c, other=0.0).to(tl.float32)
+            y += Dv[None, None, :] * u_c
+        if HAS_Z:
+            zv = tl.load(z_ptr + od * szd + tmc * szl, mask=mask_c, other=0.0).to(tl.float32)
+            y = y * _gate(zv, TANH_GATE, FAST)
+        if HAS_YO:
+            yo = tl.load(yo_ptr + od * syd + tmc * syl, mask=mask_c, other=0.0).to(tl.float32)
+            y = 0.5 * (y + yo)
+        tl.store(y_ptr + od * syd + tmc * syl, y.to(y_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(hend_ptr + b * dim * N + nd_off, h, mask=mask_nd)
