@@ -32,6 +32,10 @@ from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 # (8, 1536, 2048) 1.50 / 1.51 / 1.64, (4, 4096, 4096) 4.99 / 3.21 / 3.37, (64, 384, 4097) 6.48 / 9.04 / 5.97,
 # (128, 384, 197) 0.81 / 0.87 / 0.76.  The backward is persistent: at most the programs that fit at once
 # (bwd_programs where bwd_block_l is given; the CPU's 3 makes the tests walk several work items per program).
+# infer: the inference forward for B / C pairs (kernels/scan_infer.py; the Vim fold's layout) with one stretch of L,
+# no tile states, initial state or packed sequences: block_d channels per program (32 / block_d lane slices of N),
+# block_l steps per tile, stages, poly (softplus as ex2 + polynomial), tanh (the gate through tanh.approx, for
+# half-precision outputs); None turns it off (the general forward with inf_tiles then).
 CONFIG = {
     "cuda": dict(fwd_block_l=8, block_d=16, fwd_warps=1, fwd_stages=3, bwd_block_l=None, bwd_block_d=None, bwd_warps=1, chunk=64,
                  bwd_tiles=((4, 8, 12), (4, 16, 8), (8, 8, 8)),
@@ -40,19 +44,13 @@ CONFIG = {
                  # vim-tiny (64, 384, 6085): forward 1.221 -> 1.164 ms, reverse + average 1.268 -> 1.176 (session 6)
                  inf_tiles=dict(fwd=(16, 4, True), rev=(16, 4, False)),
                  # the inference kernel for B/C pairs (kernels/scan_infer.py). H100, vim-tiny (64, 384, 4097 / 6085),
-                 # forward / reverse + average: 0.708 / 0.721 / 1.047 / 1.059 ms against the general forward's
-                 # 0.792 / 0.800 / 1.163 / 1.169 (session 7)
+                 # forward / reverse + average: 0.700 / 0.723 / 1.031 / 1.066 ms against the general forward's
+                 # 0.792 / 0.801 / 1.168 / 1.176 (session 7, bench_scan.py --tune-infer)
                  infer=dict(block_d=16, block_l=16, stages=3, poly=True, tanh=True)),
     "cpu": dict(fwd_block_l=8, block_d=4, fwd_warps=1, fwd_stages=1, bwd_block_l=8, bwd_block_d=4, bwd_warps=1, chunk=16,
                 bwd_programs=3, min_programs=1, split_below=1, nsplit=0, bc_fp32=True,
                 infer=dict(block_d=8, block_l=8, stages=1, poly=True, tanh=False)),
 }
-
-
-# infer: the inference forward for B / C pairs (kernels/scan_infer.py; the Vim fold's layout) with one stretch of L,
-# no tile states, initial state or packed sequences: block_d channels per program (32 / block_d lane slices of N),
-# block_l steps per tile, stages, poly (softplus as ex2 + polynomial), tanh (the gate through tanh.approx, for
-# half-precision outputs); None turns it off (the general forward with inf_tiles then).
 
 
 def _cfg(device: torch.device) -> dict:
@@ -189,6 +187,15 @@ def _flags(D, z, delta_bias, seq_idx, softplus, B_inv, C_inv, reverse):
                 FAST=not interpreting())
 
 
+def _outputs(u: Tensor, z: Optional[Tensor], y_out: Optional[Tensor], y_other: Optional[Tensor]):
+    """(y, y_other) of a forward: y_out or a new output; y_other (the output to average with) as it is when it is y
+    or has y's strides (the kernels read it through them), else a copy in y's strides."""
+    y = y_out if y_out is not None else new_output(u, z)
+    if y_other is not None and y_other is not y and y_other.stride() != y.stride():
+        y_other = torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(y_other)
+    return y, y_other
+
+
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse=False,
                  y_other=None, store_states=True, y_out=None):
     """Returns y (b, d, L) in u's dtype, the last state (b, d, N) fp32, tile states (b, d, T, N) fp32.
@@ -219,9 +226,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
         block_l, stages, poly = cfg["inf_tiles"]["rev" if reverse else "fwd"]
     block_d, n_tiles, nsplit, tiles_per_split, K, n_chunks = _plan(u, B, C, cfg["block_d"], block_l, cfg)
     block_n = next_power_of_2(N)
-    y = y_out if y_out is not None else new_output(u, z)
-    if y_other is not None and y_other is not y and y_other.stride() != y.stride():  # read through y's strides
-        y_other = torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(y_other)
+    y, y_other = _outputs(u, z, y_out, y_other)
     _check_row_extent(u=u, delta=delta, z=z, y=y, B=B, C=C)
     hs = u.new_empty(batch, dim, n_chunks if store_states else 0, N, dtype=torch.float32)
     hend = u.new_empty(batch, dim, nsplit, N, dtype=torch.float32)
@@ -267,9 +272,7 @@ def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_o
     infer = cfg["infer"]
     block_d, block_l = infer["block_d"], infer["block_l"]
     lanes = 32 // block_d
-    y = y_out if y_out is not None else new_output(u, z)
-    if y_other is not None and y_other is not y and y_other.stride() != y.stride():  # read through y's strides
-        y_other = torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(y_other)
+    y, y_other = _outputs(u, z, y_out, y_other)
     _check_row_extent(u=u, delta=delta, z=z, y=y, B=B)
     hend = u.new_empty(batch, dim, N, dtype=torch.float32)
     flags = _flags(D, z, delta_bias, None, softplus, False, False, reverse)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels._math import sigmoid
-from kernels.selective_scan import _combine, _dt_tile, _last, _mem, _off, _row, _steps
+from kernels.selective_scan import _bias_d, _combine, _dt_tile, _last, _mem, _off, _row, _steps
 
 
 @triton.jit
@@ -81,12 +81,7 @@ def scan_fwd_infer_kernel(
     mask_nd = mask_d[None, None, :] & (offs_n < N)[:, :, None]
     nd_off = offs_d[None, None, :] * N + offs_n[:, :, None]  # (I, J, BLOCK_D) into (d, N)
     A2 = tl.load(A_ptr + nd_off, mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias, Dv = _bias_d(bias_ptr, D_ptr, offs_d, mask_d, HAS_BIAS, HAS_D, BLOCK_D)
 
     u_ptr = _row(u_ptr, b, sub)
     dl_ptr = _row(dl_ptr, b, sdb)

@@ -330,13 +330,20 @@ def _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, N, mask_d, mask_nd, 
     """The per-channel parameters both passes load once per program: A (BLOCK_N, BLOCK_D) fp32, A * log2(e) (so
     that exp(dt A) = exp2(dt A2)), the delta bias and D (BLOCK_D,) (zeros when absent)."""
     An = tl.load(A_ptr + offs_d[None, :] * N + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
+    bias, Dv = _bias_d(bias_ptr, D_ptr, offs_d, mask_d, HAS_BIAS, HAS_D, BLOCK_D)
+    return An, An * 1.4426950408889634, bias, Dv
+
+
+@triton.jit
+def _bias_d(bias_ptr, D_ptr, offs_d, mask_d, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The delta bias and D of channels offs_d as (BLOCK_D,) fp32 (zeros when absent)."""
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    return An, An * 1.4426950408889634, bias, Dv
+    return bias, Dv
 
 
 @triton.jit

@@ -688,7 +688,7 @@ def resources(configs=((8, 16, 1, "fwd"), (4, 8, 1, "bwd"), (4, 16, 1, "bwd"), (
                       C_INV=False, STATE_ONLY=False, HAS_H0=False, BLOCK_D=bd, BLOCK_N=16, BLOCK_L=bl, FAST=True)
         if kind == "fwd":  # the training forward (tile states stored every K = chunk / block_l tiles)
             consts.update(STAGES=ops.CONFIG["cuda"]["fwd_stages"], K=ops.CONFIG["cuda"]["chunk"] // bl,
-                          STORE_STATES=True, HAS_YO=False, yo_ptr=None)
+                          STORE_STATES=True, HAS_YO=False, yo_ptr=None, BC_PAIRS=False, SOFTPLUS_POLY=False)
         if kind == "bwd":
             consts.update(HAS_QIN=False, PAIR_REDUCE=bool(ops.CONFIG["cuda"].get("pair_reduce")), PERSISTENT=False,
                           ABLATE=0)
