@@ -98,7 +98,7 @@ def scan_fwd_infer_kernel(
     od = offs_d[None, None, :]
     h = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], dtype=tl.float32)
     for it in tl.range(n_tiles, num_stages=STAGES):
-        t, tm, mask_t, io_mask = _steps(it * BLOCK_L, offs_l, L, mask_d, REVERSE)
+        _, tm, mask_t, io_mask = _steps(it * BLOCK_L, offs_l, L, mask_d, REVERSE)
         tc = it * BLOCK_L + steps_c
         mask_c = (tc < L) & mask_d[None, None, :]
         tmc = _mem(tc, L, REVERSE)
