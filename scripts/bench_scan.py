@@ -387,6 +387,17 @@ def vim_pair_inputs(b, d, L, N):
     return x
 
 
+def _vim_inference_calls():
+    """(L, reverse, call) for the scan forwards of vim-tiny's inference at batch 64, 1024 and 1248 px (B / C pairs, no
+    tile states): the forward direction alone, then the reverse direction averaging with the forward's output."""
+    for L in (4097, 6085):
+        x = vim_pair_inputs(64, 384, L, 16)
+        args = [x[k] for k in ORDER]
+        other = ops.new_output(x["u"], x["z"]).normal_()
+        for rev in (False, True):
+            yield L, rev, lambda: ops.scan_forward(*args, None, None, True, rev, other if rev else None, False)
+
+
 # inference tiles (block_l, stages, softplus polynomial), the same for both directions here; ops.CONFIG's
 # "inf_tiles" picks one per direction
 INF_TILES = [(8, 3, False), (8, 3, True), (16, 4, False), (16, 4, True), (16, 3, False), (16, 2, False)]
@@ -399,20 +410,15 @@ def tune_inference(rep: int = 50):
     keep = ops.CONFIG["cuda"].get("inf_tiles")
     rows = []
     print(f"== inference tiles (block_l, stages, polynomial softplus): ms per call; default {keep} ==")
-    for L in (4097, 6085):
-        x = vim_pair_inputs(64, 384, L, 16)
-        args = [x[k] for k in ORDER]
-        other = ops.new_output(x["u"], x["z"]).normal_()
-        for rev in (False, True):
-            times = []
-            for tile in INF_TILES:
-                ops.CONFIG["cuda"]["inf_tiles"] = dict(fwd=tile, rev=tile)
-                times.append(bench(lambda: ops.scan_forward(*args, None, None, True, rev, other if rev else None,
-                                                            False), rep=rep))
-                rows.append(dict(L=L, reverse=rev, tile=tile, ms=times[-1]))
-            best = INF_TILES[min(range(len(times)), key=times.__getitem__)]
-            print(f"L={L} {'reverse + average' if rev else 'forward':17s} " + "  ".join(
-                f"{t}: {ms:.3f}" for t, ms in zip(INF_TILES, times)) + f"  best {best}", flush=True)
+    for L, rev, run in _vim_inference_calls():
+        times = []
+        for tile in INF_TILES:
+            ops.CONFIG["cuda"]["inf_tiles"] = dict(fwd=tile, rev=tile)
+            times.append(bench(run, rep=rep))
+            rows.append(dict(L=L, reverse=rev, tile=tile, ms=times[-1]))
+        best = INF_TILES[min(range(len(times)), key=times.__getitem__)]
+        print(f"L={L} {'reverse + average' if rev else 'forward':17s} " + "  ".join(
+            f"{t}: {ms:.3f}" for t, ms in zip(INF_TILES, times)) + f"  best {best}", flush=True)
     ops.CONFIG["cuda"]["inf_tiles"] = keep
     return rows
 
@@ -434,20 +440,15 @@ def tune_infer(rep: int = 50):
     print(f"== inference kernel: ms per call; default {keep} ==")
     for i, tile in enumerate(INFER_TILES):
         print(f"#{i}: {tile}")
-    for L in (4097, 6085):
-        x = vim_pair_inputs(64, 384, L, 16)
-        args = [x[k] for k in ORDER]
-        other = ops.new_output(x["u"], x["z"]).normal_()
-        for rev in (False, True):
-            run = lambda: ops.scan_forward(*args, None, None, True, rev, other if rev else None, False)  # noqa: E731
-            ops.CONFIG["cuda"]["infer"] = None
-            line = [f"general {bench(run, rep=rep):.3f}"]
-            for i, tile in enumerate(INFER_TILES):
-                ops.CONFIG["cuda"]["infer"] = tile
-                ms = bench(run, rep=rep)
-                totals[i] += ms
-                line.append(f"#{i} {ms:.3f}")
-            print(f"L={L} {'reverse + average' if rev else 'forward':17s} " + "  ".join(line), flush=True)
+    for L, rev, run in _vim_inference_calls():
+        ops.CONFIG["cuda"]["infer"] = None
+        line = [f"general {bench(run, rep=rep):.3f}"]
+        for i, tile in enumerate(INFER_TILES):
+            ops.CONFIG["cuda"]["infer"] = tile
+            ms = bench(run, rep=rep)
+            totals[i] += ms
+            line.append(f"#{i} {ms:.3f}")
+        print(f"L={L} {'reverse + average' if rev else 'forward':17s} " + "  ".join(line), flush=True)
     ops.CONFIG["cuda"]["infer"] = keep
     best = min(range(len(totals)), key=totals.__getitem__)
     print(f"best (sum over both sizes and directions): #{best} {INFER_TILES[best]}")
