@@ -406,8 +406,10 @@ INF_TILES = [(8, 3, False), (8, 3, True), (16, 4, False), (16, 4, True), (16, 3,
 def tune_inference(rep: int = 50):
     """Times the scan forward as vim-tiny's inference runs it (batch 64 at 1024 and 1248 px; B / C pairs, no tile
     states): the forward direction alone and the reverse direction averaging with the forward's output, for each
-    INF_TILES entry. Prints ms per call and the fastest entry per direction; leaves ops.CONFIG unchanged."""
-    keep = ops.CONFIG["cuda"].get("inf_tiles")
+    INF_TILES entry, with the inference kernel off (its tiles are tune_infer's). Prints ms per call and the fastest
+    entry per direction; leaves ops.CONFIG unchanged."""
+    keep, keep_infer = ops.CONFIG["cuda"].get("inf_tiles"), ops.CONFIG["cuda"].get("infer")
+    ops.CONFIG["cuda"]["infer"] = None
     rows = []
     print(f"== inference tiles (block_l, stages, polynomial softplus): ms per call; default {keep} ==")
     for L, rev, run in _vim_inference_calls():
@@ -419,7 +421,7 @@ def tune_inference(rep: int = 50):
         best = INF_TILES[min(range(len(times)), key=times.__getitem__)]
         print(f"L={L} {'reverse + average' if rev else 'forward':17s} " + "  ".join(
             f"{t}: {ms:.3f}" for t, ms in zip(INF_TILES, times)) + f"  best {best}", flush=True)
-    ops.CONFIG["cuda"]["inf_tiles"] = keep
+    ops.CONFIG["cuda"]["inf_tiles"], ops.CONFIG["cuda"]["infer"] = keep, keep_infer
     return rows
 
 
