@@ -98,20 +98,44 @@ class _Direction(nn.Module):
         are memory bound: vim-tiny at 1248 px spent ~0.17 ms on each per call); B_n and C_n side by side let the
         scan load both with one 4-byte read (kernels.ops.bc_pairs) and skip their fp32 copies. Cached against
         the weights' versions."""
+        def build(wx, wdt):
+            return torch.cat([(wdt.float() @ wx[:self.dt_rank].float()).to(wx.dtype), self._bc_rows(wx)])
+
+        return self._cached("_folded", build)
+
+    def low_rank_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projection (2 N + R', d_inner), dt weight (d_inner, R')): x_proj's rows as B_0, C_0, B_1, C_1, ... then
+        its R dt rows, zero rows up to R' = max(16, next power of two >= R); dt_proj's weight with R' - R zero
+        columns. The projection's output is [B/C pairs | low-rank dt], which the inference scan reads as it is
+        (selective_scan's dt_weight: delta = W_dt dt per tile, never stored). Cached against the weights' versions."""
+        def build(wx, wdt):
+            r = self.dt_rank
+            rp = max(16, 1 << (r - 1).bit_length())
+            proj = torch.cat([self._bc_rows(wx), wx[:r], wx.new_zeros(rp - r, wx.shape[1])])
+            return proj, torch.cat([wdt, wdt.new_zeros(wdt.shape[0], rp - r)], dim=1)
+
+        return self._cached("_low_rank", build)
+
+    def _bc_rows(self, wx: torch.Tensor) -> torch.Tensor:
+        """x_proj's B and C rows interleaved: B_0, C_0, B_1, C_1, ... (2 N, d_inner)."""
+        r, n = self.dt_rank, self.d_state
+        return torch.stack([wx[r:r + n], wx[r + n:]], dim=1).reshape(2 * n, -1)
+
+    def _cached(self, name: str, build):
+        """build(x_proj.weight, dt_proj.weight), kept in attribute ``name`` until either weight changes (version,
+        storage, dtype or device)."""
         wx, wdt = self.x_proj.weight, self.dt_proj.weight
         # inference tensors (weights made under torch.inference_mode) have no version counter: no cache then
         cache = not torch.compiler.is_compiling() and not wx.is_inference() and not wdt.is_inference()
         if cache:
             key = (wx._version, wdt._version, wx.data_ptr(), wdt.data_ptr(), wx.dtype, wx.device)
-            cached = getattr(self, "_folded", None)
+            cached = getattr(self, name, None)
             if cached is not None and cached[0] == key:
                 return cached[1]
-        r, n = self.dt_rank, self.d_state
-        bc = torch.stack([wx[r:r + n], wx[r + n:]], dim=1).reshape(2 * n, -1)  # B_0, C_0, B_1, C_1, ...
-        w = torch.cat([(wdt.float() @ wx[:r].float()).to(wx.dtype), bc])
+        value = build(wx, wdt)
         if cache:
-            self._folded = (key, w)
-        return w
+            setattr(self, name, (key, value))
+        return value
 
     def scan(self, x: torch.Tensor, z: torch.Tensor, initial_state=None, return_last_state=False,
              reverse: bool = False, average_with: torch.Tensor | None = None, out: torch.Tensor | None = None):
@@ -140,6 +164,20 @@ class _Direction(nn.Module):
             average_with=average_with, average_in_place=True, out=out,
         )
 
+
+    def scan_projected(self, x: torch.Tensor, proj: torch.Tensor, dt_weight: torch.Tensor, z: torch.Tensor,
+                       reverse: bool = False, average_with: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """scan for an x whose projection by low_rank_weights()[0] is already made: proj (batch, L, 2 N + R'),
+        dt_weight = low_rank_weights()[1]. Inference only (the bidirectional mixer's conv + projection kernel)."""
+        n = self.d_state
+        B, C = proj[..., 0:2 * n:2].transpose(1, 2), proj[..., 1:2 * n:2].transpose(1, 2)
+        dt = proj[..., 2 * n:].transpose(1, 2)
+        return selective_scan(
+            x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True, reverse=reverse, average_with=average_with, average_in_place=True, out=out,
+            dt_weight=dt_weight,
+        )
 
     def _lti_scan(self, x, z, initial_state, return_last_state):
         """The LTI path: convolution view from a zero state, the recurrent view from a given state."""
@@ -248,6 +286,15 @@ class Mamba(nn.Module):
             from kernels.conv1d import causal_conv1d_pair
 
             f, b = self.fwd.conv1d, self.bwd.conv1d
+            if self._proj_in_conv():  # x_proj too, from the conv's registers
+                from kernels.conv1d import causal_conv1d_pair_proj
+
+                (pf, wf), (pb, wb) = self.fwd.low_rank_weights(), self.bwd.low_rank_weights()
+                xf, xb, sf, sb = causal_conv1d_pair_proj(xs, f.weight, f.bias, b.weight, b.bias, pf, pb, silu=True)
+                y = self.fwd.scan_projected(xf, sf, wf, z, out=xs)
+                del xf, sf
+                y = self.bwd.scan_projected(xb, sb, wb, z, reverse=True, average_with=y)
+                return self.out_proj(y.transpose(1, 2))
             xf, xb = causal_conv1d_pair(xs, f.weight, f.bias, b.weight, b.bias, silu=True)
             y = self.fwd.scan(xf, z, out=xs)  # xs is read no more: y (then the average) takes its memory
             del xf
@@ -266,6 +313,13 @@ class Mamba(nn.Module):
         return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and f.weight.shape[-1] <= 4
                 and (f.bias is None) == (b.bias is None) and os.environ.get("MAMBAZOO_CONV_PAIR", "1") != "0"
                 and conv_backend(xs.device) == "triton")
+
+    def _proj_in_conv(self) -> bool:
+        """On the pair-conv path, x_proj in the conv kernel and dt_proj inside the scan (causal_conv1d_pair_proj,
+        selective_scan's dt_weight): no (batch, L, d_inner) delta is written or read, and x_proj's GEMM does not
+        read the conv outputs back. Selective S6 without inner norms; MAMBAZOO_CONV_PROJ=0 turns it off (the folded
+        x_proj GEMM then, for A/B timing)."""
+        return (self.selective and not self.fwd.inner_norm and os.environ.get("MAMBAZOO_CONV_PROJ", "1") != "0")
 
     # -- decoding --------------------------------------------------------------------------------
     def allocate_state(self, batch: int, device=None, dtype=None) -> MambaState:

@@ -283,9 +283,30 @@ def scan_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "chunked"
 
 
+def check_low_rank_delta(u: torch.Tensor, dt: torch.Tensor, dt_weight: torch.Tensor) -> None:
+    """Validates a low-rank delta: dt (batch, R, L) and dt_weight (dim, R) for u (batch, dim, L)."""
+    if u.dim() != 3:
+        raise ValueError(f"u: expected (batch, dim, L), got a {u.dim()}-d tensor {_shape(u)}")
+    batch, dim, L = u.shape
+    if not isinstance(dt_weight, torch.Tensor) or dt_weight.dim() != 2 or dt_weight.shape[0] != dim:
+        got = _shape(dt_weight) if isinstance(dt_weight, torch.Tensor) else type(dt_weight).__name__
+        raise ValueError(f"dt_weight: expected (dim, R) = ({dim}, R), got {got}")
+    R = dt_weight.shape[1]
+    if not isinstance(dt, torch.Tensor) or tuple(dt.shape) != (batch, R, L) or not dt.is_floating_point():
+        got = f"{dt.dtype} {_shape(dt)}" if isinstance(dt, torch.Tensor) else type(dt).__name__
+        raise ValueError(f"delta: with dt_weight (dim, R = {R}) expected low-rank dt (batch, R, L) = ({batch}, {R}, "
+                         f"{L}) floating point, got {got}")
+
+
+def low_rank_delta(dt: torch.Tensor, dt_weight: torch.Tensor) -> torch.Tensor:
+    """delta = dt_weight @ dt: dt (batch, R, L), dt_weight (dim, R) -> (batch, dim, L) in dt's dtype (Mamba's dt_proj
+    without its bias, which the scan adds as delta_bias)."""
+    return torch.matmul(dt_weight.to(dt.dtype), dt)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, initial_state=None, seq_idx=None, reverse=False, average_with=None,
-                   average_in_place=False, out=None):
+                   average_in_place=False, out=None, dt_weight=None):
     """The selective scan (DESIGN.md contract): Triton kernel on CUDA, chunked reference elsewhere.
 
     Shapes as in ``selective_scan_ref`` (seq_idx (batch, L) int packs several sequences in one row).
@@ -296,15 +317,22 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     average_in_place=True lets the result overwrite average_with (returned) where no gradient is recorded
     (inference: one activation-sized buffer less); elsewhere it is ignored. out (batch, dim, L) in u's dtype, not
     overlapping the inputs: y is stored there (and out returned) where no gradient is recorded.
+    dt_weight (dim, R): delta is given low-rank, as dt (batch, R, L), and the scan runs on dt_weight @ dt (the
+    Triton inference kernel forms it tile by tile: no (batch, dim, L) delta is written; elsewhere it is formed first).
     Set MAMBAZOO_SCAN=ref to force the sequential oracle.
     """
     backend = scan_backend(u.device)
+    if dt_weight is not None:
+        check_low_rank_delta(u, delta, dt_weight)
+        if backend != "triton":
+            delta, dt_weight = low_rank_delta(delta, dt_weight), None
     if backend == "triton":
-        check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+        check_scan_inputs(u, delta if dt_weight is None else u, A, B, C, D, z, delta_bias, initial_state, seq_idx)
         from kernels import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                     initial_state, seq_idx, reverse, average_with, average_in_place, out)
+                                     initial_state, seq_idx, reverse, average_with, average_in_place, out,
+                                     dt_weight=dt_weight)
     if average_with is not None and tuple(average_with.shape) != tuple(u.shape):  # (kernels checks its own)
         raise ValueError(f"average_with: expected u's shape {_shape(u)}, got {_shape(average_with)}")
     if out is not None and (out.shape != u.shape or out.dtype != u.dtype or out.device != u.device):

@@ -56,7 +56,7 @@ def _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, initial_state=None, seq_idx=None, reverse=False,
-                          average_with=None, average_in_place=False, out=None):
+                          average_with=None, average_in_place=False, out=None, dt_weight=None):
     """The selective scan (DESIGN.md contract) as one fused Triton forward and a recomputing backward.
 
     u, delta, z (batch, dim, L); A (dim, N) fp32; B, C (batch, N, L) | (batch, G, N, L) | (dim, N);
@@ -68,23 +68,33 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     and average_with has a layout the kernel stores to (a bidirectional mixer's own buffer: one (batch, L, dim)
     less). out (batch, dim, L) in u's dtype, unit stride along dim or L, not overlapping the inputs: y is stored
     there (and out returned) where no gradient is recorded; elsewhere a new tensor is returned.
-    Returns y (batch, dim, L) in u's dtype and,
+    dt_weight (dim, R): delta is low-rank dt (batch, R, L) and the scan runs on dt_weight @ dt; the inference kernel
+    forms it per tile (R a power of two >= 16, B / C pairs: kernels/scan_infer.py), other calls from a
+    (batch, dim, L) product first. Returns y (batch, dim, L) in u's dtype and,
     with return_last_state, the final state (batch, dim, N) fp32; both are differentiable.
     """
-    _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    low_rank = dt_weight is not None
+    if low_rank and (dt_weight.dim() != 2 or delta.dim() != 3 or tuple(delta.shape[1:]) != (dt_weight.shape[1], u.shape[-1])
+                     or dt_weight.shape[0] != u.shape[1]):
+        raise ValueError(f"delta, dt_weight: expected (batch, R, L) and (dim, R) with dim, L = {u.shape[1]}, "
+                         f"{u.shape[-1]}, got {_shape(delta)} and {_shape(dt_weight)}")
+    _check_scan(u, u if low_rank else delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     if average_with is not None and tuple(average_with.shape) != tuple(u.shape):
         raise ValueError(f"average_with: expected u's shape {_shape(u)}, got {_shape(average_with)}")
-    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state, average_with)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state, average_with, dt_weight)
     # the backward's tile states only where a gradient can flow (inference skips their stores)
     store_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    direct = not store_states and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+    if low_rank and not direct:  # autograd or a graph: the (batch, dim, L) delta, then the usual ops
+        delta, dt_weight = torch.matmul(dt_weight.to(delta.dtype), delta), None
     if out is not None and not output_fits(out, u):
         raise ValueError(f"out: expected u's shape {_shape(u)}, dtype {u.dtype} and device {u.device} with a unit "
                          f"stride along dim or L, got {out.dtype} {_shape(out)} strides {tuple(out.stride())}")
     target = out if out is not None else average_with if average_in_place else None
-    if (target is not None and not store_states and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and output_fits(target, u)):
+    target = target if target is not None and output_fits(target, u) else None
+    if direct and (target is not None or dt_weight is not None):
         y, last, _ = scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus),
-                                  bool(reverse), average_with, False, y_out=target)
+                                  bool(reverse), average_with, False, y_out=target, dt_weight=dt_weight)
         return (y, last) if return_last_state else y
     # eager: an autograd.Function around the same launchers (the custom-op dispatcher costs host time per call)
     op = scan_fwd if torch.compiler.is_compiling() else EagerScan.apply

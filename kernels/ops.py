@@ -197,13 +197,15 @@ def _outputs(u: Tensor, z: Optional[Tensor], y_out: Optional[Tensor], y_other: O
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, reverse=False,
-                 y_other=None, store_states=True, y_out=None):
+                 y_other=None, store_states=True, y_out=None, dt_weight=None):
     """Returns y (b, d, L) in u's dtype, the last state (b, d, N) fp32, tile states (b, d, T, N) fp32.
     reverse: scan from position L-1 down to 0 (as if every input and the output were flipped along L).
     y_other (b, d, L): y is returned as (y_other + y) / 2, averaged in the kernel's store (a bidirectional
     mixer's two directions). store_states=False: no tile states (T = 0), for calls that need no backward.
     y_out: y is stored there (any strides ``output_fits`` accepts; it may be y_other itself: each element is read
-    and written by the same thread; it must not overlap the inputs) and returned; only for calls no autograd records."""
+    and written by the same thread; it must not overlap the inputs) and returned; only for calls no autograd records.
+    dt_weight (d, R): delta is low-rank dt (b, R, L), delta = dt_weight @ dt; the inference kernel forms it per tile
+    where it takes the call (_rank_fits), else it is formed here first (no autograd: store_states=False only)."""
     cfg = _cfg(u.device)
     batch, dim, L = u.shape
     N = A.shape[1]
@@ -218,7 +220,13 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
         Bk, GB, dpg_b, B_inv = _bc_layout(B, dim, cfg["bc_fp32"])
         Ck, GC, dpg_c, C_inv = _bc_layout(C, dim, cfg["bc_fp32"])
         st_b, st_c = _st_bc(Bk, B_inv), _st_bc(Ck, C_inv)
-    if pairs and not store_states and initial_state is None and seq_idx is None and _infer_fits(u, N, cfg):
+    infer = pairs and not store_states and initial_state is None and seq_idx is None and _infer_fits(u, N, cfg)
+    if dt_weight is not None:
+        if infer and _rank_fits(delta, dt_weight):
+            return _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg,
+                                       dt_weight)
+        delta = torch.matmul(dt_weight.to(delta.dtype), delta)
+    if infer:
         return _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg)
     # Vim-style inference (B/C pairs, no tile states) has its own tiles per direction (cfg["inf_tiles"])
     block_l, stages, poly = cfg["fwd_block_l"], cfg["fwd_stages"], False
@@ -265,8 +273,17 @@ def _infer_fits(u: Tensor, N: int, cfg: dict) -> bool:
             and u.shape[0] * cdiv(u.shape[1], infer["block_d"]) >= cfg["split_below"])
 
 
-def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg):
-    """scan_forward for inference with B / C as bf16 pairs (see scan_forward): kernels/scan_infer.py."""
+def _rank_fits(dt: Tensor, dt_weight: Tensor) -> bool:
+    """Low-rank dt (b, R, L) the inference kernel takes: R a power of two >= 16 (one tl.dot per tile)."""
+    R, infer = dt_weight.shape[1], _cfg(dt.device)["infer"]
+    tiles_ok = interpreting() or min(infer["block_l"], infer["block_d"]) >= 16  # the GPU's smallest dot is 16 x 16
+    return (R >= 16 and R == next_power_of_2(R) and tiles_ok
+            and dt.dtype in (torch.float32, torch.float16, torch.bfloat16))
+
+
+def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg, dt_weight=None):
+    """scan_forward for inference with B / C as bf16 pairs (see scan_forward): kernels/scan_infer.py. With dt_weight
+    (d, R), delta is low-rank dt (b, R, L)."""
     batch, dim, L = u.shape
     N = A.shape[1]
     infer = cfg["infer"]
@@ -277,12 +294,15 @@ def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_o
     hend = u.new_empty(batch, dim, N, dtype=torch.float32)
     flags = _flags(D, z, delta_bias, None, softplus, False, False, reverse)
     tanh = infer["tanh"] and flags["FAST"] and y.dtype in (torch.float16, torch.bfloat16)
+    wdt = dt_weight.to(delta.dtype).contiguous() if dt_weight is not None else None
     scan_fwd_infer_kernel[(batch * cdiv(dim, block_d),)](
-        u, delta, A.contiguous(), B, D, z, delta_bias, y, y_other, hend,
+        u, delta, A.contiguous(), B, D, z, delta_bias, y, y_other, hend, wdt,
         *_st3(u), *_st3(delta), *_st3(z), *_st3(y), B.stride(0), B.stride(2) // 2, dim, L, N, cdiv(L, block_l),
         HAS_D=flags["HAS_D"], HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=softplus, REVERSE=reverse,
         HAS_YO=y_other is not None, SOFTPLUS_POLY=infer["poly"], TANH_GATE=tanh, BLOCK_L=block_l, BLOCK_I=N // lanes,
-        BLOCK_J=lanes, BLOCK_D=block_d, STAGES=infer["stages"], FAST=flags["FAST"], num_warps=1)
+        BLOCK_J=lanes, BLOCK_D=block_d, STAGES=infer["stages"], FAST=flags["FAST"],
+        RANK=wdt.shape[1] if wdt is not None else 0, DOT_PRECISION="ieee" if delta.dtype == torch.float32 else "tf32",
+        num_warps=1)
     return y, hend, u.new_empty(batch, dim, 0, N, dtype=torch.float32)
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels._math import sigmoid
-from kernels.selective_scan import _bias_d, _combine, _dt_tile, _last, _mem, _off, _row, _steps
+from kernels.selective_scan import _bias_d, _combine, _dt_tile, _dt_value, _last, _mem, _off, _row, _steps
 
 
 @triton.jit
@@ -59,18 +59,20 @@ def _compact_steps(v, J: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def scan_fwd_infer_kernel(
-    u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, yo_ptr, hend_ptr,
+    u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, yo_ptr, hend_ptr, wdt_ptr,
     sub, sud, sul: tl.constexpr, sdb, sdd, sdl: tl.constexpr, szb, szd, szl: tl.constexpr,
     syb, syd, syl: tl.constexpr, sbcb, sbcl: tl.constexpr,
     dim, L, N, n_tiles,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, HAS_YO: tl.constexpr, SOFTPLUS_POLY: tl.constexpr, TANH_GATE: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr, FAST: tl.constexpr,
+    STAGES: tl.constexpr, FAST: tl.constexpr, RANK: tl.constexpr = 0, DOT_PRECISION: tl.constexpr = "ieee",
 ):
     """Grid (b * cdiv(d, BLOCK_D),): BLOCK_D channels of one batch row over the whole sequence; N = BLOCK_I * BLOCK_J,
     BLOCK_J = 32 / BLOCK_D, BLOCK_L a multiple of BLOCK_J. Writes y and the last state hend (b, d, N) fp32. bc_ptr: B
-    of the pairs (bf16); sbcb its batch stride in bf16 elements, sbcl the step stride in int32 words."""
+    of the pairs (bf16); sbcb its batch stride in bf16 elements, sbcl the step stride in int32 words.
+    RANK > 0 (a power of two >= 16): dl_ptr holds low-rank dt (b, RANK, L) (sdd its rank stride) and wdt_ptr the
+    (d, RANK) contiguous weight in dt's dtype; delta = wdt @ dt per tile, one (BLOCK_L, RANK) x (RANK, BLOCK_D) dot."""
     pid = tl.program_id(0)
     n_dblk = tl.cdiv(dim, BLOCK_D)
     b = pid // n_dblk
@@ -82,6 +84,9 @@ def scan_fwd_infer_kernel(
     nd_off = offs_d[None, None, :] * N + offs_n[:, :, None]  # (I, J, BLOCK_D) into (d, N)
     A2 = tl.load(A_ptr + nd_off, mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634
     bias, Dv = _bias_d(bias_ptr, D_ptr, offs_d, mask_d, HAS_BIAS, HAS_D, BLOCK_D)
+    if RANK > 0:
+        offs_r = tl.arange(0, RANK)
+        wdt = tl.load(wdt_ptr + offs_d[None, :] * RANK + offs_r[:, None], mask=mask_d[None, :], other=0.0)
 
     u_ptr = _row(u_ptr, b, sub)
     dl_ptr = _row(dl_ptr, b, sdb)
@@ -103,8 +108,13 @@ def scan_fwd_infer_kernel(
         mask_c = (tc < L) & mask_d[None, None, :]
         tmc = _mem(tc, L, REVERSE)
         # delta, softplus: once per (step, channel); 0 past L, so that those steps are identities (a = 1, x = 0)
-        dt_c, _ = _dt_tile(dl_ptr, bias[None, :], od * sdd + tmc * sdl, mask_c, HAS_BIAS, SOFTPLUS, FAST,
-                           SOFTPLUS_POLY)
+        if RANK > 0:  # delta of the tile's steps from its low-rank dt rows, then compact
+            lo = tl.load(dl_ptr + tm[:, None] * sdl + offs_r[None, :] * sdd, mask=mask_t[:, None], other=0.0)
+            v = _compact_steps(tl.dot(lo, wdt, input_precision=DOT_PRECISION), BLOCK_J, S, BLOCK_D)
+            dt_c, _ = _dt_value(v, bias[None, None, :], mask_c, HAS_BIAS, SOFTPLUS, FAST, SOFTPLUS_POLY)
+        else:
+            dt_c, _ = _dt_tile(dl_ptr, bias[None, :], od * sdd + tmc * sdl, mask_c, HAS_BIAS, SOFTPLUS, FAST,
+                               SOFTPLUS_POLY)
         dt = _full_steps(dt_c, BLOCK_L, BLOCK_D)
         u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
         w = tl.load(words + tm[:, None, None] * sbcl, mask=mask_t[:, None, None], other=0)  # (BL, I, J) pairs

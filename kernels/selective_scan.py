@@ -81,8 +81,16 @@ def _dt_tile(dl_ptr, bias, offs, io_mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
     """delta (+ bias), softplus (POLY: _softplus_poly); returns (dt, pre-softplus value), both (BLOCK_L, BLOCK_D),
     0 off the mask."""
     v = tl.load(dl_ptr + offs, mask=io_mask, other=0.0).to(tl.float32)
+    return _dt_value(v, bias[None, :], io_mask, HAS_BIAS, SOFTPLUS, FAST, POLY)
+
+
+@triton.jit
+def _dt_value(v, bias, io_mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
+              POLY: tl.constexpr = False):
+    """_dt_tile on delta v (fp32) already loaded (or computed: scan_infer's low-rank delta); bias broadcasts
+    against v (channels last)."""
     if HAS_BIAS:
-        v = v + bias[None, :]
+        v = v + bias
     dt = v
     if SOFTPLUS and POLY:
         dt = _softplus_poly(v)

@@ -25,6 +25,7 @@ import time
 import types
 
 import torch
+import torch.nn.functional as F
 from triton.testing import do_bench
 
 from core.scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
@@ -233,7 +234,27 @@ def check_against_reference():
     ops.CONFIG["cuda"]["infer"] = keep
     print(f"infer kernel   y={e10:.1e} (bf16 out, two tilings, both directions; bf16 rounding ~1e-3), "
           f"fp32 out {e11:.1e}" + ("  ok" if e10 < 4e-3 and e11 < 1e-4 else "  FAIL"))
-    e1 = max(e1, e8, e9, e11, e10 / 40)
+    # low-rank dt (the mixer's conv + projection path): delta = dt_weight @ dt formed inside the inference kernel
+    xl = vim_low_rank_inputs(64, 384, 300, 16)
+    wdt = xl.pop("dt_weight")
+    ref_in = dict({k: (xl[k].float() if xl[k] is not None else None) for k in ORDER},
+                  delta=wdt.float() @ xl["delta"].float())
+    e12 = 0.0
+    for rev in (False, True):
+        fl = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if rev else (lambda t: t)
+        want = fl(selective_scan_ref(*[fl(ref_in[k]) for k in ORDER], True))
+        with torch.no_grad():
+            e12 = max(e12, rel(selective_scan_triton(*[xl[k] for k in ORDER], True, False, reverse=rev,
+                                                     dt_weight=wdt), want))
+    print(f"infer low rank y={e12:.1e} (bf16 out, both directions)" + ("  ok" if e12 < 4e-3 else "  FAIL"))
+    from kernels.conv1d import causal_conv1d_pair_proj
+
+    pw_f, pw_b = torch.randn(48, xc.shape[1], device=DEV), torch.randn(48, xc.shape[1], device=DEV)
+    with torch.no_grad():
+        qf, qb, sf_, sb_ = causal_conv1d_pair_proj(xc, wc, bc, wc.flip(-1), -bc, pw_f, pw_b)
+    e13 = max(rel(qf, pf), rel(qb, pb), rel(sf_, qf.transpose(1, 2) @ pw_f.T), rel(sb_, qb.transpose(1, 2) @ pw_b.T))
+    print(f"conv pair proj y={e13:.1e} (fp32: conv outputs and both projections)" + ("  ok" if e13 < 1e-5 else "  FAIL"))
+    e1 = max(e1, e8, e9, e11, e10 / 40, e12 / 40, e13)
     # decode step
     st = torch.randn(4, 64, 16, device=DEV)
     d = make(4, 64, 1, 16, dtype=torch.float32)
@@ -383,6 +404,21 @@ def vim_pair_inputs(b, d, L, N):
     out[..., :d] *= 0.5
     x.update(u=xz[..., :d].transpose(1, 2), z=xz[..., d:].transpose(1, 2), delta=out[..., :d].transpose(1, 2),
              B=out[..., d::2].transpose(1, 2), C=out[..., d + 1::2].transpose(1, 2))
+    assert ops.bc_pairs(x["B"], x["C"])
+    return x
+
+
+def vim_low_rank_inputs(b, d, L, N, rank=16):
+    """As vim_pair_inputs, but as the mixer's conv + projection kernel hands them over: B / C pairs and low-rank dt
+    views of one (b, L, 2N + rank) projection [B_0 C_0 B_1 C_1 ... | dt], delta = dt (b, rank, L) with the
+    (d, rank) weight under "dt_weight"."""
+    x = make(b, d, L, N)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    rn = lambda *s: torch.randn(*s, device=DEV, generator=g).to(torch.bfloat16)  # noqa: E731
+    xz, out = rn(b, L, 2 * d), rn(b, L, 2 * N + rank)
+    x.update(u=xz[..., :d].transpose(1, 2), z=xz[..., d:].transpose(1, 2), delta=out[..., 2 * N:].transpose(1, 2),
+             B=out[..., 0:2 * N:2].transpose(1, 2), C=out[..., 1:2 * N:2].transpose(1, 2),
+             dt_weight=torch.randn(d, rank, device=DEV).to(torch.bfloat16) * 0.3)
     assert ops.bc_pairs(x["B"], x["C"])
     return x
 
@@ -635,6 +671,76 @@ def tune_conv_pair(rep: int = 50):
     return dict(totals={str(k): v for k, v in totals.items()}, best=best)
 
 
+PROJ_TILES = ((64, 64, 4), (32, 64, 4), (128, 64, 4), (64, 128, 4), (64, 64, 8), (128, 64, 8), (128, 128, 8),
+              (32, 128, 4))
+
+
+def tune_proj(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 384):
+    """One vim-tiny mixer layer's conv + x_proj + dt_proj + both scans at batch 64 (1024 and 1248 px), two ways:
+    folded (the pair conv, then per direction the folded GEMM [delta | B/C pairs] and the scan on delta) and
+    projected (kernels.conv1d.causal_conv1d_pair_proj for each PROJ_TILES entry, then the scans forming delta from
+    low-rank dt). ms per piece and per layer; leaves the module's tile unchanged."""
+    from kernels import conv1d
+
+    keep = conv1d.PROJ_TILE
+    g = torch.Generator(device=DEV).manual_seed(5)
+    rn = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
+    N, R = 16, 16
+    wf, wb, bf, bb = rn(d, 4) * 0.5, rn(d, 4) * 0.5, rn(d), rn(d)
+    wx_f, wx_b = (rn(2 * N + R, d) * d ** -0.5).to(torch.bfloat16), (rn(2 * N + R, d) * d ** -0.5).to(torch.bfloat16)
+    wdt = (rn(d, R) * 0.3).to(torch.bfloat16)
+    fold_f, fold_b = ((wdt.float() @ w[2 * N:].float()).to(torch.bfloat16) for w in (wx_f, wx_b))
+    fold_f, fold_b = torch.cat([fold_f, wx_f[:2 * N]]), torch.cat([fold_b, wx_b[:2 * N]])
+    A, Dv, bias = -torch.rand(d, N, device=DEV) - 0.5, rn(d), rn(d) * 0.1
+    rows = []
+    print(f"== conv + x_proj + scans per layer, folded vs projected (tiles BLOCK_L, BLOCK_D, warps): ms; default {keep} ==")
+    with torch.no_grad():
+        for L in sizes:
+            xz = rn(batch, L, 2 * d).to(torch.bfloat16)
+            xs, z = xz[..., :d].transpose(1, 2), xz[..., d:].transpose(1, 2)
+            uf, ub = conv1d.causal_conv1d_pair(xs, wf, bf, wb, bb)
+            sf = F.linear(uf.transpose(1, 2), fold_f)
+            sb = F.linear(ub.transpose(1, 2), fold_b)
+
+            def folded_scans():
+                y = ops.scan_forward(uf, sf[..., :d].transpose(1, 2), A, sf[..., d::2].transpose(1, 2),
+                                     sf[..., d + 1::2].transpose(1, 2), Dv, z, bias, None, None, True, False, None, False)[0]
+                ops.scan_forward(ub, sb[..., :d].transpose(1, 2), A, sb[..., d::2].transpose(1, 2),
+                                 sb[..., d + 1::2].transpose(1, 2), Dv, z, bias, None, None, True, True, y, False, y_out=y)
+
+            t_conv = bench(lambda: conv1d.causal_conv1d_pair(xs, wf, bf, wb, bb), rep=rep)
+            t_gemm = bench(lambda: (F.linear(uf.transpose(1, 2), fold_f), F.linear(ub.transpose(1, 2), fold_b)), rep=rep)
+            t_scan = bench(folded_scans, rep=rep)
+            print(f"L={L} folded: pair conv {t_conv:.3f} + 2 GEMMs {t_gemm:.3f} + scans {t_scan:.3f} = "
+                  f"{t_conv + t_gemm + t_scan:.3f}", flush=True)
+            for tile in PROJ_TILES:
+                conv1d.PROJ_TILE = tile
+                run = lambda: conv1d.causal_conv1d_pair_proj(xs, wf, bf, wb, bb, wx_f, wx_b)  # noqa: E731
+                out = run()
+                want = (uf.transpose(1, 2).float() @ wx_f.float().T)
+                err = rel(out[2].float(), want)
+                t = bench(run, rep=rep)
+                rows.append(dict(L=L, tile=tile, ms=t, err=err))
+                print(f"  proj tile {str(tile):15s} {t:.3f} ms (sf rel. error {err:.1e})", flush=True)
+            conv1d.PROJ_TILE = keep
+            pf_, pb_, qf, qb = conv1d.causal_conv1d_pair_proj(xs, wf, bf, wb, bb, wx_f, wx_b)
+
+            def low_rank_scans():
+                y = ops.scan_forward(pf_, qf[..., 2 * N:].transpose(1, 2), A, qf[..., 0:2 * N:2].transpose(1, 2),
+                                     qf[..., 1:2 * N:2].transpose(1, 2), Dv, z, bias, None, None, True, False, None,
+                                     False, dt_weight=wdt)[0]
+                ops.scan_forward(pb_, qb[..., 2 * N:].transpose(1, 2), A, qb[..., 0:2 * N:2].transpose(1, 2),
+                                 qb[..., 1:2 * N:2].transpose(1, 2), Dv, z, bias, None, None, True, True, y, False,
+                                 y_out=y, dt_weight=wdt)
+
+            t_low = bench(low_rank_scans, rep=rep)
+            best = min((r for r in rows if r["L"] == L), key=lambda r: r["ms"])
+            print(f"L={L} projected: best proj {best['tile']} {best['ms']:.3f} + scans {t_low:.3f} = "
+                  f"{best['ms'] + t_low:.3f}  (folded {t_conv + t_gemm + t_scan:.3f})", flush=True)
+            rows.append(dict(L=L, folded=(t_conv, t_gemm, t_scan), low_rank_scans=t_low))
+    return rows
+
+
 def tune_conv():
     """Forward tiles (BLOCK_L, BLOCK_D, warps) of kernels.conv1d on the mixer's (b, L, 2d) in_proj view at Vim's
     batch-64 shapes (both directions at 1248 px) and shape 1; prints ms per tile and keeps the fastest in total
@@ -731,6 +837,8 @@ def main():
                    "Vim's shapes with B / C pairs (reported, CONFIG unchanged)")
     p.add_argument("--tune-infer", action="store_true", help="time the inference kernel's tilings (INFER_TILES) at "
                    "Vim's shapes beside the general forward (reported, CONFIG unchanged)")
+    p.add_argument("--tune-proj", action="store_true", help="time a vim-tiny layer's conv + x_proj + scans folded "
+                   "and projected (PROJ_TILES for the conv with x_proj; reported, tile unchanged)")
     p.add_argument("--check-only", action="store_true", help="only check every path against the reference on the "
                    "GPU (exit status 1 on a failure)")
     p.add_argument("--tune-only", action="store_true", help="with --tune-*: stop after tuning")
@@ -778,7 +886,9 @@ def main():
         out["tune_inf"] = tune_inference()
     if a.tune_infer:
         out["tune_infer"] = tune_infer()
-    if a.tune_fwd or a.tune_split or a.tune_conv or a.tune_inf or a.tune_infer:
+    if a.tune_proj:
+        out["tune_proj"] = tune_proj()
+    if a.tune_fwd or a.tune_split or a.tune_conv or a.tune_inf or a.tune_infer or a.tune_proj:
         out["config"] = dict(ops.CONFIG["cuda"])
         if a.tune_only:
             if a.json:

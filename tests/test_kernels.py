@@ -584,6 +584,79 @@ def test_inference_kernel_only_where_it_fits(monkeypatch):
     assert rel(y, ref) < TOL[torch.float32]
 
 
+def _low_rank(batch, dim, L, R, dtype, seed=1):
+    """dt (batch, R, L) as a strided view of a wider (batch, L, R + 3) projection, and dt_weight (dim, R)."""
+    torch.manual_seed(seed)
+    dt = (torch.randn(batch, L, R + 3) * 2).to(dtype)[..., 1:R + 1].transpose(1, 2)
+    return dt, torch.randn(dim, R) * 0.4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_inference_kernel_forms_low_rank_delta(dtype, reverse, monkeypatch):
+    """dt_weight: delta given low-rank, dt (batch, R, L), and formed per tile inside the inference kernel (one dot
+    of the tile's dt rows with the weight): the reference's values on delta = dt_weight @ dt, averaging into a
+    strided buffer too."""
+    calls = _spy_infer(monkeypatch)
+    monkeypatch.setitem(ops.CONFIG["cpu"], "infer", dict(block_d=8, block_l=8, stages=2, poly=True, tanh=False))
+    batch, dim, L, N, R = 2, 20, 21, 8, 16
+    args = _pair_inputs(batch, dim, L, N)
+    dt, W = _low_rank(batch, dim, L, R, dtype)
+    delta = W.to(dtype).float() @ dt.float()
+    flip = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if reverse else (lambda t: t)
+    ref = dict(args, delta=delta)
+    ref_y, ref_last = selective_scan_ref(*[flip(ref[k].float() if k in ("B", "C") else ref[k]) for k in NAMES[:8]],
+                                         True, True)
+    low = [dict(args, delta=dt)[k] for k in NAMES[:8]]
+    other = torch.randn(batch, dim, L)
+    buf = torch.full((batch, L, 2 * dim), float("nan"))
+    with torch.no_grad():
+        y, last = selective_scan_triton(*low, True, True, reverse=reverse, dt_weight=W)
+        avg = selective_scan_triton(*low, True, reverse=reverse, average_with=other, out=buf[..., :dim].transpose(1, 2),
+                                    dt_weight=W)
+    assert len(calls) == 2 and all(c[-1] is W or c[-1].shape == W.shape for c in calls)
+    assert rel(y, flip(ref_y)) < TOL[torch.float32] and rel(last, ref_last) < TOL[torch.float32]
+    assert avg.data_ptr() == buf.data_ptr() and rel(avg, (other + flip(ref_y)) / 2) < TOL[torch.float32]
+
+
+def test_low_rank_delta_elsewhere_is_formed_first(monkeypatch):
+    """What the inference kernel does not take with dt_weight (a rank not a power of two >= 16, B / C not pairs, a
+    gradient to record) runs on dt_weight @ dt formed first: the same values, and gradients reach dt and the weight
+    through the product. Mismatched shapes raise a clear ValueError (kernels and core)."""
+    from core.scan import selective_scan
+
+    calls = _spy_infer(monkeypatch)
+    monkeypatch.setitem(ops.CONFIG["cpu"], "infer", dict(block_d=8, block_l=8, stages=1, poly=True, tanh=False))
+    batch, dim, L, N = 2, 16, 19, 8
+    args = _pair_inputs(batch, dim, L, N)
+    for R, pairs in ((12, True), (16, False)):
+        dt, W = _low_rank(batch, dim, L, R, torch.float32)
+        a = dict(args, delta=dt) if pairs else dict(args, delta=dt, B=args["B"].float(), C=args["C"].float())
+        with torch.no_grad():
+            y = selective_scan_triton(*[a[k] for k in NAMES[:8]], True, dt_weight=W)
+            want = selective_scan_triton(*[dict(a, delta=W @ dt)[k] for k in NAMES[:8]], True)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    assert all(len(c) == 12 for c in calls)  # the kernel ran only on formed deltas (R = 12, pairs)
+    dt, W = _low_rank(batch, dim, L, 16, torch.float32)
+    grads = []
+    for low in (True, False):
+        d_, w_ = dt.detach().clone().requires_grad_(), W.clone().requires_grad_()
+        delta = d_ if low else w_ @ d_
+        y = selective_scan_triton(*[dict(args, delta=delta)[k] for k in NAMES[:8]], True,
+                                  dt_weight=w_ if low else None)
+        (y * torch.linspace(-1, 1, L)).sum().backward()
+        grads.append((y.detach(), d_.grad, w_.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    plain = [args[k] for k in NAMES[:8]]
+    with pytest.raises(ValueError, match="dt_weight"):
+        selective_scan_triton(*plain[:1], dt, *plain[2:], True, dt_weight=W[:, :8])
+    with pytest.raises(ValueError, match="dt_weight"):
+        selective_scan(*plain[:1], dt, *plain[2:], True, dt_weight=W[:, :8])
+    with pytest.raises(ValueError, match="low-rank dt"):
+        selective_scan(*plain[:1], dt[:, :8], *plain[2:], True, dt_weight=W)
+
+
 def test_out_buffer_takes_y_without_autograd():
     """out=: y is stored in a caller's strided buffer (the dead half of a mixer's (b, L, 2d) projection) and that
     buffer returned; the reverse direction then averages into it in place; with autograd, a new tensor."""
