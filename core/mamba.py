@@ -286,7 +286,7 @@ class Mamba(nn.Module):
             from kernels.conv1d import causal_conv1d_pair
 
             f, b = self.fwd.conv1d, self.bwd.conv1d
-            if self._proj_in_conv():  # x_proj too, from the conv's registers
+            if self._proj_in_conv(xs):  # x_proj too, from the conv's registers
                 from kernels.conv1d import causal_conv1d_pair_proj
 
                 (pf, wf), (pb, wb) = self.fwd.low_rank_weights(), self.bwd.low_rank_weights()
@@ -314,12 +314,13 @@ class Mamba(nn.Module):
                 and (f.bias is None) == (b.bias is None) and os.environ.get("MAMBAZOO_CONV_PAIR", "1") != "0"
                 and conv_backend(xs.device) == "triton")
 
-    def _proj_in_conv(self) -> bool:
+    def _proj_in_conv(self, xs: torch.Tensor) -> bool:
         """On the pair-conv path, x_proj in the conv kernel and dt_proj inside the scan (causal_conv1d_pair_proj,
         selective_scan's dt_weight): no (batch, L, d_inner) delta is written or read, and x_proj's GEMM does not
-        read the conv outputs back. Selective S6 without inner norms; MAMBAZOO_CONV_PROJ=0 turns it off (the folded
-        x_proj GEMM then, for A/B timing)."""
-        return (self.selective and not self.fwd.inner_norm and os.environ.get("MAMBAZOO_CONV_PROJ", "1") != "0")
+        read the conv outputs back. Selective S6 without inner norms, in half precision (fp32's exact dot runs on the
+        FMA units: the folded GEMM is faster there); MAMBAZOO_CONV_PROJ=0 turns it off (for A/B timing)."""
+        return (self.selective and not self.fwd.inner_norm and xs.dtype in (torch.bfloat16, torch.float16)
+                and os.environ.get("MAMBAZOO_CONV_PROJ", "1") != "0")
 
     # -- decoding --------------------------------------------------------------------------------
     def allocate_state(self, batch: int, device=None, dtype=None) -> MambaState:

@@ -138,7 +138,7 @@ def conv_pair_proj_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, pf_ptr, pb_ptr,
     acc_f = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     row = b.to(tl.int64) * L * dim
-    for d0 in range(0, dim, BLOCK_D):
+    for d0 in tl.range(0, dim, BLOCK_D, num_stages=1):  # streaming: no multi-buffered prefetch into shared memory
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < dim
         m = mask_t[:, None] & mask_d[None, :]
