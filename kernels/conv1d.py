@@ -37,8 +37,9 @@ FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 16, 128, 4
 # causal_conv1d_pair's tile: H100, vim-tiny at 1024 / 1248 px 0.253 / 0.368 ms, (16, 128, 4) 0.260 / 0.380 (session 7,
 # scripts/bench_scan.py --tune-conv)
 PAIR_BLOCK_L, PAIR_BLOCK_D, PAIR_WARPS = 32, 128, 4
-# causal_conv1d_pair_proj's (steps, channels per block, warps): a program walks all channels of its steps
-PROJ_TILE = (64, 64, 4)
+# causal_conv1d_pair_proj's (steps, channels per block, warps, stages of its GEMM phase): a program walks all channels
+# of its steps
+PROJ_TILE = (64, 64, 4, 2)
 DW_TILES = 8  # backward: tiles per program summed in registers before the dw / db atomics
 
 
@@ -125,38 +126,46 @@ def conv_pair_proj_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, pf_ptr, pb_ptr,
                           L, dim, K, sxb, sxl,
                           W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
-    """conv_pair_fwd_kernel over all channels of BLOCK_L steps (in blocks of BLOCK_D), each direction's output then
-    multiplied by its projection as it leaves: sf = yf pf^T, sb = yb pb^T with pf, pb (K, dim) and sf, sb
-    contiguous (b, L, K) (the x_proj of a bidirectional mixer, without reading yf / yb back). The products take
-    the outputs as stored (rounded to their dtype), as a separate GEMM would. Grid (batch, cdiv(L, BLOCK_L))."""
+                          DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
+    """conv_pair_fwd_kernel over all channels of BLOCK_L steps, then each direction's output multiplied by its
+    projection: sf = yf pf^T, sb = yb pb^T with pf, pb (K, dim) and sf, sb contiguous (b, L, K) (the x_proj of a
+    bidirectional mixer). Two phases: the convs, channel block by channel block, store yf / yb; after a barrier
+    the program reads its own rows back (from L2, just written) as a pipelined GEMM (STAGES). Holding the conv
+    tiles and the products' accumulators at once spilled registers (1.4 ms against the pair conv's 0.25 at vim-tiny
+    1024 px). Grid (batch, cdiv(L, BLOCK_L))."""
     b = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_t = t < L
+    row = b.to(tl.int64) * L * dim
+    for d0 in tl.range(0, dim, BLOCK_D, num_stages=1):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < dim
+        m = mask_t[:, None] & mask_d[None, :]
+        out = row + t[:, None] * dim + offs_d[None, :]
+        pre = _pre(x_ptr, wf_ptr, bf_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, False, BLOCK_L, BLOCK_D)
+        if SILU:
+            pre = pre * sigmoid(pre, FAST)
+        tl.store(yf_ptr + out, pre.to(yf_ptr.dtype.element_ty), mask=m)
+        pre = _pre(x_ptr, wb_ptr, bb_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, True, BLOCK_L, BLOCK_D)
+        if SILU:
+            pre = pre * sigmoid(pre, FAST)
+        tl.store(yb_ptr + out, pre.to(yb_ptr.dtype.element_ty), mask=m)
+    tl.debug_barrier()  # the program's own stores, visible to all its threads
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    mask_t = t < L
     acc_f = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
-    row = b.to(tl.int64) * L * dim
-    for d0 in tl.range(0, dim, BLOCK_D, num_stages=1):  # streaming: no multi-buffered prefetch into shared memory
+    for d0 in tl.range(0, dim, BLOCK_D, num_stages=STAGES):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < dim
         m = mask_t[:, None] & mask_d[None, :]
         out = row + t[:, None] * dim + offs_d[None, :]
         p_off = offs_k[None, :] * dim + offs_d[:, None]  # (BLOCK_D, BLOCK_K): the projections transposed
         p_mask = mask_d[:, None] & mask_k[None, :]
-        pre = _pre(x_ptr, wf_ptr, bf_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, False, BLOCK_L, BLOCK_D)
-        if SILU:
-            pre = pre * sigmoid(pre, FAST)
-        yv = pre.to(yf_ptr.dtype.element_ty)
-        tl.store(yf_ptr + out, yv, mask=m)
-        acc_f = tl.dot(yv, tl.load(pf_ptr + p_off, mask=p_mask, other=0.0), acc_f, input_precision=DOT_PRECISION)
-        pre = _pre(x_ptr, wb_ptr, bb_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, True, BLOCK_L, BLOCK_D)
-        if SILU:
-            pre = pre * sigmoid(pre, FAST)
-        yv = pre.to(yb_ptr.dtype.element_ty)
-        tl.store(yb_ptr + out, yv, mask=m)
-        acc_b = tl.dot(yv, tl.load(pb_ptr + p_off, mask=p_mask, other=0.0), acc_b, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(tl.load(yf_ptr + out, mask=m, other=0.0), tl.load(pf_ptr + p_off, mask=p_mask, other=0.0),
+                       acc_f, input_precision=DOT_PRECISION)
+        acc_b = tl.dot(tl.load(yb_ptr + out, mask=m, other=0.0), tl.load(pb_ptr + p_off, mask=p_mask, other=0.0),
+                       acc_b, input_precision=DOT_PRECISION)
     s_off = b.to(tl.int64) * L * K + t[:, None] * K + offs_k[None, :]
     s_mask = mask_t[:, None] & mask_k[None, :]
     tl.store(sf_ptr + s_off, acc_f.to(sf_ptr.dtype.element_ty), mask=s_mask)
@@ -390,13 +399,13 @@ def causal_conv1d_pair_proj(x: Tensor, weight_f: Tensor, bias_f: Optional[Tensor
     x = _channels_contiguous(x)
     yf, yb = x.new_empty(batch, L, dim), x.new_empty(batch, L, dim)
     sf, sb = x.new_empty(batch, L, K), x.new_empty(batch, L, K)
-    block_l, block_d, warps = PROJ_TILE
+    block_l, block_d, warps, stages = PROJ_TILE
     conv_pair_proj_kernel[(batch, cdiv(L, block_l))](
         x, wf.contiguous(), bias_f, wb.contiguous(), bias_b, proj_f.to(x.dtype).contiguous(),
         proj_b.to(x.dtype).contiguous(), yf, yb, sf, sb, L, dim, K, x.stride(0), x.stride(2),
         W=wf.shape[1], HAS_BIAS=bias_f is not None, SILU=silu, BLOCK_L=block_l, BLOCK_D=block_d,
         BLOCK_K=max(16, next_power_of_2(K)), FAST=not interpreting(),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", STAGES=stages, num_warps=warps)
     return yf.transpose(1, 2), yb.transpose(1, 2), sf, sb
 
 

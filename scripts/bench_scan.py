@@ -671,8 +671,8 @@ def tune_conv_pair(rep: int = 50):
     return dict(totals={str(k): v for k, v in totals.items()}, best=best)
 
 
-PROJ_TILES = ((64, 64, 4), (32, 64, 4), (128, 64, 4), (64, 128, 4), (64, 64, 8), (128, 64, 8), (128, 128, 8),
-              (32, 128, 4))
+PROJ_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
+              (64, 64, 8, 2), (32, 128, 4, 2))
 
 
 def tune_proj(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 384):
@@ -713,6 +713,8 @@ def tune_proj(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 384):
             t_scan = bench(folded_scans, rep=rep)
             print(f"L={L} folded: pair conv {t_conv:.3f} + 2 GEMMs {t_gemm:.3f} + scans {t_scan:.3f} = "
                   f"{t_conv + t_gemm + t_scan:.3f}", flush=True)
+            t_low_gemm = bench(lambda: (F.linear(uf.transpose(1, 2), wx_f), F.linear(ub.transpose(1, 2), wx_b)), rep=rep)
+            print(f"L={L} the pair conv's outputs through 2 low-rank GEMMs ({wx_f.shape[0]} columns): {t_low_gemm:.3f}")
             for tile in PROJ_TILES:
                 conv1d.PROJ_TILE = tile
                 run = lambda: conv1d.causal_conv1d_pair_proj(xs, wf, bf, wb, bb, wx_f, wx_b)  # noqa: E731
@@ -737,7 +739,7 @@ def tune_proj(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 384):
             best = min((r for r in rows if r["L"] == L), key=lambda r: r["ms"])
             print(f"L={L} projected: best proj {best['tile']} {best['ms']:.3f} + scans {t_low:.3f} = "
                   f"{best['ms'] + t_low:.3f}  (folded {t_conv + t_gemm + t_scan:.3f})", flush=True)
-            rows.append(dict(L=L, folded=(t_conv, t_gemm, t_scan), low_rank_scans=t_low))
+            rows.append(dict(L=L, folded=(t_conv, t_gemm, t_scan), low_rank_gemms=t_low_gemm, low_rank_scans=t_low))
     return rows
 
 

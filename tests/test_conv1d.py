@@ -184,7 +184,7 @@ def test_pair_proj_is_the_pair_then_its_projections(dtype, monkeypatch):
     import kernels.conv1d
     from kernels.conv1d import causal_conv1d_pair, causal_conv1d_pair_proj
 
-    monkeypatch.setattr(kernels.conv1d, "PROJ_TILE", (8, 16, 4))
+    monkeypatch.setattr(kernels.conv1d, "PROJ_TILE", (8, 16, 4, 1))
     torch.manual_seed(0)
     b, d, L, K = 2, 40, 37, 40
     x = torch.randn(b, L, 2 * d)[..., :d].transpose(1, 2).to(dtype)
@@ -217,7 +217,7 @@ def test_bidirectional_mixer_projects_in_the_conv(scan, monkeypatch):
 
     monkeypatch.setenv("MAMBAZOO_CONV", "triton")
     monkeypatch.setenv("MAMBAZOO_SCAN", scan)
-    monkeypatch.setattr(kernels.conv1d, "PROJ_TILE", (8, 16, 4))
+    monkeypatch.setattr(kernels.conv1d, "PROJ_TILE", (8, 16, 4, 1))
     calls, infer = [], []
     real, launch = kernels.conv1d.causal_conv1d_pair_proj, ops._scan_forward_infer
     monkeypatch.setattr(kernels.conv1d, "causal_conv1d_pair_proj", lambda *a, **k: calls.append(1) or real(*a, **k))
