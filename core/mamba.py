@@ -169,7 +169,7 @@ class _Direction(nn.Module):
                        reverse: bool = False, average_with: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
         """scan for an x whose projection by low_rank_weights()[0] is already made: proj (batch, L, 2 N + R'),
-        dt_weight = low_rank_weights()[1]. Inference only (the bidirectional mixer's conv + projection kernel)."""
+        dt_weight = low_rank_weights()[1]. Inference only (the bidirectional mixer's pair-conv path)."""
         n = self.d_state
         B, C = proj[..., 0:2 * n:2].transpose(1, 2), proj[..., 1:2 * n:2].transpose(1, 2)
         dt = proj[..., 2 * n:].transpose(1, 2)
@@ -286,16 +286,13 @@ class Mamba(nn.Module):
             from kernels.conv1d import causal_conv1d_pair
 
             f, b = self.fwd.conv1d, self.bwd.conv1d
-            if self._proj_in_conv(xs):  # x_proj too, from the conv's registers
-                from kernels.conv1d import causal_conv1d_pair_proj
-
-                (pf, wf), (pb, wb) = self.fwd.low_rank_weights(), self.bwd.low_rank_weights()
-                xf, xb, sf, sb = causal_conv1d_pair_proj(xs, f.weight, f.bias, b.weight, b.bias, pf, pb, silu=True)
-                y = self.fwd.scan_projected(xf, sf, wf, z, out=xs)
-                del xf, sf
-                y = self.bwd.scan_projected(xb, sb, wb, z, reverse=True, average_with=y)
-                return self.out_proj(y.transpose(1, 2))
             xf, xb = causal_conv1d_pair(xs, f.weight, f.bias, b.weight, b.bias, silu=True)
+            if self._low_rank_dt(xs):
+                (pf, wf), (pb, wb) = self.fwd.low_rank_weights(), self.bwd.low_rank_weights()
+                y = self.fwd.scan_projected(xf, F.linear(xf.transpose(1, 2), pf), wf, z, out=xs)
+                del xf
+                y = self.bwd.scan_projected(xb, F.linear(xb.transpose(1, 2), pb), wb, z, reverse=True, average_with=y)
+                return self.out_proj(y.transpose(1, 2))
             y = self.fwd.scan(xf, z, out=xs)  # xs is read no more: y (then the average) takes its memory
             del xf
             y = self.bwd.scan(xb, z, reverse=True, average_with=y)
@@ -314,13 +311,13 @@ class Mamba(nn.Module):
                 and (f.bias is None) == (b.bias is None) and os.environ.get("MAMBAZOO_CONV_PAIR", "1") != "0"
                 and conv_backend(xs.device) == "triton")
 
-    def _proj_in_conv(self, xs: torch.Tensor) -> bool:
-        """On the pair-conv path, x_proj in the conv kernel and dt_proj inside the scan (causal_conv1d_pair_proj,
-        selective_scan's dt_weight): no (batch, L, d_inner) delta is written or read, and x_proj's GEMM does not
-        read the conv outputs back. Selective S6 without inner norms, in half precision (fp32's exact dot runs on the
-        FMA units: the folded GEMM is faster there); MAMBAZOO_CONV_PROJ=0 turns it off (for A/B timing)."""
+    def _low_rank_dt(self, xs: torch.Tensor) -> bool:
+        """On the pair-conv path, x_proj as a GEMM to [B/C pairs | low-rank dt] (2 N + R' columns) and dt_proj inside
+        the scan (selective_scan's dt_weight) instead of the folded GEMM's (b, L, d_inner) delta, written and read
+        back per direction. Selective S6 without inner norms, in half precision (the scan reads B / C as bf16 pairs);
+        MAMBAZOO_LOW_RANK_DT=0 turns it off (the folded GEMM, for A/B timing)."""
         return (self.selective and not self.fwd.inner_norm and xs.dtype in (torch.bfloat16, torch.float16)
-                and os.environ.get("MAMBAZOO_CONV_PROJ", "1") != "0")
+                and os.environ.get("MAMBAZOO_LOW_RANK_DT", "1") != "0")
 
     # -- decoding --------------------------------------------------------------------------------
     def allocate_state(self, batch: int, device=None, dtype=None) -> MambaState:

@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from kernels._host import cdiv, interpreting, next_power_of_2
+from kernels._host import cdiv, interpreting
 from kernels._math import sigmoid
 
-__all__ = ["causal_conv1d", "causal_conv1d_pair", "causal_conv1d_pair_proj", "conv_backend"]
+__all__ = ["causal_conv1d", "causal_conv1d_pair", "conv_backend"]
 
 BLOCK_L, BLOCK_D = 32, 64  # the backward's (steps, channels) tile per program; channels are contiguous in (b, L, d)
 # The forward's tile and warps (`bench_scan.py --tune-conv`, H100, session 5: (16, 128, 4) took 0.228 / 0.237 ms
@@ -37,9 +37,6 @@ FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 16, 128, 4
 # causal_conv1d_pair's tile: H100, vim-tiny at 1024 / 1248 px 0.253 / 0.368 ms, (16, 128, 4) 0.260 / 0.380 (session 7,
 # scripts/bench_scan.py --tune-conv)
 PAIR_BLOCK_L, PAIR_BLOCK_D, PAIR_WARPS = 32, 128, 4
-# causal_conv1d_pair_proj's (steps, channels per block, warps, stages of its GEMM phase): a program walks all channels
-# of its steps
-PROJ_TILE = (64, 64, 4, 2)
 DW_TILES = 8  # backward: tiles per program summed in registers before the dw / db atomics
 
 
@@ -119,57 +116,6 @@ def conv_pair_fwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, yf_ptr, yb_ptr, 
     if SILU:
         pre = pre * sigmoid(pre, FAST)
     tl.store(yb_ptr + out, pre.to(yb_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def conv_pair_proj_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, pf_ptr, pb_ptr, yf_ptr, yb_ptr, sf_ptr, sb_ptr,
-                          L, dim, K, sxb, sxl,
-                          W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
-    """conv_pair_fwd_kernel over all channels of BLOCK_L steps, then each direction's output multiplied by its
-    projection: sf = yf pf^T, sb = yb pb^T with pf, pb (K, dim) and sf, sb contiguous (b, L, K) (the x_proj of a
-    bidirectional mixer). Two phases: the convs, channel block by channel block, store yf / yb; after a barrier
-    the program reads its own rows back (from L2, just written) as a pipelined GEMM (STAGES). Holding the conv
-    tiles and the products' accumulators at once spilled registers (1.4 ms against the pair conv's 0.25 at vim-tiny
-    1024 px). Grid (batch, cdiv(L, BLOCK_L))."""
-    b = tl.program_id(0)
-    t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_t = t < L
-    row = b.to(tl.int64) * L * dim
-    for d0 in tl.range(0, dim, BLOCK_D, num_stages=1):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < dim
-        m = mask_t[:, None] & mask_d[None, :]
-        out = row + t[:, None] * dim + offs_d[None, :]
-        pre = _pre(x_ptr, wf_ptr, bf_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, False, BLOCK_L, BLOCK_D)
-        if SILU:
-            pre = pre * sigmoid(pre, FAST)
-        tl.store(yf_ptr + out, pre.to(yf_ptr.dtype.element_ty), mask=m)
-        pre = _pre(x_ptr, wb_ptr, bb_ptr, b, t, offs_d, mask_d, L, sxb, sxl, W, HAS_BIAS, True, BLOCK_L, BLOCK_D)
-        if SILU:
-            pre = pre * sigmoid(pre, FAST)
-        tl.store(yb_ptr + out, pre.to(yb_ptr.dtype.element_ty), mask=m)
-    tl.debug_barrier()  # the program's own stores, visible to all its threads
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    acc_f = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
-    for d0 in tl.range(0, dim, BLOCK_D, num_stages=STAGES):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < dim
-        m = mask_t[:, None] & mask_d[None, :]
-        out = row + t[:, None] * dim + offs_d[None, :]
-        p_off = offs_k[None, :] * dim + offs_d[:, None]  # (BLOCK_D, BLOCK_K): the projections transposed
-        p_mask = mask_d[:, None] & mask_k[None, :]
-        acc_f = tl.dot(tl.load(yf_ptr + out, mask=m, other=0.0), tl.load(pf_ptr + p_off, mask=p_mask, other=0.0),
-                       acc_f, input_precision=DOT_PRECISION)
-        acc_b = tl.dot(tl.load(yb_ptr + out, mask=m, other=0.0), tl.load(pb_ptr + p_off, mask=p_mask, other=0.0),
-                       acc_b, input_precision=DOT_PRECISION)
-    s_off = b.to(tl.int64) * L * K + t[:, None] * K + offs_k[None, :]
-    s_mask = mask_t[:, None] & mask_k[None, :]
-    tl.store(sf_ptr + s_off, acc_f.to(sf_ptr.dtype.element_ty), mask=s_mask)
-    tl.store(sb_ptr + s_off, acc_b.to(sb_ptr.dtype.element_ty), mask=s_mask)
 
 
 @triton.jit
@@ -377,36 +323,6 @@ def causal_conv1d_pair(x: Tensor, weight_f: Tensor, bias_f: Optional[Tensor], we
         W=wf.shape[1], HAS_BIAS=bias_f is not None, SILU=silu, FAST=not interpreting(), BLOCK_L=PAIR_BLOCK_L,
         BLOCK_D=PAIR_BLOCK_D, num_warps=PAIR_WARPS)
     return yf.transpose(1, 2), yb.transpose(1, 2)
-
-
-def causal_conv1d_pair_proj(x: Tensor, weight_f: Tensor, bias_f: Optional[Tensor], weight_b: Tensor,
-                            bias_b: Optional[Tensor], proj_f: Tensor, proj_b: Tensor, silu: bool = True):
-    """Inference only: causal_conv1d_pair's (yf, yb) and their projections sf = yf^T proj_f^T, sb = yb^T proj_b^T,
-    (b, L, K) contiguous in x's dtype, from one kernel: a bidirectional mixer's conv and x_proj without a second
-    pass over the conv outputs. proj_f, proj_b (K, d) (nn.Linear's layout); the rest as causal_conv1d_pair."""
-    params = (x, weight_f, bias_f, weight_b, bias_b, proj_f, proj_b)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
-        raise RuntimeError("causal_conv1d_pair_proj has no backward: call causal_conv1d per direction when training")
-    wf, wb = (_check_conv(x, w, b) for w, b in ((weight_f, bias_f), (weight_b, bias_b)))
-    if wf.shape != wb.shape or (bias_f is None) != (bias_b is None):
-        raise ValueError(f"weights {tuple(wf.shape)} / {tuple(wb.shape)} and biases of the two directions must "
-                         f"match in shape and presence")
-    batch, dim, L = x.shape
-    if proj_f.dim() != 2 or proj_f.shape[1] != dim or proj_b.shape != proj_f.shape:
-        raise ValueError(f"proj_f, proj_b: expected two (K, dim = {dim}) weights, got {tuple(proj_f.shape)} and "
-                         f"{tuple(proj_b.shape)}")
-    K = proj_f.shape[0]
-    x = _channels_contiguous(x)
-    yf, yb = x.new_empty(batch, L, dim), x.new_empty(batch, L, dim)
-    sf, sb = x.new_empty(batch, L, K), x.new_empty(batch, L, K)
-    block_l, block_d, warps, stages = PROJ_TILE
-    conv_pair_proj_kernel[(batch, cdiv(L, block_l))](
-        x, wf.contiguous(), bias_f, wb.contiguous(), bias_b, proj_f.to(x.dtype).contiguous(),
-        proj_b.to(x.dtype).contiguous(), yf, yb, sf, sb, L, dim, K, x.stride(0), x.stride(2),
-        W=wf.shape[1], HAS_BIAS=bias_f is not None, SILU=silu, BLOCK_L=block_l, BLOCK_D=block_d,
-        BLOCK_K=max(16, next_power_of_2(K)), FAST=not interpreting(),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", STAGES=stages, num_warps=warps)
-    return yf.transpose(1, 2), yb.transpose(1, 2), sf, sb
 
 
 def _check_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

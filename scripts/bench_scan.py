@@ -247,14 +247,7 @@ def check_against_reference():
             e12 = max(e12, rel(selective_scan_triton(*[xl[k] for k in ORDER], True, False, reverse=rev,
                                                      dt_weight=wdt), want))
     print(f"infer low rank y={e12:.1e} (bf16 out, both directions)" + ("  ok" if e12 < 4e-3 else "  FAIL"))
-    from kernels.conv1d import causal_conv1d_pair_proj
-
-    pw_f, pw_b = torch.randn(48, xc.shape[1], device=DEV), torch.randn(48, xc.shape[1], device=DEV)
-    with torch.no_grad():
-        qf, qb, sf_, sb_ = causal_conv1d_pair_proj(xc, wc, bc, wc.flip(-1), -bc, pw_f, pw_b)
-    e13 = max(rel(qf, pf), rel(qb, pb), rel(sf_, qf.transpose(1, 2) @ pw_f.T), rel(sb_, qb.transpose(1, 2) @ pw_b.T))
-    print(f"conv pair proj y={e13:.1e} (fp32: conv outputs and both projections)" + ("  ok" if e13 < 1e-5 else "  FAIL"))
-    e1 = max(e1, e8, e9, e11, e10 / 40, e12 / 40, e13)
+    e1 = max(e1, e8, e9, e11, e10 / 40, e12 / 40)
     # decode step
     st = torch.randn(4, 64, 16, device=DEV)
     d = make(4, 64, 1, 16, dtype=torch.float32)
@@ -671,18 +664,12 @@ def tune_conv_pair(rep: int = 50):
     return dict(totals={str(k): v for k, v in totals.items()}, best=best)
 
 
-PROJ_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
-              (64, 64, 8, 2), (32, 128, 4, 2))
-
-
-def tune_proj(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 384):
-    """One vim-tiny mixer layer's conv + x_proj + dt_proj + both scans at batch 64 (1024 and 1248 px), two ways:
-    folded (the pair conv, then per direction the folded GEMM [delta | B/C pairs] and the scan on delta) and
-    projected (kernels.conv1d.causal_conv1d_pair_proj for each PROJ_TILES entry, then the scans forming delta from
-    low-rank dt). ms per piece and per layer; leaves the module's tile unchanged."""
+def tune_low_rank(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 384):
+    """One vim-tiny mixer layer's x_proj + dt_proj + both scans at batch 64 (1024 and 1248 px), after the pair conv,
+    two ways: folded (per direction the GEMM to [delta | B/C pairs], the scan reading delta) and low rank (the GEMM to
+    [B/C pairs | dt], 48 columns, the scan forming delta = W_dt dt per tile). ms per piece and per layer."""
     from kernels import conv1d
 
-    keep = conv1d.PROJ_TILE
     g = torch.Generator(device=DEV).manual_seed(5)
     rn = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
     N, R = 16, 16
@@ -693,53 +680,43 @@ def tune_proj(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 384):
     fold_f, fold_b = torch.cat([fold_f, wx_f[:2 * N]]), torch.cat([fold_b, wx_b[:2 * N]])
     A, Dv, bias = -torch.rand(d, N, device=DEV) - 0.5, rn(d), rn(d) * 0.1
     rows = []
-    print(f"== conv + x_proj + scans per layer, folded vs projected (tiles BLOCK_L, BLOCK_D, warps): ms; default {keep} ==")
+    print("== x_proj + dt_proj + both scans per layer: folded vs low-rank dt (ms) ==")
     with torch.no_grad():
         for L in sizes:
             xz = rn(batch, L, 2 * d).to(torch.bfloat16)
             xs, z = xz[..., :d].transpose(1, 2), xz[..., d:].transpose(1, 2)
             uf, ub = conv1d.causal_conv1d_pair(xs, wf, bf, wb, bb)
-            sf = F.linear(uf.transpose(1, 2), fold_f)
-            sb = F.linear(ub.transpose(1, 2), fold_b)
 
-            def folded_scans():
+            def folded():
+                sf = F.linear(uf.transpose(1, 2), fold_f)
                 y = ops.scan_forward(uf, sf[..., :d].transpose(1, 2), A, sf[..., d::2].transpose(1, 2),
                                      sf[..., d + 1::2].transpose(1, 2), Dv, z, bias, None, None, True, False, None, False)[0]
+                sb = F.linear(ub.transpose(1, 2), fold_b)
                 ops.scan_forward(ub, sb[..., :d].transpose(1, 2), A, sb[..., d::2].transpose(1, 2),
                                  sb[..., d + 1::2].transpose(1, 2), Dv, z, bias, None, None, True, True, y, False, y_out=y)
+                return y
 
-            t_conv = bench(lambda: conv1d.causal_conv1d_pair(xs, wf, bf, wb, bb), rep=rep)
-            t_gemm = bench(lambda: (F.linear(uf.transpose(1, 2), fold_f), F.linear(ub.transpose(1, 2), fold_b)), rep=rep)
-            t_scan = bench(folded_scans, rep=rep)
-            print(f"L={L} folded: pair conv {t_conv:.3f} + 2 GEMMs {t_gemm:.3f} + scans {t_scan:.3f} = "
-                  f"{t_conv + t_gemm + t_scan:.3f}", flush=True)
-            t_low_gemm = bench(lambda: (F.linear(uf.transpose(1, 2), wx_f), F.linear(ub.transpose(1, 2), wx_b)), rep=rep)
-            print(f"L={L} the pair conv's outputs through 2 low-rank GEMMs ({wx_f.shape[0]} columns): {t_low_gemm:.3f}")
-            for tile in PROJ_TILES:
-                conv1d.PROJ_TILE = tile
-                run = lambda: conv1d.causal_conv1d_pair_proj(xs, wf, bf, wb, bb, wx_f, wx_b)  # noqa: E731
-                out = run()
-                want = (uf.transpose(1, 2).float() @ wx_f.float().T)
-                err = rel(out[2].float(), want)
-                t = bench(run, rep=rep)
-                rows.append(dict(L=L, tile=tile, ms=t, err=err))
-                print(f"  proj tile {str(tile):15s} {t:.3f} ms (sf rel. error {err:.1e})", flush=True)
-            conv1d.PROJ_TILE = keep
-            pf_, pb_, qf, qb = conv1d.causal_conv1d_pair_proj(xs, wf, bf, wb, bb, wx_f, wx_b)
-
-            def low_rank_scans():
-                y = ops.scan_forward(pf_, qf[..., 2 * N:].transpose(1, 2), A, qf[..., 0:2 * N:2].transpose(1, 2),
+            def low_rank():
+                qf = F.linear(uf.transpose(1, 2), wx_f)
+                y = ops.scan_forward(uf, qf[..., 2 * N:].transpose(1, 2), A, qf[..., 0:2 * N:2].transpose(1, 2),
                                      qf[..., 1:2 * N:2].transpose(1, 2), Dv, z, bias, None, None, True, False, None,
                                      False, dt_weight=wdt)[0]
-                ops.scan_forward(pb_, qb[..., 2 * N:].transpose(1, 2), A, qb[..., 0:2 * N:2].transpose(1, 2),
+                qb = F.linear(ub.transpose(1, 2), wx_b)
+                ops.scan_forward(ub, qb[..., 2 * N:].transpose(1, 2), A, qb[..., 0:2 * N:2].transpose(1, 2),
                                  qb[..., 1:2 * N:2].transpose(1, 2), Dv, z, bias, None, None, True, True, y, False,
                                  y_out=y, dt_weight=wdt)
+                return y
 
-            t_low = bench(low_rank_scans, rep=rep)
-            best = min((r for r in rows if r["L"] == L), key=lambda r: r["ms"])
-            print(f"L={L} projected: best proj {best['tile']} {best['ms']:.3f} + scans {t_low:.3f} = "
-                  f"{best['ms'] + t_low:.3f}  (folded {t_conv + t_gemm + t_scan:.3f})", flush=True)
-            rows.append(dict(L=L, folded=(t_conv, t_gemm, t_scan), low_rank_gemms=t_low_gemm, low_rank_scans=t_low))
+            err = rel(low_rank(), folded())
+            t_fold_gemm = bench(lambda: (F.linear(uf.transpose(1, 2), fold_f), F.linear(ub.transpose(1, 2), fold_b)),
+                                rep=rep)
+            t_low_gemm = bench(lambda: (F.linear(uf.transpose(1, 2), wx_f), F.linear(ub.transpose(1, 2), wx_b)),
+                               rep=rep)
+            t_fold, t_low = bench(folded, rep=rep), bench(low_rank, rep=rep)
+            print(f"L={L} folded {t_fold:.3f} (GEMMs {t_fold_gemm:.3f})  low rank {t_low:.3f} (GEMMs {t_low_gemm:.3f}); "
+                  f"outputs differ by {err:.1e} (bf16)", flush=True)
+            rows.append(dict(L=L, folded=t_fold, folded_gemms=t_fold_gemm, low_rank=t_low, low_rank_gemms=t_low_gemm,
+                             err=err))
     return rows
 
 
@@ -839,8 +816,8 @@ def main():
                    "Vim's shapes with B / C pairs (reported, CONFIG unchanged)")
     p.add_argument("--tune-infer", action="store_true", help="time the inference kernel's tilings (INFER_TILES) at "
                    "Vim's shapes beside the general forward (reported, CONFIG unchanged)")
-    p.add_argument("--tune-proj", action="store_true", help="time a vim-tiny layer's conv + x_proj + scans folded "
-                   "and projected (PROJ_TILES for the conv with x_proj; reported, tile unchanged)")
+    p.add_argument("--tune-low-rank", action="store_true", help="time a vim-tiny layer's x_proj + dt_proj + scans, "
+                   "folded and with low-rank dt (reported)")
     p.add_argument("--check-only", action="store_true", help="only check every path against the reference on the "
                    "GPU (exit status 1 on a failure)")
     p.add_argument("--tune-only", action="store_true", help="with --tune-*: stop after tuning")
@@ -888,9 +865,9 @@ def main():
         out["tune_inf"] = tune_inference()
     if a.tune_infer:
         out["tune_infer"] = tune_infer()
-    if a.tune_proj:
-        out["tune_proj"] = tune_proj()
-    if a.tune_fwd or a.tune_split or a.tune_conv or a.tune_inf or a.tune_infer or a.tune_proj:
+    if a.tune_low_rank:
+        out["tune_low_rank"] = tune_low_rank()
+    if a.tune_fwd or a.tune_split or a.tune_conv or a.tune_inf or a.tune_infer or a.tune_low_rank:
         out["config"] = dict(ops.CONFIG["cuda"])
         if a.tune_only:
             if a.json:

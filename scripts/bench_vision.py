@@ -87,17 +87,11 @@ def main() -> None:
                     help='overrides of kernels.ops.CONFIG["cuda"], e.g. \'{"fwd_stages": 2}\' (scan tuning)')
     ap.add_argument("--conv-tile", default=None, metavar="BL,BD,W",
                     help="kernels.conv1d forward tile (BLOCK_L, BLOCK_D, warps), e.g. 64,128,4 (conv tuning)")
-    ap.add_argument("--proj-tile", default=None, metavar="BL,BD,W",
-                    help="kernels.conv1d.PROJ_TILE (the pair conv with x_proj), e.g. 64,64,4")
     args = ap.parse_args()
     if args.conv_tile:
         from kernels import conv1d
 
         conv1d.FWD_BLOCK_L, conv1d.FWD_BLOCK_D, conv1d.FWD_WARPS = (int(v) for v in args.conv_tile.split(","))
-    if args.proj_tile:
-        from kernels import conv1d
-
-        conv1d.PROJ_TILE = tuple(int(v) for v in args.proj_tile.split(","))
     if not torch.cuda.is_available():
         raise SystemExit("bench_vision needs a CUDA GPU")
     if args.scan_config:

@@ -167,7 +167,7 @@ def test_bidirectional_mixer_inference_uses_the_pair_with_the_same_output(monkey
     torch.manual_seed(0)
     m = Mamba(16, d_state=4, bidirectional=True).eval()
     x = torch.randn(2, 21, 16)
-    monkeypatch.setenv("MAMBAZOO_CONV_PROJ", "0")  # the pair with x_proj as a GEMM (the fused one: next test)
+    monkeypatch.setenv("MAMBAZOO_LOW_RANK_DT", "0")  # the folded x_proj (low-rank dt: next test)
     with torch.no_grad():
         paired = m(x)
         monkeypatch.setenv("MAMBAZOO_CONV_PAIR", "0")
@@ -176,59 +176,27 @@ def test_bidirectional_mixer_inference_uses_the_pair_with_the_same_output(monkey
     torch.testing.assert_close(paired, single, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pair_proj_is_the_pair_then_its_projections(dtype, monkeypatch):
-    """causal_conv1d_pair_proj: the pair's two outputs exactly, and each projected by its own (K, d) weight as a
-    GEMM of the stored outputs would (several channel blocks and step tiles, L and K not multiples of the tile);
-    no backward, mismatched projections refused."""
-    import kernels.conv1d
-    from kernels.conv1d import causal_conv1d_pair, causal_conv1d_pair_proj
-
-    monkeypatch.setattr(kernels.conv1d, "PROJ_TILE", (8, 16, 4, 1))
-    torch.manual_seed(0)
-    b, d, L, K = 2, 40, 37, 40
-    x = torch.randn(b, L, 2 * d)[..., :d].transpose(1, 2).to(dtype)
-    wf, wb, bf, bb = torch.randn(d, 4), torch.randn(d, 1, 4), torch.randn(d), torch.randn(d)
-    pf, pb = torch.randn(K, d), torch.randn(K, d)
-    with torch.no_grad():
-        yf, yb, sf, sb = causal_conv1d_pair_proj(x, wf, bf, wb, bb, pf, pb)
-        rf, rb = causal_conv1d_pair(x, wf, bf, wb, bb)
-        torch.testing.assert_close(yf, rf, rtol=0, atol=0)
-        torch.testing.assert_close(yb, rb, rtol=0, atol=0)
-        assert sf.shape == sb.shape == (b, L, K) and sf.dtype == dtype and sf.is_contiguous()
-        for s, y, p in ((sf, rf, pf), (sb, rb, pb)):
-            want = y.transpose(1, 2).float() @ p.to(dtype).float().T
-            tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the output's rounding
-            assert ((s.float() - want).norm() / want.norm()).item() < tol
-        with pytest.raises(ValueError, match="proj_f, proj_b"):
-            causal_conv1d_pair_proj(x, wf, bf, wb, bb, pf, pb[:, :-1])
-    with pytest.raises(RuntimeError, match="no backward"):
-        causal_conv1d_pair_proj(x, wf, bf, wb, bb, pf.requires_grad_(), pb)
-
-
 @pytest.mark.parametrize("scan", ["chunked", "triton"])
-def test_bidirectional_mixer_projects_in_the_conv(scan, monkeypatch):
-    """Without autograd the Vim mixer (bf16, as it runs on a GPU) takes x_proj inside the pair conv and dt_proj
-    inside the scan (the inference kernel with low-rank dt under the Triton scan; the product formed first under
-    the chunked one): the output of the folded-GEMM path within bf16's rounding."""
-    import kernels.conv1d
+def test_bidirectional_mixer_scans_low_rank_dt(scan, monkeypatch):
+    """Without autograd the Vim mixer (bf16, as it runs on a GPU) projects each conv output to [B/C pairs | low-rank
+    dt] and leaves dt_proj to the scan (the inference kernel forms delta per tile under the Triton scan; the product
+    is formed first under the chunked one): the output of the folded-GEMM path within bf16's rounding."""
     from core.mamba import Mamba
     from kernels import ops
 
     monkeypatch.setenv("MAMBAZOO_CONV", "triton")
     monkeypatch.setenv("MAMBAZOO_SCAN", scan)
-    monkeypatch.setattr(kernels.conv1d, "PROJ_TILE", (8, 16, 4, 1))
-    calls, infer = [], []
-    real, launch = kernels.conv1d.causal_conv1d_pair_proj, ops._scan_forward_infer
-    monkeypatch.setattr(kernels.conv1d, "causal_conv1d_pair_proj", lambda *a, **k: calls.append(1) or real(*a, **k))
+    infer = []
+    launch = ops._scan_forward_infer
     monkeypatch.setattr(ops, "_scan_forward_infer", lambda *a: infer.append(len(a) > 12) or launch(*a))
     torch.manual_seed(0)
     m = Mamba(32, d_state=8, bidirectional=True).eval().to(torch.bfloat16)  # d_inner 64, dt rank 2 -> 16
     x = torch.randn(2, 21, 32).to(torch.bfloat16)
     with torch.no_grad():
-        fused = m(x)
-        monkeypatch.setenv("MAMBAZOO_CONV_PROJ", "0")
+        low = m(x)
+        monkeypatch.setenv("MAMBAZOO_LOW_RANK_DT", "0")
         folded = m(x)
-    assert calls == [1]
     assert infer == ([True, True, False, False] if scan == "triton" else [])
-    assert ((fused.float() - folded.float()).norm() / folded.float().norm()).item() < 2e-2
+    assert ((low.float() - folded.float()).norm() / folded.float().norm()).item() < 2e-2
+    pf, wf = m.fwd.low_rank_weights()
+    assert pf.shape == (2 * 8 + 16, 64) and wf.shape == (64, 16) and not pf[2 * 8 + 2:].any() and not wf[:, 2:].any()
