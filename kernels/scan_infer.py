@@ -58,13 +58,6 @@ def _compact_steps(v, J: tl.constexpr, S: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _dt_rows(dl_ptr, t0, offs_l, offs_r, L, sdr, sdl: tl.constexpr, REVERSE: tl.constexpr):
-    """Low-rank dt of the tile starting at step t0: (BLOCK_L, RANK), 0 past L."""
-    _, tm, mask_t, _ = _steps(t0, offs_l, L, offs_l < 0, REVERSE)
-    return tl.load(dl_ptr + tm[:, None] * sdl + offs_r[None, :] * sdr, mask=mask_t[:, None], other=0.0)
-
-
-@triton.jit
 def scan_fwd_infer_kernel(
     u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, yo_ptr, hend_ptr, wdt_ptr,
     sub, sud, sul: tl.constexpr, sdb, sdd, sdl: tl.constexpr, szb, szd, szl: tl.constexpr,
@@ -109,8 +102,6 @@ def scan_fwd_infer_kernel(
     steps_c = tl.arange(0, BLOCK_J)[None, :, None] * S + tl.arange(0, S)[:, None, None]
     od = offs_d[None, None, :]
     h = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], dtype=tl.float32)
-    if RANK > 0:  # dt rows one tile ahead, by hand (as a dot operand Triton's pipeliner leaves this load in place)
-        lo_next = _dt_rows(dl_ptr, 0, offs_l, offs_r, L, sdd, sdl, REVERSE)
     for it in tl.range(n_tiles, num_stages=STAGES):
         _, tm, mask_t, io_mask = _steps(it * BLOCK_L, offs_l, L, mask_d, REVERSE)
         tc = it * BLOCK_L + steps_c
@@ -118,8 +109,7 @@ def scan_fwd_infer_kernel(
         tmc = _mem(tc, L, REVERSE)
         # delta, softplus: once per (step, channel); 0 past L, so that those steps are identities (a = 1, x = 0)
         if RANK > 0:  # delta of the tile's steps from its low-rank dt rows, then compact
-            lo = lo_next
-            lo_next = _dt_rows(dl_ptr, (it + 1) * BLOCK_L, offs_l, offs_r, L, sdd, sdl, REVERSE)
+            lo = tl.load(dl_ptr + tm[:, None] * sdl + offs_r[None, :] * sdd, mask=mask_t[:, None], other=0.0)
             v = _compact_steps(tl.dot(lo, wdt, input_precision=DOT_PRECISION), BLOCK_J, S, BLOCK_D)
             dt_c, _ = _dt_value(v, bias[None, None, :], mask_c, HAS_BIAS, SOFTPLUS, FAST, SOFTPLUS_POLY)
         else:

@@ -416,15 +416,18 @@ def vim_low_rank_inputs(b, d, L, N, rank=16):
     return x
 
 
-def _vim_inference_calls():
+def _vim_inference_calls(low_rank: bool = False):
     """(L, reverse, call) for the scan forwards of vim-tiny's inference at batch 64, 1024 and 1248 px (B / C pairs, no
-    tile states): the forward direction alone, then the reverse direction averaging with the forward's output."""
+    tile states): the forward direction alone, then the reverse direction averaging with the forward's output.
+    low_rank: delta as low-rank dt with its weight (the mixer's default), else the folded GEMM's delta."""
     for L in (4097, 6085):
-        x = vim_pair_inputs(64, 384, L, 16)
+        x = vim_low_rank_inputs(64, 384, L, 16) if low_rank else vim_pair_inputs(64, 384, L, 16)
+        wdt = x.pop("dt_weight", None)
         args = [x[k] for k in ORDER]
         other = ops.new_output(x["u"], x["z"]).normal_()
         for rev in (False, True):
-            yield L, rev, lambda: ops.scan_forward(*args, None, None, True, rev, other if rev else None, False)
+            yield L, rev, lambda: ops.scan_forward(*args, None, None, True, rev, other if rev else None, False,
+                                                   dt_weight=wdt)
 
 
 # inference tiles (block_l, stages, softplus polynomial), the same for both directions here; ops.CONFIG's
@@ -464,16 +467,19 @@ INFER_TILES = [_T, dict(_T, stages=2), dict(_T, stages=4), dict(_T, block_l=8, s
 
 def tune_infer(rep: int = 50):
     """Times the inference kernel as vim-tiny runs it (batch 64 at 1024 and 1248 px; B / C pairs), per direction, for
-    each INFER_TILES entry, beside the general forward with its inference tiles (infer=None). Prints ms per call and
-    the fastest entry over both sizes and directions; leaves ops.CONFIG unchanged."""
+    each INFER_TILES entry, beside the general forward with its inference tiles (infer=None): first with the folded
+    GEMM's delta, then with low-rank dt (the mixer's default; entries with block_l < 16 fall back to forming delta
+    first there, as ops._rank_fits says). Prints ms per call and the fastest entry over all calls; leaves
+    ops.CONFIG unchanged."""
     keep = ops.CONFIG["cuda"].get("infer")
     totals = [0.0] * len(INFER_TILES)
     print(f"== inference kernel: ms per call; default {keep} ==")
     for i, tile in enumerate(INFER_TILES):
         print(f"#{i}: {tile}")
-    for L, rev, run in _vim_inference_calls():
+    for (L, rev, run), low_rank in [(c, False) for c in _vim_inference_calls()] + [
+            (c, True) for c in _vim_inference_calls(low_rank=True)]:
         ops.CONFIG["cuda"]["infer"] = None
-        line = [f"general {bench(run, rep=rep):.3f}"]
+        line = [f"{'low-rank dt ' if low_rank else ''}general {bench(run, rep=rep):.3f}"]
         for i, tile in enumerate(INFER_TILES):
             ops.CONFIG["cuda"]["infer"] = tile
             ms = bench(run, rep=rep)
