@@ -103,39 +103,51 @@ class _Direction(nn.Module):
 
         return self._cached("_folded", build)
 
-    def low_rank_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def low_rank_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(projection (2 N + R', d_inner), dt weight (d_inner, R')): x_proj's rows as B_0, C_0, B_1, C_1, ... then
         its R dt rows, zero rows up to R' = max(16, next power of two >= R); dt_proj's weight with R' - R zero
         columns. The projection's output is [B/C pairs | low-rank dt], which the inference scan reads as it is
-        (selective_scan's dt_weight: delta = W_dt dt per tile, never stored). Cached against the weights' versions."""
+        (selective_scan's dt_weight: delta = W_dt dt per tile, never stored). In ``dtype`` when given (the compute
+        dtype: no cast per call under autocast). Cached against the weights' versions."""
         def build(wx, wdt):
             r = self.dt_rank
             rp = max(16, 1 << (r - 1).bit_length())
             proj = torch.cat([self._bc_rows(wx), wx[:r], wx.new_zeros(rp - r, wx.shape[1])])
-            return proj, torch.cat([wdt, wdt.new_zeros(wdt.shape[0], rp - r)], dim=1)
+            w = torch.cat([wdt, wdt.new_zeros(wdt.shape[0], rp - r)], dim=1)
+            return (proj.to(dtype), w.to(dtype)) if dtype is not None else (proj, w)
 
-        return self._cached("_low_rank", build)
+        return self._cached("_low_rank", build, extra=dtype)
 
     def _bc_rows(self, wx: torch.Tensor) -> torch.Tensor:
         """x_proj's B and C rows interleaved: B_0, C_0, B_1, C_1, ... (2 N, d_inner)."""
         r, n = self.dt_rank, self.d_state
         return torch.stack([wx[r:r + n], wx[r + n:]], dim=1).reshape(2 * n, -1)
 
-    def _cached(self, name: str, build):
-        """build(x_proj.weight, dt_proj.weight), kept in attribute ``name`` until either weight changes (version,
-        storage, dtype or device)."""
-        wx, wdt = self.x_proj.weight, self.dt_proj.weight
+    def _cached(self, name: str, build, tensors=None, extra=()):
+        """build(*tensors) (default: x_proj.weight, dt_proj.weight), kept in attribute ``name`` until one of the
+        tensors changes (version, storage, dtype or device) or ``extra`` does. Not cached while autograd records
+        (the result must stay in the graph) or under torch.compile."""
+        tensors = tensors if tensors is not None else (self.x_proj.weight, self.dt_proj.weight)
         # inference tensors (weights made under torch.inference_mode) have no version counter: no cache then
-        cache = not torch.compiler.is_compiling() and not wx.is_inference() and not wdt.is_inference()
+        cache = (not torch.compiler.is_compiling() and not any(t.is_inference() for t in tensors)
+                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
         if cache:
-            key = (wx._version, wdt._version, wx.data_ptr(), wdt.data_ptr(), wx.dtype, wx.device)
+            key = (tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors), extra)
             cached = getattr(self, name, None)
             if cached is not None and cached[0] == key:
                 return cached[1]
-        value = build(wx, wdt)
+        value = build(*tensors)
         if cache:
             setattr(self, name, (key, value))
         return value
+
+    def scan_constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A = -exp(A_log), D, dt bias) in fp32 as the scan takes them: (d_inner, N), (d_inner,), (d_inner,). Cached
+        without autograd (vim-tiny ran 2-3 small kernels per direction and layer for them)."""
+        def build(a_log, d, bias):
+            return -torch.exp(a_log.float()), d.float(), bias.float()
+
+        return self._cached("_constants", build, (self.A_log, self.D, self.dt_proj.bias))
 
     def scan(self, x: torch.Tensor, z: torch.Tensor, initial_state=None, return_last_state=False,
              reverse: bool = False, average_with: torch.Tensor | None = None, out: torch.Tensor | None = None):
@@ -156,10 +168,10 @@ class _Direction(nn.Module):
                 return torch.lerp(average_with, y[0], 0.5), y[1]
             return torch.lerp(average_with, y, 0.5)
         delta, B, C = self.ssm_inputs(x.transpose(1, 2), fold=True)
-        A = -torch.exp(self.A_log.float())
+        A, D, bias = self.scan_constants()
         return selective_scan(
-            x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D, z=z,
+            delta_bias=bias, delta_softplus=True,
             return_last_state=return_last_state, initial_state=initial_state, reverse=reverse,
             average_with=average_with, average_in_place=True, out=out,
         )
@@ -173,9 +185,9 @@ class _Direction(nn.Module):
         n = self.d_state
         B, C = proj[..., 0:2 * n:2].transpose(1, 2), proj[..., 1:2 * n:2].transpose(1, 2)
         dt = proj[..., 2 * n:].transpose(1, 2)
+        A, D, bias = self.scan_constants()
         return selective_scan(
-            x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True, reverse=reverse, average_with=average_with, average_in_place=True, out=out,
+            x, dt, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, reverse=reverse, average_with=average_with, average_in_place=True, out=out,
             dt_weight=dt_weight,
         )
 
@@ -288,7 +300,7 @@ class Mamba(nn.Module):
             f, b = self.fwd.conv1d, self.bwd.conv1d
             xf, xb = causal_conv1d_pair(xs, f.weight, f.bias, b.weight, b.bias, silu=True)
             if self._low_rank_dt(xs):
-                (pf, wf), (pb, wb) = self.fwd.low_rank_weights(), self.bwd.low_rank_weights()
+                (pf, wf), (pb, wb) = self.fwd.low_rank_weights(xf.dtype), self.bwd.low_rank_weights(xf.dtype)
                 y = self.fwd.scan_projected(xf, F.linear(xf.transpose(1, 2), pf), wf, z, out=xs)
                 del xf
                 y = self.bwd.scan_projected(xb, F.linear(xb.transpose(1, 2), pb), wb, z, reverse=True, average_with=y)

@@ -205,3 +205,20 @@ def test_inference_folds_dt_proj_into_x_proj(monkeypatch):
         d.ssm_inputs(x, fold=True)[0].sum().backward()
     assert d.dt_proj.weight.grad is not None and d.x_proj.weight.grad is not None
 
+
+
+def test_scan_constants_cached_without_autograd():
+    """A = -exp(A_log), D and the dt bias reach the scan as fp32: computed once without autograd (and again after an
+    in-place update), in the graph with it."""
+    torch.manual_seed(0)
+    d = Mamba(16, d_state=4).fwd
+    with torch.no_grad():
+        first, again = d.scan_constants(), d.scan_constants()
+        assert all(a is b for a, b in zip(first, again))
+        torch.testing.assert_close(first[0], -torch.exp(d.A_log))
+        d.A_log.add_(0.5)
+        torch.testing.assert_close(d.scan_constants()[0], -torch.exp(d.A_log))
+        pf, wf = d.low_rank_weights(torch.bfloat16)
+        assert pf.dtype == wf.dtype == torch.bfloat16 and d.low_rank_weights(torch.bfloat16)[0] is pf
+    A, D, bias = d.scan_constants()
+    assert A.grad_fn is not None and A is not d.scan_constants()[0]

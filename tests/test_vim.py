@@ -117,6 +117,37 @@ def test_patchify_gemm_equals_the_strided_convolution(hw, patch):
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
 
 
+def test_patchify_under_autocast_gathers_in_the_compute_dtype():
+    """Under autocast the patches are gathered and cast in one copy: the conv's tokens (bf16 GEMM on the CPU)."""
+    from zoo.vim.model import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed((32, 48), 16, None, 3, 24)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pe(x)
+        ref = pe.proj(x).flatten(2).transpose(1, 2)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape == (2, 6, 24)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_position_embedding_in_place_without_autograd():
+    """Without autograd the class token and the two position-embedded halves are written into one buffer: the same
+    tokens as the concatenation autograd uses, the class token (plus its position embedding) in the middle."""
+    torch.manual_seed(0)
+    m = VisionMamba(img_size=32, patch_size=8, num_classes=3, **TINY)
+    with torch.no_grad():
+        m.pos_embed.normal_()
+        m.cls_token.normal_()
+    tokens = torch.randn(2, 16, m.embed_dim).to(torch.bfloat16)
+    with torch.no_grad():
+        fast = m._pos_embed(tokens, (4, 4))
+    slow = m._pos_embed(tokens, (4, 4))
+    assert slow.requires_grad and fast.dtype == slow.dtype == torch.float32
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(fast[:, 8], (m.cls_token + m.pos_embed[:, 0]).detach()[0].expand(2, -1))
+
+
 def test_fused_residual_inference_matches_the_block_forward(monkeypatch):
     """Inference on the fused path (each residual add + RMSNorm one kernel, the add deferred to the next block)
     gives the same features as the plain blocks; training mode and autograd keep the plain path."""

@@ -78,9 +78,10 @@ class PatchEmbed(nn.Module):
         strided convolution (cuDNN picked an implicit-GEMM convolution taking 4% of vim-tiny's time at 1248 px)."""
         b, c = x.shape[:2]
         (ph, pw), (gh, gw) = self.patch_size, self.grid_for(x.shape[2:])
-        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):  # patches in the GEMM's dtype
-            x = x.to(torch.get_autocast_dtype(x.device.type))
         patches = x[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+            # gathered and cast to the GEMM's dtype in one copy (a cast, then the gather, took two passes)
+            patches = patches.to(torch.get_autocast_dtype(x.device.type), memory_format=torch.contiguous_format)
         weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (dim, c * ph * pw), same order
         return F.linear(patches.reshape(b, gh * gw, c * ph * pw), weight, self.proj.bias)
 
@@ -196,8 +197,15 @@ class VisionMamba(nn.Module):
         if grid != self.patch_embed.grid_size:
             pe = resample_abs_pos_embed(pe, list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=1)
         cls = (self.cls_token + pe[:, :1]).expand(x.shape[0], -1, -1)
-        x = x + pe[:, 1:]
         mid = x.shape[1] // 2
+        if not torch.is_grad_enabled():  # one pass: the two halves added into place around the class token
+            dtype = torch.promote_types(x.dtype, pe.dtype)
+            out = x.new_empty(x.shape[0], x.shape[1] + 1, x.shape[2], dtype=dtype)
+            torch.add(x[:, :mid], pe[:, 1:mid + 1], out=out[:, :mid])
+            out[:, mid:mid + 1] = cls
+            torch.add(x[:, mid:], pe[:, mid + 1:], out=out[:, mid + 1:])
+            return out
+        x = x + pe[:, 1:]
         return torch.cat([x[:, :mid], cls.to(x.dtype), x[:, mid:]], dim=1)
 
     def forward_tokens(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
