@@ -426,8 +426,8 @@ def _vim_inference_calls(low_rank: bool = False):
         args = [x[k] for k in ORDER]
         other = ops.new_output(x["u"], x["z"]).normal_()
         for rev in (False, True):
-            yield L, rev, lambda: ops.scan_forward(*args, None, None, True, rev, other if rev else None, False,
-                                                   dt_weight=wdt)
+            yield L, rev, lambda args=args, rev=rev, other=other, wdt=wdt: ops.scan_forward(
+                *args, None, None, True, rev, other if rev else None, False, dt_weight=wdt)
 
 
 # inference tiles (block_l, stages, softplus polynomial), the same for both directions here; ops.CONFIG's
