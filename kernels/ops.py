@@ -35,8 +35,7 @@ from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 # infer: the inference forward for B / C pairs (kernels/scan_infer.py; the Vim fold's layout) with one stretch of L,
 # no tile states, initial state or packed sequences: block_d channels per program (32 / block_d lane slices of N),
 # block_l steps per tile, stages, poly (softplus as ex2 + polynomial), tanh (the gate through tanh.approx, for
-# half-precision outputs), dt_words (low-rank bf16 dt read as int32 words, default True); None turns it off (the
-# general forward with inf_tiles then).
+# half-precision outputs); None turns it off (the general forward with inf_tiles then).
 CONFIG = {
     "cuda": dict(fwd_block_l=8, block_d=16, fwd_warps=1, fwd_stages=3, bwd_block_l=None, bwd_block_d=None, bwd_warps=1, chunk=64,
                  bwd_tiles=((4, 8, 12), (4, 16, 8), (8, 8, 8)),
@@ -282,13 +281,6 @@ def _rank_fits(dt: Tensor, dt_weight: Tensor) -> bool:
             and dt.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
-def _dt_words(dt: Tensor) -> bool:
-    """Low-rank bf16 dt (b, R, L) whose rows the inference kernel reads as int32 words: unit rank stride, even step and
-    batch strides, 4-byte aligned (the mixer's [B/C pairs | dt] projection)."""
-    return (dt.dtype == torch.bfloat16 and dt.stride(1) == 1 and dt.stride(2) % 2 == 0 and dt.stride(0) % 2 == 0
-            and dt.data_ptr() % 4 == 0)
-
-
 def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg, dt_weight=None):
     """scan_forward for inference with B / C as bf16 pairs (see scan_forward): kernels/scan_infer.py. With dt_weight
     (d, R), delta is low-rank dt (b, R, L)."""
@@ -310,7 +302,7 @@ def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_o
         HAS_YO=y_other is not None, SOFTPLUS_POLY=infer["poly"], TANH_GATE=tanh, BLOCK_L=block_l, BLOCK_I=N // lanes,
         BLOCK_J=lanes, BLOCK_D=block_d, STAGES=infer["stages"], FAST=flags["FAST"],
         RANK=wdt.shape[1] if wdt is not None else 0, DOT_PRECISION="ieee" if delta.dtype == torch.float32 else "tf32",
-        DT_WORDS=wdt is not None and infer.get("dt_words", True) and _dt_words(delta), num_warps=1)
+        num_warps=1)
     return y, hend, u.new_empty(batch, dim, 0, N, dtype=torch.float32)
 
 

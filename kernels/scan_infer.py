@@ -67,15 +67,12 @@ def scan_fwd_infer_kernel(
     REVERSE: tl.constexpr, HAS_YO: tl.constexpr, SOFTPLUS_POLY: tl.constexpr, TANH_GATE: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr, FAST: tl.constexpr, RANK: tl.constexpr = 0, DOT_PRECISION: tl.constexpr = "ieee",
-    DT_WORDS: tl.constexpr = False,
 ):
     """Grid (b * cdiv(d, BLOCK_D),): BLOCK_D channels of one batch row over the whole sequence; N = BLOCK_I * BLOCK_J,
     BLOCK_J = 32 / BLOCK_D, BLOCK_L a multiple of BLOCK_J. Writes y and the last state hend (b, d, N) fp32. bc_ptr: B
     of the pairs (bf16); sbcb its batch stride in bf16 elements, sbcl the step stride in int32 words.
     RANK > 0 (a power of two >= 16): dl_ptr holds low-rank dt (b, RANK, L) (sdd its rank stride) and wdt_ptr the
-    (d, RANK) contiguous weight in dt's dtype; delta = wdt @ dt per tile, one (BLOCK_L, RANK) x (RANK, BLOCK_D) dot.
-    DT_WORDS (bf16 dt, rank stride 1, even step stride and batch stride): dt rows read as int32 words and widened,
-    the dot in tf32 (exact on bf16 values)."""
+    (d, RANK) contiguous weight in dt's dtype; delta = wdt @ dt per tile, one (BLOCK_L, RANK) x (RANK, BLOCK_D) dot."""
     pid = tl.program_id(0)
     n_dblk = tl.cdiv(dim, BLOCK_D)
     b = pid // n_dblk
@@ -90,9 +87,6 @@ def scan_fwd_infer_kernel(
     if RANK > 0:
         offs_r = tl.arange(0, RANK)
         wdt = tl.load(wdt_ptr + offs_d[None, :] * RANK + offs_r[:, None], mask=mask_d[None, :], other=0.0)
-        if DT_WORDS:
-            wdt = wdt.to(tl.float32)  # bf16 values: exact in tf32, the dot's products exact
-            dt_words = _row(dl_ptr, b, sdb).to(tl.pointer_type(tl.int32)) + tl.arange(0, RANK // 2)[None, :]
 
     u_ptr = _row(u_ptr, b, sub)
     dl_ptr = _row(dl_ptr, b, sdb)
@@ -115,12 +109,7 @@ def scan_fwd_infer_kernel(
         tmc = _mem(tc, L, REVERSE)
         # delta, softplus: once per (step, channel); 0 past L, so that those steps are identities (a = 1, x = 0)
         if RANK > 0:  # delta of the tile's steps from its low-rank dt rows, then compact
-            if DT_WORDS:  # bf16 dt read as int32 words: a plain load, which the pipeline prefetches like B / C
-                lw = tl.load(dt_words + tm[:, None] * (sdl // 2), mask=mask_t[:, None], other=0)  # (BLOCK_L, RANK / 2)
-                lo = tl.reshape(tl.join((lw << 16).to(tl.float32, bitcast=True),
-                                        (lw & -65536).to(tl.float32, bitcast=True)), (BLOCK_L, RANK))
-            else:
-                lo = tl.load(dl_ptr + tm[:, None] * sdl + offs_r[None, :] * sdd, mask=mask_t[:, None], other=0.0)
+            lo = tl.load(dl_ptr + tm[:, None] * sdl + offs_r[None, :] * sdd, mask=mask_t[:, None], other=0.0)
             v = _compact_steps(tl.dot(lo, wdt, input_precision=DOT_PRECISION), BLOCK_J, S, BLOCK_D)
             dt_c, _ = _dt_value(v, bias[None, None, :], mask_c, HAS_BIAS, SOFTPLUS, FAST, SOFTPLUS_POLY)
         else:

@@ -462,7 +462,7 @@ def tune_inference(rep: int = 50):
 _T = dict(block_d=16, block_l=16, stages=3, poly=True, tanh=True)
 INFER_TILES = [_T, dict(_T, stages=2), dict(_T, stages=4), dict(_T, block_l=8, stages=4),
                dict(_T, block_l=32, stages=2), dict(_T, poly=False), dict(_T, tanh=False), dict(_T, block_d=8),
-               dict(_T, block_d=32), dict(_T, dt_words=False)]
+               dict(_T, block_d=32)]
 
 
 def tune_infer(rep: int = 50):
