@@ -176,7 +176,6 @@ class _Direction(nn.Module):
             average_with=average_with, average_in_place=True, out=out,
         )
 
-
     def scan_projected(self, x: torch.Tensor, proj: torch.Tensor, dt_weight: torch.Tensor, z: torch.Tensor,
                        reverse: bool = False, average_with: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,10 +185,9 @@ class _Direction(nn.Module):
         B, C = proj[..., 0:2 * n:2].transpose(1, 2), proj[..., 1:2 * n:2].transpose(1, 2)
         dt = proj[..., 2 * n:].transpose(1, 2)
         A, D, bias = self.scan_constants()
-        return selective_scan(
-            x, dt, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, reverse=reverse, average_with=average_with, average_in_place=True, out=out,
-            dt_weight=dt_weight,
-        )
+        return selective_scan(x, dt, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, reverse=reverse,
+                              average_with=average_with, average_in_place=True, out=out, dt_weight=dt_weight)
+
 
     def _lti_scan(self, x, z, initial_state, return_last_state):
         """The LTI path: convolution view from a zero state, the recurrent view from a given state."""

@@ -16,7 +16,7 @@ from kernels import _interpret
 
 _interpret.apply()
 
-from kernels.ops import EagerScan, output_fits, scan_forward, scan_fwd
+from kernels.ops import EagerScan, low_rank_delta, output_fits, scan_forward, scan_fwd
 from kernels.state_update import check_state_update, launch_state_update, state_update
 
 __all__ = ["selective_scan_triton", "selective_state_update"]
@@ -74,8 +74,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     with return_last_state, the final state (batch, dim, N) fp32; both are differentiable.
     """
     low_rank = dt_weight is not None
-    if low_rank and (dt_weight.dim() != 2 or delta.dim() != 3 or tuple(delta.shape[1:]) != (dt_weight.shape[1], u.shape[-1])
-                     or dt_weight.shape[0] != u.shape[1]):
+    if low_rank and (dt_weight.dim() != 2 or delta.dim() != 3 or dt_weight.shape[0] != u.shape[1]
+                     or tuple(delta.shape[1:]) != (dt_weight.shape[1], u.shape[-1])):
         raise ValueError(f"delta, dt_weight: expected (batch, R, L) and (dim, R) with dim, L = {u.shape[1]}, "
                          f"{u.shape[-1]}, got {_shape(delta)} and {_shape(dt_weight)}")
     _check_scan(u, u if low_rank else delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
@@ -86,7 +86,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     store_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     direct = not store_states and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
     if low_rank and not direct:  # autograd or a graph: the (batch, dim, L) delta, then the usual ops
-        delta, dt_weight = torch.matmul(dt_weight.to(delta.dtype), delta), None
+        delta, dt_weight = low_rank_delta(delta, dt_weight), None
     if out is not None and not output_fits(out, u):
         raise ValueError(f"out: expected u's shape {_shape(u)}, dtype {u.dtype} and device {u.device} with a unit "
                          f"stride along dim or L, got {out.dtype} {_shape(out)} strides {tuple(out.stride())}")

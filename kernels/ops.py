@@ -225,7 +225,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
         if infer and _rank_fits(delta, dt_weight):
             return _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg,
                                        dt_weight)
-        delta = torch.matmul(dt_weight.to(delta.dtype), delta)
+        delta = low_rank_delta(delta, dt_weight)
     if infer:
         return _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg)
     # Vim-style inference (B/C pairs, no tile states) has its own tiles per direction (cfg["inf_tiles"])
@@ -271,6 +271,12 @@ def _infer_fits(u: Tensor, N: int, cfg: dict) -> bool:
     lanes = 32 // infer["block_d"]
     return (N == next_power_of_2(N) and N % lanes == 0 and infer["block_l"] % lanes == 0
             and u.shape[0] * cdiv(u.shape[1], infer["block_d"]) >= cfg["split_below"])
+
+
+def low_rank_delta(dt: Tensor, dt_weight: Tensor) -> Tensor:
+    """delta = dt_weight @ dt formed as a tensor: dt (b, R, L), dt_weight (d, R) -> (b, d, L) in dt's dtype (the calls
+    the inference kernel does not take; core.scan.low_rank_delta is the reference's)."""
+    return torch.matmul(dt_weight.to(dt.dtype), dt)
 
 
 def _rank_fits(dt: Tensor, dt_weight: Tensor) -> bool:

@@ -9,7 +9,9 @@ D, the gate) is computed on each of the J lanes of its channel. Here:
   - delta and its softplus are computed once per (step, channel), each of the J lanes of a channel taking
     BLOCK_L / J steps ((S, J, BLOCK_D) tiles), then handed to all of them (_full_steps); the output epilogue
     (D u, gate, average, store) runs on the same compact tiles;
-  - optionally the gate's sigmoid through one tanh.approx (half-precision outputs only).
+  - optionally the gate's sigmoid through one tanh.approx (half-precision outputs only);
+  - optionally (RANK > 0) delta given low-rank, dt (b, RANK, L) with dt_proj's weight (d, RANK): each tile forms its
+    delta with one tl.dot, so no (b, L, d) delta is written by a GEMM and read back (the Vim mixer's default).
 
 B and C arrive as bf16 pairs (ops.bc_pairs: the Vim mixer's folded x_proj output): one int32 word per (step,
 state), B's bits low, C's high, each unpacked with one integer op. Only what a bidirectional mixer's inference

@@ -696,7 +696,8 @@ def tune_low_rank(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 3
             def folded():
                 sf = F.linear(uf.transpose(1, 2), fold_f)
                 y = ops.scan_forward(uf, sf[..., :d].transpose(1, 2), A, sf[..., d::2].transpose(1, 2),
-                                     sf[..., d + 1::2].transpose(1, 2), Dv, z, bias, None, None, True, False, None, False)[0]
+                                     sf[..., d + 1::2].transpose(1, 2), Dv, z, bias, None, None, True, False, None,
+                                     False)[0]
                 sb = F.linear(ub.transpose(1, 2), fold_b)
                 ops.scan_forward(ub, sb[..., :d].transpose(1, 2), A, sb[..., d::2].transpose(1, 2),
                                  sb[..., d + 1::2].transpose(1, 2), Dv, z, bias, None, None, True, True, y, False, y_out=y)
