@@ -16,7 +16,8 @@ from kernels import _interpret
 
 _interpret.apply()
 
-from kernels.ops import EagerScan, low_rank_delta, output_fits, scan_forward, scan_fwd
+from core.scan import check_low_rank_delta, low_rank_delta
+from kernels.ops import EagerScan, output_fits, scan_forward, scan_fwd
 from kernels.state_update import check_state_update, launch_state_update, state_update
 
 __all__ = ["selective_scan_triton", "selective_state_update"]
@@ -74,10 +75,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     with return_last_state, the final state (batch, dim, N) fp32; both are differentiable.
     """
     low_rank = dt_weight is not None
-    if low_rank and (dt_weight.dim() != 2 or delta.dim() != 3 or dt_weight.shape[0] != u.shape[1]
-                     or tuple(delta.shape[1:]) != (dt_weight.shape[1], u.shape[-1])):
-        raise ValueError(f"delta, dt_weight: expected (batch, R, L) and (dim, R) with dim, L = {u.shape[1]}, "
-                         f"{u.shape[-1]}, got {_shape(delta)} and {_shape(dt_weight)}")
+    if low_rank:
+        check_low_rank_delta(u, delta, dt_weight)
     _check_scan(u, u if low_rank else delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     if average_with is not None and tuple(average_with.shape) != tuple(u.shape):
         raise ValueError(f"average_with: expected u's shape {_shape(u)}, got {_shape(average_with)}")

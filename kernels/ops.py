@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from core.scan import low_rank_delta
 from kernels._host import cdiv, interpreting, next_power_of_2
 from kernels.scan_infer import scan_fwd_infer_kernel
 from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
@@ -271,12 +272,6 @@ def _infer_fits(u: Tensor, N: int, cfg: dict) -> bool:
     lanes = 32 // infer["block_d"]
     return (N == next_power_of_2(N) and N % lanes == 0 and infer["block_l"] % lanes == 0
             and u.shape[0] * cdiv(u.shape[1], infer["block_d"]) >= cfg["split_below"])
-
-
-def low_rank_delta(dt: Tensor, dt_weight: Tensor) -> Tensor:
-    """delta = dt_weight @ dt formed as a tensor: dt (b, R, L), dt_weight (d, R) -> (b, d, L) in dt's dtype (the calls
-    the inference kernel does not take; core.scan.low_rank_delta is the reference's)."""
-    return torch.matmul(dt_weight.to(dt.dtype), dt)
 
 
 def _rank_fits(dt: Tensor, dt_weight: Tensor) -> bool:

@@ -234,7 +234,7 @@ def check_against_reference():
     ops.CONFIG["cuda"]["infer"] = keep
     print(f"infer kernel   y={e10:.1e} (bf16 out, two tilings, both directions; bf16 rounding ~1e-3), "
           f"fp32 out {e11:.1e}" + ("  ok" if e10 < 4e-3 and e11 < 1e-4 else "  FAIL"))
-    # low-rank dt (the mixer's conv + projection path): delta = dt_weight @ dt formed inside the inference kernel
+    # low-rank dt (the mixer's default at inference): delta = dt_weight @ dt formed inside the inference kernel
     xl = vim_low_rank_inputs(64, 384, 300, 16)
     wdt = xl.pop("dt_weight")
     ref_in = dict({k: (xl[k].float() if xl[k] is not None else None) for k in ORDER},
@@ -402,7 +402,7 @@ def vim_pair_inputs(b, d, L, N):
 
 
 def vim_low_rank_inputs(b, d, L, N, rank=16):
-    """As vim_pair_inputs, but as the mixer's conv + projection kernel hands them over: B / C pairs and low-rank dt
+    """As vim_pair_inputs, but as the mixer's low-rank x_proj GEMM hands them over: B / C pairs and low-rank dt
     views of one (b, L, 2N + rank) projection [B_0 C_0 B_1 C_1 ... | dt], delta = dt (b, rank, L) with the
     (d, rank) weight under "dt_weight"."""
     x = make(b, d, L, N)
