@@ -43,7 +43,28 @@ def s4d_real_a_log(d_inner: int, d_state: int) -> torch.Tensor:
     return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
 
 
-class _Direction(nn.Module):
+class _WeightCache:
+    """Values derived from a module's weights (casts, products), kept until the weights change."""
+
+    def _cached(self, name: str, build, tensors, extra=()):
+        """build(*tensors), kept in attribute ``name`` until one of the tensors changes (version, storage, dtype or
+        device) or ``extra`` does. Not cached while autograd records (the result must stay in the graph) or under
+        torch.compile."""
+        # inference tensors (weights made under torch.inference_mode) have no version counter: no cache then
+        cache = (not torch.compiler.is_compiling() and not any(t.is_inference() for t in tensors)
+                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+        if cache:
+            key = (tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors), extra)
+            cached = getattr(self, name, None)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        value = build(*tensors)
+        if cache:
+            setattr(self, name, (key, value))
+        return value
+
+
+class _Direction(_WeightCache, nn.Module):
     """The per-direction parameters of a mixer: conv1d, x_proj, dt_proj, A_log, D (and inner norms)."""
 
     def __init__(self, d_inner, d_state, d_conv, dt_rank, conv_bias, dt_min, dt_max, dt_scale,
@@ -124,22 +145,9 @@ class _Direction(nn.Module):
         return torch.stack([wx[r:r + n], wx[r + n:]], dim=1).reshape(2 * n, -1)
 
     def _cached(self, name: str, build, tensors=None, extra=()):
-        """build(*tensors) (default: x_proj.weight, dt_proj.weight), kept in attribute ``name`` until one of the
-        tensors changes (version, storage, dtype or device) or ``extra`` does. Not cached while autograd records
-        (the result must stay in the graph) or under torch.compile."""
+        """_WeightCache._cached with x_proj's and dt_proj's weights as the default tensors."""
         tensors = tensors if tensors is not None else (self.x_proj.weight, self.dt_proj.weight)
-        # inference tensors (weights made under torch.inference_mode) have no version counter: no cache then
-        cache = (not torch.compiler.is_compiling() and not any(t.is_inference() for t in tensors)
-                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
-        if cache:
-            key = (tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors), extra)
-            cached = getattr(self, name, None)
-            if cached is not None and cached[0] == key:
-                return cached[1]
-        value = build(*tensors)
-        if cache:
-            setattr(self, name, (key, value))
-        return value
+        return super()._cached(name, build, tensors, extra)
 
     def scan_constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A = -exp(A_log), D, dt bias) in fp32 as the scan takes them: (d_inner, N), (d_inner,), (d_inner,). Cached
@@ -179,8 +187,9 @@ class _Direction(nn.Module):
     def scan_projected(self, x: torch.Tensor, proj: torch.Tensor, dt_weight: torch.Tensor, z: torch.Tensor,
                        reverse: bool = False, average_with: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
-        """scan for an x whose projection by low_rank_weights()[0] is already made: proj (batch, L, 2 N + R'),
-        dt_weight = low_rank_weights()[1]. Inference only (the bidirectional mixer's pair-conv path)."""
+        """scan for an x whose projection by low_rank_weights()[0] is already made: proj (batch, L, 2 N + R') (x's
+        dtype or fp32: _pair_projection), dt_weight = low_rank_weights()[1]; z None: y ungated (the gate then runs in
+        out_proj's kernel). Inference only (the bidirectional mixer's pair-conv path)."""
         n = self.d_state
         B, C = proj[..., 0:2 * n:2].transpose(1, 2), proj[..., 1:2 * n:2].transpose(1, 2)
         dt = proj[..., 2 * n:].transpose(1, 2)
@@ -205,6 +214,20 @@ class _Direction(nn.Module):
         return (y, h) if return_last_state else y
 
 
+def _pair_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (batch, d_inner, L), a view of a (batch, L, d_inner) buffer, projected by low_rank_weights()[0]: (batch, L,
+    2 N + R') [B/C pairs | low-rank dt], in fp32 from half-precision operands (cuBLAS's fp32 output on CUDA; the same
+    fp32 sums elsewhere): the scan then reads each (B, C) pair as one 8-byte word with nothing to unpack, for 25 MB
+    more written per call (vim-tiny, 1024 px). MAMBAZOO_BC_FP32=0: the projection in x's dtype (A/B timing)."""
+    rows = x.transpose(1, 2)
+    if os.environ.get("MAMBAZOO_BC_FP32", "1") == "0":
+        return F.linear(rows, weight)
+    if x.is_cuda:
+        flat = rows.reshape(-1, rows.shape[-1])
+        return torch.mm(flat, weight.t(), out_dtype=torch.float32).view(*rows.shape[:-1], weight.shape[0])
+    return F.linear(rows.float(), weight.float())
+
+
 # The fold trades dt_proj's (tokens, d_inner) write and read for d_inner^2 more multiply-adds per token: free
 # while the folded GEMM stays memory bound (about d_inner / 2 FLOPs per byte; an H100's bf16 ridge is ~300).
 # vim-tiny (d_inner 384) at 1024 / 1248 px: +4.6% / +4.4% images/s (H100, session 5). Decoding never folds.
@@ -222,7 +245,7 @@ def _a_log_from_ssm(d_inner, d_state, a_init):
     return a_log_init(d_inner, d_state, a_init)
 
 
-class Mamba(nn.Module):
+class Mamba(_WeightCache, nn.Module):
     """The Mamba (S6) mixer. x (batch, L, d_model) -> (batch, L, d_model).
 
     bidirectional=True is Vision Mamba's "v2" mixer: in_proj and out_proj shared, a second set of
@@ -290,6 +313,8 @@ class Mamba(nn.Module):
             raise ValueError(f"x: expected (batch, L, d_model={self.d_model}), got {tuple(x.shape)}")
         if state is not None and self.bidirectional:
             raise ValueError("a bidirectional mixer is not causal: it has no recurrent state")
+        if self.bidirectional and state is None and self._gate_in_out_proj(x):
+            return self._forward_gated(x)
         xz = self.in_proj(x).transpose(1, 2)  # (batch, 2*d_inner, L)
         xs, z = xz.chunk(2, dim=1)
         if self.bidirectional and self._pair_conv(xs):  # inference: both directions' convs from one read of xs
@@ -299,9 +324,9 @@ class Mamba(nn.Module):
             xf, xb = causal_conv1d_pair(xs, f.weight, f.bias, b.weight, b.bias, silu=True)
             if self._low_rank_dt(xs):
                 (pf, wf), (pb, wb) = self.fwd.low_rank_weights(xf.dtype), self.bwd.low_rank_weights(xf.dtype)
-                y = self.fwd.scan_projected(xf, F.linear(xf.transpose(1, 2), pf), wf, z, out=xs)
+                y = self.fwd.scan_projected(xf, _pair_projection(xf, pf), wf, z, out=xs)
                 del xf
-                y = self.bwd.scan_projected(xb, F.linear(xb.transpose(1, 2), pb), wb, z, reverse=True, average_with=y)
+                y = self.bwd.scan_projected(xb, _pair_projection(xb, pb), wb, z, reverse=True, average_with=y)
                 return self.out_proj(y.transpose(1, 2))
             y = self.fwd.scan(xf, z, out=xs)  # xs is read no more: y (then the average) takes its memory
             del xf
@@ -311,6 +336,51 @@ class Mamba(nn.Module):
         if self.bidirectional:  # (y + yb) / 2, averaged as the backward direction's scan stores yb
             y = self._branch(self.bwd, xs, z, None, reverse=True, average_with=y)
         return self.out_proj(y.transpose(1, 2))
+
+    def _gate_in_out_proj(self, x: torch.Tensor) -> bool:
+        """The bidirectional inference path with the gate in out_proj's kernel (kernels/gated_proj.py): in_proj makes
+        only xs, the scans store y ungated (both directions share z, so silu(z) factors out of their mean), and
+        out_proj forms z from the mixer's input rows on chip. Half-precision input (the autocast dtype) on the
+        pair-conv, low-rank path; MAMBAZOO_GATE_OUT_PROJ=0 turns it off (A/B timing)."""
+        from kernels.gated_proj import gated_out_proj_fits
+
+        return (x.dtype in (torch.bfloat16, torch.float16) and self._pair_conv(x) and self._low_rank_dt(x)
+                and gated_out_proj_fits(self.d_model, self.d_inner)
+                and os.environ.get("MAMBAZOO_GATE_OUT_PROJ", "1") != "0")
+
+    def _gate_weights(self, dtype: torch.dtype):
+        """(in_proj's x rows, their bias, its z rows, their bias, out_proj's weight, its bias) in ``dtype`` (biases
+        None where absent), cached without autograd."""
+        d = self.d_inner
+
+        def build(w_in, w_out, *biases):
+            b_in = self.in_proj.bias.to(dtype) if self.in_proj.bias is not None else None
+            b_out = self.out_proj.bias.to(dtype) if self.out_proj.bias is not None else None
+            w_in = w_in.to(dtype)
+            return (w_in[:d], b_in[:d] if b_in is not None else None, w_in[d:], b_in[d:] if b_in is not None else None,
+                    w_out.to(dtype), b_out)
+
+        tensors = [self.in_proj.weight, self.out_proj.weight] + [
+            b for b in (self.in_proj.bias, self.out_proj.bias) if b is not None]
+        return self._cached("_gate", build, tuple(tensors), extra=dtype)
+
+    def _forward_gated(self, x: torch.Tensor) -> torch.Tensor:
+        """forward of the bidirectional mixer at inference with the gate in out_proj's kernel (_gate_in_out_proj):
+        x (batch, L, d_model) half precision -> (batch, L, d_model)."""
+        from kernels.conv1d import causal_conv1d_pair
+        from kernels.gated_proj import gated_out_proj
+
+        batch, L, _ = x.shape
+        wx, bx, wz, bz, wo, bo = self._gate_weights(x.dtype)
+        xs = F.linear(x, wx, bx).transpose(1, 2)  # (batch, d_inner, L) in (batch, L, d_inner) memory
+        f, b = self.fwd.conv1d, self.bwd.conv1d
+        xf, xb = causal_conv1d_pair(xs, f.weight, f.bias, b.weight, b.bias, silu=True)
+        (pf, wf), (pb, wb) = self.fwd.low_rank_weights(xf.dtype), self.bwd.low_rank_weights(xf.dtype)
+        y = self.fwd.scan_projected(xf, _pair_projection(xf, pf), wf, None, out=xs)  # ungated, into xs's memory
+        del xf
+        y = self.bwd.scan_projected(xb, _pair_projection(xb, pb), wb, None, reverse=True, average_with=y)
+        rows = y.transpose(1, 2).reshape(batch * L, self.d_inner)
+        return gated_out_proj(rows, x.reshape(batch * L, self.d_model), wz, wo, bz, bo).view(batch, L, self.d_model)
 
     def _pair_conv(self, xs: torch.Tensor) -> bool:
         """The bidirectional full-sequence path without autograd on the Triton conv (widths <= 4): one conv kernel

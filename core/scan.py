@@ -298,10 +298,17 @@ def check_low_rank_delta(u: torch.Tensor, dt: torch.Tensor, dt_weight: torch.Ten
                          f"{L}) floating point, got {got}")
 
 
+def low_rank_dtype(dt: torch.Tensor, dt_weight: torch.Tensor) -> torch.dtype:
+    """The dtype a low-rank delta's product takes its operands in: the narrower of dt's and dt_weight's (an fp32 dt
+    with a bf16 weight is rounded to bf16, as a tensor-core product of the two would take it)."""
+    return dt_weight.dtype if dt_weight.element_size() < dt.element_size() else dt.dtype
+
+
 def low_rank_delta(dt: torch.Tensor, dt_weight: torch.Tensor) -> torch.Tensor:
     """delta = dt_weight @ dt: dt (batch, R, L), dt_weight (dim, R) -> (batch, dim, L) in dt's dtype (Mamba's dt_proj
-    without its bias, which the scan adds as delta_bias)."""
-    return torch.matmul(dt_weight.to(dt.dtype), dt)
+    without its bias, which the scan adds as delta_bias). Both operands in low_rank_dtype, the sum in fp32."""
+    ct = low_rank_dtype(dt, dt_weight)
+    return torch.matmul(dt_weight.to(ct).float(), dt.to(ct).float()).to(dt.dtype)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

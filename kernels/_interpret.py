@@ -5,6 +5,8 @@
   its tensor patching to convert through ``.item()`` instead.
 - bf16 tl.dot: the interpreter holds bf16 as raw uint16 bits and multiplies those bits as integers; we widen
   bf16 operands to fp32 first (exact: the products then sum in fp32, as the GPU's MMA accumulates).
+- fp32 -> bf16 casts: the interpreter truncates the mantissa (and its 'rtne' mode rounds half up without carrying
+  into the exponent); the GPU rounds to nearest even. We convert through torch, which rounds as the GPU does.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def apply() -> None:
     patched._mambazoo = True
     interpreter._patch_lang_tensor = patched
     _patch_bf16_dot(interpreter)
+    _patch_bf16_cast(interpreter)
 
 
 def _patch_bf16_dot(interpreter) -> None:
@@ -49,3 +52,25 @@ def _patch_bf16_dot(interpreter) -> None:
         return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
     builder.create_dot = create_dot
+
+
+def _patch_bf16_cast(interpreter) -> None:
+    import numpy as np
+    import torch
+    import triton.language as tl
+
+    builder = interpreter.InterpreterBuilder
+    cast_impl, fp_to_fp = builder.cast_impl, builder.create_fp_to_fp
+
+    def to_bf16(src):
+        bits = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
+        return interpreter.TensorHandle(bits.view(np.uint16), tl.bfloat16)
+
+    def narrows(src, dst_type) -> bool:
+        return src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16
+
+    builder.cast_impl = lambda self, src, dst_type: to_bf16(src) if narrows(src, dst_type) else cast_impl(
+        self, src, dst_type)
+    # create_fp_trunc and the other casts call self.cast_impl: patched with it
+    builder.create_fp_to_fp = lambda self, src, dst_type, rounding_mode: to_bf16(src) if narrows(
+        src, dst_type) else fp_to_fp(self, src, dst_type, rounding_mode)

@@ -80,7 +80,8 @@ def _shape(t) -> str:
 
 
 def add_rms_norm(x: Optional[Tensor], residual: Optional[Tensor], weight: Tensor, eps: float = 1e-5,
-                 out_dtype: Optional[torch.dtype] = None, out_into_x: bool = False) -> tuple[Tensor, Tensor]:
+                 out_dtype: Optional[torch.dtype] = None, out_into_x: bool = False,
+                 keep_residual: bool = True) -> tuple[Tensor, Tensor]:
     """Fused residual add + RMSNorm of one decode step (one kernel).
 
     x (batch, d) any float dtype, or None; residual (batch, d) fp32, or None; weight (d,).
@@ -92,6 +93,8 @@ def add_rms_norm(x: Optional[Tensor], residual: Optional[Tensor], weight: Tensor
     (default: x's dtype, or weight's without x). Rows may be strided; the last axis must be dense.
     out_into_x: out is written over x where x has out's dtype (each row is read before it is written; the
     caller owns x): no new (batch, d) buffer.
+    keep_residual=False (both given): the sum is normed but need not be written back (a last norm: the returned
+    residual may be stale).
     """
     if x is None and residual is None:
         raise ValueError("add_rms_norm: expected x or residual (or both), got neither")
@@ -118,10 +121,12 @@ def add_rms_norm(x: Optional[Tensor], residual: Optional[Tensor], weight: Tensor
     else:
         out = torch.empty(batch, d, device=ref.device, dtype=out_dtype)
     block = min(next_power_of_2(d), _MAX_BLOCK_NORM)
+    # the sum is stored unless a last norm does without it (a row wider than one block is read back: stored then)
+    store_res = x is not None and (keep_residual or not load_res or block < d)
     add_rms_norm_kernel[(batch,)](
         x if x is not None else residual,  # never read without x (pointer arithmetic needs a tensor)
         residual, weight, out, d, x.stride(0) if x is not None else 0, residual.stride(0), out.stride(0),
-        float(eps), HAS_X=x is not None, LOAD_RES=load_res, STORE_RES=x is not None,
+        float(eps), HAS_X=x is not None, LOAD_RES=load_res, STORE_RES=store_res,
         BLOCK=block, ONE_PASS=block >= d,
         num_warps=(1 if not ref.is_cuda else 4 if block <= 2048 else 8),
     )

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from core.scan import low_rank_delta
+from core.scan import low_rank_delta, low_rank_dtype
 from kernels._host import cdiv, interpreting, next_power_of_2
 from kernels.scan_infer import scan_fwd_infer_kernel
 from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
@@ -83,13 +83,15 @@ def _bc_layout(X: Tensor, dim: int, fp32: bool = True):
     return X, G, dim // G, False
 
 
-def bc_pairs(B: Tensor, C: Tensor) -> bool:
-    """True when variable B and C (b, N, L) are bf16 views that interleave in one buffer, B[.., n, t] and
-    C[.., n, t] adjacent (a (b, L, 2 N) projection output whose B / C columns alternate: the Vim mixer's folded
-    x_proj): the forward then reads each (B, C) pair as one int32 word (BC_PAIRS) and makes no fp32 copies."""
-    return (B.dim() == 3 and B.dtype == torch.bfloat16 and C.dtype == torch.bfloat16 and B.shape == C.shape
+def bc_pairs(B: Tensor, C: Tensor, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True when variable B and C (b, N, L) are ``dtype`` views that interleave in one buffer, B[.., n, t] and
+    C[.., n, t] adjacent (a (b, L, 2 N) projection output whose B / C columns alternate: the Vim mixer's x_proj).
+    bf16 pairs: the forwards read each (B, C) pair as one int32 word (BC_PAIRS) and make no fp32 copies; fp32 pairs
+    (the low-rank projection's fp32 output): the inference kernel reads each as one int64 word."""
+    e = torch.empty((), dtype=dtype).element_size()
+    return (B.dim() == 3 and B.dtype == dtype and C.dtype == dtype and B.shape == C.shape
             and B.stride() == C.stride() and B.stride(1) == 2 and B.stride(0) % 2 == 0 and B.stride(2) % 2 == 0
-            and C.data_ptr() == B.data_ptr() + 2 and B.data_ptr() % 4 == 0 and B.device == C.device)
+            and C.data_ptr() == B.data_ptr() + e and B.data_ptr() % (2 * e) == 0 and B.device == C.device)
 
 
 def _st3(t: Optional[Tensor]) -> tuple:
@@ -213,6 +215,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
     A = A.contiguous()
     seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     pairs = cfg.get("bc_pairs", True) and bc_pairs(B, C)
+    pairs32 = cfg.get("bc_pairs", True) and bc_pairs(B, C, torch.float32)  # the inference kernel's only
     if pairs:  # one int32 word per (step, state): n's and t's strides in words, the batch row's in bf16 elements
         Bk = Ck = B.unsqueeze(1)
         GB, GC, dpg_b, dpg_c, B_inv, C_inv = 1, 1, dim, dim, False, False
@@ -221,7 +224,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
         Bk, GB, dpg_b, B_inv = _bc_layout(B, dim, cfg["bc_fp32"])
         Ck, GC, dpg_c, C_inv = _bc_layout(C, dim, cfg["bc_fp32"])
         st_b, st_c = _st_bc(Bk, B_inv), _st_bc(Ck, C_inv)
-    infer = pairs and not store_states and initial_state is None and seq_idx is None and _infer_fits(u, N, cfg)
+    infer = (pairs or pairs32) and not store_states and initial_state is None and seq_idx is None and _infer_fits(u, N, cfg)
     if dt_weight is not None:
         if infer and _rank_fits(delta, dt_weight):
             return _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg,
@@ -283,8 +286,9 @@ def _rank_fits(dt: Tensor, dt_weight: Tensor) -> bool:
 
 
 def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg, dt_weight=None):
-    """scan_forward for inference with B / C as bf16 pairs (see scan_forward): kernels/scan_infer.py. With dt_weight
-    (d, R), delta is low-rank dt (b, R, L)."""
+    """scan_forward for inference with B / C as bf16 or fp32 pairs (see scan_forward): kernels/scan_infer.py. With
+    dt_weight (d, R), delta is low-rank dt (b, R, L); the kernel's product runs in the narrower dtype of the two (as
+    core.scan.low_rank_delta)."""
     batch, dim, L = u.shape
     N = A.shape[1]
     infer = cfg["infer"]
@@ -295,15 +299,17 @@ def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_o
     hend = u.new_empty(batch, dim, N, dtype=torch.float32)
     flags = _flags(D, z, delta_bias, None, softplus, False, False, reverse)
     tanh = infer["tanh"] and flags["FAST"] and y.dtype in (torch.float16, torch.bfloat16)
-    wdt = dt_weight.to(delta.dtype).contiguous() if dt_weight is not None else None
+    wdt = None
+    if dt_weight is not None:
+        wdt = dt_weight.to(low_rank_dtype(delta, dt_weight)).contiguous()
     scan_fwd_infer_kernel[(batch * cdiv(dim, block_d),)](
         u, delta, A.contiguous(), B, D, z, delta_bias, y, y_other, hend, wdt,
         *_st3(u), *_st3(delta), *_st3(z), *_st3(y), B.stride(0), B.stride(2) // 2, dim, L, N, cdiv(L, block_l),
         HAS_D=flags["HAS_D"], HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], SOFTPLUS=softplus, REVERSE=reverse,
         HAS_YO=y_other is not None, SOFTPLUS_POLY=infer["poly"], TANH_GATE=tanh, BLOCK_L=block_l, BLOCK_I=N // lanes,
         BLOCK_J=lanes, BLOCK_D=block_d, STAGES=infer["stages"], FAST=flags["FAST"],
-        RANK=wdt.shape[1] if wdt is not None else 0, DOT_PRECISION="ieee" if delta.dtype == torch.float32 else "tf32",
-        num_warps=1)
+        RANK=wdt.shape[1] if wdt is not None else 0, BC_WORD=8 * 2 * B.element_size(),
+        DOT_PRECISION="ieee" if wdt is not None and wdt.dtype == torch.float32 else "tf32", num_warps=1)
     return y, hend, u.new_empty(batch, dim, 0, N, dtype=torch.float32)
 
 

@@ -13,10 +13,12 @@ D, the gate) is computed on each of the J lanes of its channel. Here:
   - optionally (RANK > 0) delta given low-rank, dt (b, RANK, L) with dt_proj's weight (d, RANK): each tile forms its
     delta with one tl.dot, so no (b, L, d) delta is written by a GEMM and read back (the Vim mixer's default).
 
-B and C arrive as bf16 pairs (ops.bc_pairs: the Vim mixer's folded x_proj output): one int32 word per (step,
-state), B's bits low, C's high, each unpacked with one integer op. Only what a bidirectional mixer's inference
-needs: no tile states, no initial state, no packed sequences, one stretch of L per program. y (b, d, L) is stored
-through its strides; HAS_YO averages it with yo (the other direction's output, read through y's strides).
+B and C arrive as pairs (ops.bc_pairs: B_n and C_n of a step adjacent, as the Vim mixer's projections write them):
+bf16 pairs as one int32 word per (step, state), B's bits low, C's high, each unpacked with one integer op; fp32 pairs
+(BC_WORD = 64: the low-rank projection's fp32 output) as one int64 word whose halves are B and C as they are. Only
+what a bidirectional mixer's inference needs: no tile states, no initial state, no packed sequences, one stretch of L
+per program. y (b, d, L) is stored through its strides; HAS_YO averages it with yo (the other direction's output,
+read through y's strides).
 """
 
 from __future__ import annotations
@@ -69,12 +71,15 @@ def scan_fwd_infer_kernel(
     REVERSE: tl.constexpr, HAS_YO: tl.constexpr, SOFTPLUS_POLY: tl.constexpr, TANH_GATE: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     STAGES: tl.constexpr, FAST: tl.constexpr, RANK: tl.constexpr = 0, DOT_PRECISION: tl.constexpr = "ieee",
+    BC_WORD: tl.constexpr = 32,
 ):
     """Grid (b * cdiv(d, BLOCK_D),): BLOCK_D channels of one batch row over the whole sequence; N = BLOCK_I * BLOCK_J,
     BLOCK_J = 32 / BLOCK_D, BLOCK_L a multiple of BLOCK_J. Writes y and the last state hend (b, d, N) fp32. bc_ptr: B
-    of the pairs (bf16); sbcb its batch stride in bf16 elements, sbcl the step stride in int32 words.
+    of the pairs (bf16 for BC_WORD 32, fp32 for 64); sbcb its batch stride in B's elements, sbcl the step stride in
+    pair words.
     RANK > 0 (a power of two >= 16): dl_ptr holds low-rank dt (b, RANK, L) (sdd its rank stride) and wdt_ptr the
-    (d, RANK) contiguous weight in dt's dtype; delta = wdt @ dt per tile, one (BLOCK_L, RANK) x (RANK, BLOCK_D) dot."""
+    (d, RANK) contiguous weight; delta = wdt @ dt per tile, one (BLOCK_L, RANK) x (RANK, BLOCK_D) dot in the weight's
+    dtype (dt's rows rounded to it)."""
     pid = tl.program_id(0)
     n_dblk = tl.cdiv(dim, BLOCK_D)
     b = pid // n_dblk
@@ -97,7 +102,8 @@ def scan_fwd_infer_kernel(
     y_ptr = _row(y_ptr, b, syb)
     if HAS_YO:
         yo_ptr = _row(yo_ptr, b, syb)
-    words = _row(bc_ptr, b, sbcb).to(tl.pointer_type(tl.int32)) + offs_n[None, :, :]
+    word_ty = tl.int64 if BC_WORD == 64 else tl.int32
+    words = _row(bc_ptr, b, sbcb).to(tl.pointer_type(word_ty)) + offs_n[None, :, :]
 
     # compact tiles (S, J, BLOCK_D): lane slice j takes steps j * S + s of the tile
     S: tl.constexpr = BLOCK_L // BLOCK_J
@@ -112,7 +118,7 @@ def scan_fwd_infer_kernel(
         # delta, softplus: once per (step, channel); 0 past L, so that those steps are identities (a = 1, x = 0)
         if RANK > 0:  # delta of the tile's steps from its low-rank dt rows, then compact
             lo = tl.load(dl_ptr + tm[:, None] * sdl + offs_r[None, :] * sdd, mask=mask_t[:, None], other=0.0)
-            v = _compact_steps(tl.dot(lo, wdt, input_precision=DOT_PRECISION), BLOCK_J, S, BLOCK_D)
+            v = _compact_steps(tl.dot(lo.to(wdt.dtype), wdt, input_precision=DOT_PRECISION), BLOCK_J, S, BLOCK_D)
             dt_c, _ = _dt_value(v, bias[None, None, :], mask_c, HAS_BIAS, SOFTPLUS, FAST, SOFTPLUS_POLY)
         else:
             dt_c, _ = _dt_tile(dl_ptr, bias[None, :], od * sdd + tmc * sdl, mask_c, HAS_BIAS, SOFTPLUS, FAST,
@@ -120,8 +126,12 @@ def scan_fwd_infer_kernel(
         dt = _full_steps(dt_c, BLOCK_L, BLOCK_D)
         u = tl.load(u_ptr + _off(offs_d, tm, sud, sul), mask=io_mask, other=0.0).to(tl.float32)
         w = tl.load(words + tm[:, None, None] * sbcl, mask=mask_t[:, None, None], other=0)  # (BL, I, J) pairs
-        Bt = (w << 16).to(tl.float32, bitcast=True)[:, :, :, None]
-        Ct = (w & -65536).to(tl.float32, bitcast=True)[:, :, :, None]
+        if BC_WORD == 64:  # fp32 B in the low half, C in the high half
+            Bt = w.to(tl.int32).to(tl.float32, bitcast=True)[:, :, :, None]
+            Ct = (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)[:, :, :, None]
+        else:
+            Bt = (w << 16).to(tl.float32, bitcast=True)[:, :, :, None]
+            Ct = (w & -65536).to(tl.float32, bitcast=True)[:, :, :, None]
         a = tl.exp2(dt[:, None, None, :] * A2[None, :, :, :])
         x = (dt * u)[:, None, None, :] * Bt
         x = tl.where((offs_l == 0)[:, None, None, None], x + a * h[None, :, :, :], x)  # the carried state enters

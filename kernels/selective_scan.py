@@ -355,18 +355,17 @@ def _bias_d(bias_ptr, D_ptr, offs_d, mask_d, HAS_BIAS: tl.constexpr, HAS_D: tl.c
 
 
 @triton.jit
-def _inputs_at_row(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, gb, gc, sub, sdb, szb, sBb, sBg, sCb, sCg,
-                   HAS_Z: tl.constexpr, B_INV: tl.constexpr, C_INV: tl.constexpr):
-    """The inputs both passes read, moved to batch row b (and B / C to their groups) once, in 64 bits."""
+def _inputs_at_row(u_ptr, dl_ptr, B_ptr, C_ptr, b, gb, gc, sub, sdb, sBb, sBg, sCb, sCg,
+                   B_INV: tl.constexpr, C_INV: tl.constexpr):
+    """The inputs both passes read, moved to batch row b (and B / C to their groups) once, in 64 bits. (z is moved
+    by the caller under HAS_Z: a None pointer may not be passed to a jitted function's tensor argument.)"""
     u_ptr = _row(u_ptr, b, sub)
     dl_ptr = _row(dl_ptr, b, sdb)
-    if HAS_Z:
-        z_ptr = _row(z_ptr, b, szb)
     if not B_INV:
         B_ptr = _row(B_ptr, b, sBb) + gb * sBg
     if not C_INV:
         C_ptr = _row(C_ptr, b, sCb) + gc * sCg
-    return u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr
+    return u_ptr, dl_ptr, B_ptr, C_ptr
 
 
 @triton.jit
@@ -396,8 +395,10 @@ def scan_fwd_kernel(
     repeated for every n."""
     pid, s, b, d0, offs_d, offs_n, offs_l, mask_d, mask_n, mask_nd, gb, gc = _program(
         tl.program_id(0), dim, N, dpg_b, dpg_c, BLOCK_D, BLOCK_N, BLOCK_L)
-    u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr = _inputs_at_row(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, b, gb, gc, sub, sdb, szb,
-                                                        sBb, sBg, sCb, sCg, HAS_Z, B_INV, C_INV)
+    u_ptr, dl_ptr, B_ptr, C_ptr = _inputs_at_row(u_ptr, dl_ptr, B_ptr, C_ptr, b, gb, gc, sub, sdb, sBb, sBg, sCb, sCg,
+                                                 B_INV, C_INV)
+    if HAS_Z:
+        z_ptr = _row(z_ptr, b, szb)
     if not STATE_ONLY:
         y_ptr = _row(y_ptr, b, syb)
         if HAS_YO:
@@ -499,8 +500,10 @@ def scan_bwd_kernel(
     for work in range(slot, stop, step):
         pid, s, b, d0, offs_d, offs_n, offs_l, mask_d, mask_n, mask_nd, gb, gc = _program(
             work, dim, N, dpg_b, dpg_c, BLOCK_D, BLOCK_N, BLOCK_L)
-        u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr = _inputs_at_row(u_base, dl_base, z_base, B_base, C_base, b, gb, gc,
-                                                            sub, sdb, szb, sBb, sBg, sCb, sCg, HAS_Z, B_INV, C_INV)
+        u_ptr, dl_ptr, B_ptr, C_ptr = _inputs_at_row(u_base, dl_base, B_base, C_base, b, gb, gc, sub, sdb, sBb, sBg,
+                                                     sCb, sCg, B_INV, C_INV)
+        if HAS_Z:
+            z_ptr = _row(z_base, b, szb)
         dout_ptr = _row(dout_base, b, sob)
         du_ptr = _row(du_base, b, sgub)
         ddl_ptr = _row(ddl_base, b, sgdb)

@@ -40,8 +40,9 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def make(b, d, L, N, dtype=torch.bfloat16, groups=0, h0=False):
-    """Mamba-like inputs: A = -(1..N) (S4D-real), dt = softplus(delta + bias) around [1e-3, 1e-1]."""
+def make(b, d, L, N, dtype=torch.bfloat16, groups=0, h0=False, gate=True):
+    """Mamba-like inputs: A = -(1..N) (S4D-real), dt = softplus(delta + bias) around [1e-3, 1e-1]; gate=False: z
+    None."""
     g = torch.Generator(device=DEV).manual_seed(b * 7 + d + L)
     rn = lambda *s, dt=dtype: torch.randn(*s, device=DEV, generator=g).to(dt)  # noqa: E731
     bc = (b, groups, N, L) if groups else (b, N, L)
@@ -51,6 +52,8 @@ def make(b, d, L, N, dtype=torch.bfloat16, groups=0, h0=False):
              B=rn(*bc), C=rn(*bc), D=torch.ones(d, device=DEV), z=rn(b, d, L),
              delta_bias=dt0 + torch.log(-torch.expm1(-dt0)))
     x["initial_state"] = torch.randn(b, d, N, device=DEV, generator=g) if h0 else None
+    if not gate:
+        x["z"] = None
     return x
 
 
@@ -105,6 +108,7 @@ def check_against_reference():
              ("bf16", dict(dtype=torch.bfloat16, h0=True), 2e-2, {}),
              ("fp32 groups=2", dict(dtype=torch.float32, groups=2), 1e-4, {}),
              ("fp32 split=4", dict(dtype=torch.float32, h0=True), 1e-4, dict(nsplit=4)),
+             ("fp32 no gate", dict(dtype=torch.float32, gate=False), 1e-4, {}),
              # the persistent backward: 3 programs take the 16 work items in turns
              ("fp32 persist.", dict(dtype=torch.float32, h0=True), 1e-4,
               dict(bwd_block_l=8, bwd_block_d=8, bwd_programs=3, nsplit=2))]
@@ -235,18 +239,20 @@ def check_against_reference():
     print(f"infer kernel   y={e10:.1e} (bf16 out, two tilings, both directions; bf16 rounding ~1e-3), "
           f"fp32 out {e11:.1e}" + ("  ok" if e10 < 4e-3 and e11 < 1e-4 else "  FAIL"))
     # low-rank dt (the mixer's default at inference): delta = dt_weight @ dt formed inside the inference kernel
-    xl = vim_low_rank_inputs(64, 384, 300, 16)
-    wdt = xl.pop("dt_weight")
-    ref_in = dict({k: (xl[k].float() if xl[k] is not None else None) for k in ORDER},
-                  delta=wdt.float() @ xl["delta"].float())
     e12 = 0.0
-    for rev in (False, True):
-        fl = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if rev else (lambda t: t)
-        want = fl(selective_scan_ref(*[fl(ref_in[k]) for k in ORDER], True))
-        with torch.no_grad():
-            e12 = max(e12, rel(selective_scan_triton(*[xl[k] for k in ORDER], True, False, reverse=rev,
-                                                     dt_weight=wdt), want))
-    print(f"infer low rank y={e12:.1e} (bf16 out, both directions)" + ("  ok" if e12 < 4e-3 else "  FAIL"))
+    for fp32 in (False, True):  # bf16 pairs and dt, then fp32 (the mixer's _pair_projection)
+        xl = vim_low_rank_inputs(64, 384, 300, 16, fp32=fp32)
+        wdt = xl.pop("dt_weight")
+        ref_in = dict({k: (xl[k].float() if xl[k] is not None else None) for k in ORDER},
+                      delta=wdt.float() @ xl["delta"].to(torch.bfloat16).float())
+        for rev in (False, True):
+            fl = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if rev else (lambda t: t)
+            want = fl(selective_scan_ref(*[fl(ref_in[k]) for k in ORDER], True))
+            with torch.no_grad():
+                e12 = max(e12, rel(selective_scan_triton(*[xl[k] for k in ORDER], True, False, reverse=rev,
+                                                         dt_weight=wdt), want))
+    print(f"infer low rank y={e12:.1e} (bf16 out, both directions, bf16 and fp32 pairs)"
+          + ("  ok" if e12 < 4e-3 else "  FAIL"))
     e1 = max(e1, e8, e9, e11, e10 / 40, e12 / 40)
     # decode step
     st = torch.randn(4, 64, 16, device=DEV)
@@ -401,27 +407,30 @@ def vim_pair_inputs(b, d, L, N):
     return x
 
 
-def vim_low_rank_inputs(b, d, L, N, rank=16):
+def vim_low_rank_inputs(b, d, L, N, rank=16, fp32=False):
     """As vim_pair_inputs, but as the mixer's low-rank x_proj GEMM hands them over: B / C pairs and low-rank dt
-    views of one (b, L, 2N + rank) projection [B_0 C_0 B_1 C_1 ... | dt], delta = dt (b, rank, L) with the
-    (d, rank) weight under "dt_weight"."""
+    views of one (b, L, 2N + rank) projection [B_0 C_0 B_1 C_1 ... | dt] (bf16, or fp32 as core.mamba's
+    _pair_projection writes it), delta = dt (b, rank, L) with the (d, rank) bf16 weight under "dt_weight"."""
     x = make(b, d, L, N)
     g = torch.Generator(device=DEV).manual_seed(3)
     rn = lambda *s: torch.randn(*s, device=DEV, generator=g).to(torch.bfloat16)  # noqa: E731
     xz, out = rn(b, L, 2 * d), rn(b, L, 2 * N + rank)
+    if fp32:
+        out = out.float()
     x.update(u=xz[..., :d].transpose(1, 2), z=xz[..., d:].transpose(1, 2), delta=out[..., 2 * N:].transpose(1, 2),
              B=out[..., 0:2 * N:2].transpose(1, 2), C=out[..., 1:2 * N:2].transpose(1, 2),
              dt_weight=torch.randn(d, rank, device=DEV).to(torch.bfloat16) * 0.3)
-    assert ops.bc_pairs(x["B"], x["C"])
+    assert ops.bc_pairs(x["B"], x["C"], out.dtype)
     return x
 
 
-def _vim_inference_calls(low_rank: bool = False):
+def _vim_inference_calls(low_rank: bool = False, fp32: bool = False):
     """(L, reverse, call) for the scan forwards of vim-tiny's inference at batch 64, 1024 and 1248 px (B / C pairs, no
     tile states): the forward direction alone, then the reverse direction averaging with the forward's output.
-    low_rank: delta as low-rank dt with its weight (the mixer's default), else the folded GEMM's delta."""
+    low_rank: delta as low-rank dt with its weight, else the folded GEMM's delta; fp32: the low-rank projection in
+    fp32 (the mixer's default)."""
     for L in (4097, 6085):
-        x = vim_low_rank_inputs(64, 384, L, 16) if low_rank else vim_pair_inputs(64, 384, L, 16)
+        x = vim_low_rank_inputs(64, 384, L, 16, fp32=fp32) if low_rank else vim_pair_inputs(64, 384, L, 16)
         wdt = x.pop("dt_weight", None)
         args = [x[k] for k in ORDER]
         other = ops.new_output(x["u"], x["z"]).normal_()
@@ -468,18 +477,19 @@ INFER_TILES = [_T, dict(_T, stages=2), dict(_T, stages=4), dict(_T, block_l=8, s
 def tune_infer(rep: int = 50):
     """Times the inference kernel as vim-tiny runs it (batch 64 at 1024 and 1248 px; B / C pairs), per direction, for
     each INFER_TILES entry, beside the general forward with its inference tiles (infer=None): first with the folded
-    GEMM's delta, then with low-rank dt (the mixer's default; entries with block_l < 16 fall back to forming delta
-    first there, as ops._rank_fits says). Prints ms per call and the fastest entry over all calls; leaves
+    GEMM's delta, then with low-rank dt as a bf16 projection and as an fp32 one (the mixer's default; entries with
+    block_l < 16 fall back to forming delta first there, as ops._rank_fits says). Prints ms per call and the fastest entry over all calls; leaves
     ops.CONFIG unchanged."""
     keep = ops.CONFIG["cuda"].get("infer")
     totals = [0.0] * len(INFER_TILES)
     print(f"== inference kernel: ms per call; default {keep} ==")
     for i, tile in enumerate(INFER_TILES):
         print(f"#{i}: {tile}")
-    for (L, rev, run), low_rank in [(c, False) for c in _vim_inference_calls()] + [
-            (c, True) for c in _vim_inference_calls(low_rank=True)]:
+    for (L, rev, run), kind in [(c, "") for c in _vim_inference_calls()] + [
+            (c, "low-rank dt ") for c in _vim_inference_calls(low_rank=True)] + [
+            (c, "low-rank fp32 ") for c in _vim_inference_calls(low_rank=True, fp32=True)]:
         ops.CONFIG["cuda"]["infer"] = None
-        line = [f"{'low-rank dt ' if low_rank else ''}general {bench(run, rep=rep):.3f}"]
+        line = [f"{kind}general {bench(run, rep=rep):.3f}"]
         for i, tile in enumerate(INFER_TILES):
             ops.CONFIG["cuda"]["infer"] = tile
             ms = bench(run, rep=rep)
@@ -672,8 +682,10 @@ def tune_conv_pair(rep: int = 50):
 
 def tune_low_rank(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 384):
     """One vim-tiny mixer layer's x_proj + dt_proj + both scans at batch 64 (1024 and 1248 px), after the pair conv,
-    two ways: folded (per direction the GEMM to [delta | B/C pairs], the scan reading delta) and low rank (the GEMM to
-    [B/C pairs | dt], 48 columns, the scan forming delta = W_dt dt per tile). ms per piece and per layer."""
+    three ways: folded (per direction the GEMM to [delta | B/C pairs], the scan reading delta), low rank (the GEMM to
+    [B/C pairs | dt], 48 columns, the scan forming delta = W_dt dt per tile) and low rank with that GEMM's output in
+    fp32 (the mixer's default). ms per piece and per layer."""
+    from core.mamba import _pair_projection
     from kernels import conv1d
 
     g = torch.Generator(device=DEV).manual_seed(5)
@@ -714,16 +726,29 @@ def tune_low_rank(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 3
                                  y_out=y, dt_weight=wdt)
                 return y
 
-            err = rel(low_rank(), folded())
+            def low_rank_fp32():  # the mixer's default: the projection in fp32 (core.mamba._pair_projection)
+                qf = _pair_projection(uf, wx_f)
+                y = ops.scan_forward(uf, qf[..., 2 * N:].transpose(1, 2), A, qf[..., 0:2 * N:2].transpose(1, 2),
+                                     qf[..., 1:2 * N:2].transpose(1, 2), Dv, z, bias, None, None, True, False, None,
+                                     False, dt_weight=wdt)[0]
+                qb = _pair_projection(ub, wx_b)
+                ops.scan_forward(ub, qb[..., 2 * N:].transpose(1, 2), A, qb[..., 0:2 * N:2].transpose(1, 2),
+                                 qb[..., 1:2 * N:2].transpose(1, 2), Dv, z, bias, None, None, True, True, y, False,
+                                 y_out=y, dt_weight=wdt)
+                return y
+
+            err, err32 = rel(low_rank(), folded()), rel(low_rank_fp32(), folded())
             t_fold_gemm = bench(lambda: (F.linear(uf.transpose(1, 2), fold_f), F.linear(ub.transpose(1, 2), fold_b)),
                                 rep=rep)
             t_low_gemm = bench(lambda: (F.linear(uf.transpose(1, 2), wx_f), F.linear(ub.transpose(1, 2), wx_b)),
                                rep=rep)
-            t_fold, t_low = bench(folded, rep=rep), bench(low_rank, rep=rep)
-            print(f"L={L} folded {t_fold:.3f} (GEMMs {t_fold_gemm:.3f})  low rank {t_low:.3f} (GEMMs {t_low_gemm:.3f}); "
-                  f"outputs differ by {err:.1e} (bf16)", flush=True)
+            t_low32_gemm = bench(lambda: (_pair_projection(uf, wx_f), _pair_projection(ub, wx_b)), rep=rep)
+            t_fold, t_low, t_low32 = bench(folded, rep=rep), bench(low_rank, rep=rep), bench(low_rank_fp32, rep=rep)
+            print(f"L={L} folded {t_fold:.3f} (GEMMs {t_fold_gemm:.3f})  low rank {t_low:.3f} (GEMMs {t_low_gemm:.3f})  "
+                  f"low rank fp32 {t_low32:.3f} (GEMMs {t_low32_gemm:.3f}); outputs differ from folded by {err:.1e} / "
+                  f"{err32:.1e} (bf16)", flush=True)
             rows.append(dict(L=L, folded=t_fold, folded_gemms=t_fold_gemm, low_rank=t_low, low_rank_gemms=t_low_gemm,
-                             err=err))
+                             low_rank_fp32=t_low32, low_rank_fp32_gemms=t_low32_gemm, err=err, err_fp32=err32))
     return rows
 
 

@@ -61,6 +61,23 @@ def test_add_rms_norm(dtype, mode, loop, monkeypatch):
     assert rel(out32, add_rms_norm_ref(None, r.clone(), weight, 1e-5, torch.float32)[0]) < 1e-6
 
 
+def test_add_rms_norm_without_keeping_the_residual(monkeypatch):
+    """keep_residual=False (a last norm): the same normed rows, the residual not written back; a row wider than one
+    block still is (the looping kernel reads it back)."""
+    torch.manual_seed(0)
+    x, residual, weight = torch.randn(5, 48), torch.randn(5, 48), torch.rand(48) + 0.5
+    want, r_want = add_rms_norm(x, residual.clone(), weight)
+    kept = residual.clone()
+    out, r = add_rms_norm(x, kept, weight, keep_residual=False)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert r is kept and torch.equal(kept, residual)
+    monkeypatch.setattr(decode, "_MAX_BLOCK_NORM", 16)
+    looped = residual.clone()
+    out, _ = add_rms_norm(x, looped, weight, keep_residual=False)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(looped, r_want)
+
+
 @pytest.mark.parametrize("loop", [False, True])
 def test_add_rms_norm_written_over_x(loop, monkeypatch):
     """out_into_x: the normed rows land in x's own memory (same values as a fresh output); not where dtypes differ."""

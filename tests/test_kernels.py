@@ -7,7 +7,7 @@ Errors are ||out - ref|| / ||ref|| per output and per gradient.
 import pytest
 import torch
 
-from core.scan import selective_scan_ref, selective_state_update_ref
+from core.scan import low_rank_delta, selective_scan_ref, selective_state_update_ref
 from kernels import ops, selective_scan_triton, selective_state_update
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -513,13 +513,13 @@ def test_inference_tiles_and_softplus_polynomial(reverse, monkeypatch):
     assert rel(y, flip(ref[0])) < TOL[torch.float32] and rel(last, ref[1]) < TOL[torch.float32]
 
 
-def _pair_inputs(batch, dim, L, N, seed=0):
-    """make_inputs with B / C as alternating bf16 columns of one (batch, L, dim + 2N) projection (the Vim fold) and
-    delta spread over both sides of softplus's bend."""
+def _pair_inputs(batch, dim, L, N, seed=0, dtype=torch.bfloat16):
+    """make_inputs with B / C as alternating ``dtype`` columns of one (batch, L, dim + 2N) projection (the Vim fold;
+    fp32: the low-rank projection) and delta spread over both sides of softplus's bend."""
     torch.manual_seed(seed)
     inp = make_inputs(batch=batch, dim=dim, L=L, N=N, h0=False)
     inp["delta"] = torch.linspace(-12, 6, batch * dim * L).reshape(batch, dim, L)[..., torch.randperm(L)]
-    proj = torch.randn(batch, L, dim + 2 * N).to(torch.bfloat16)
+    proj = torch.randn(batch, L, dim + 2 * N).to(dtype)
     return dict(inp, B=proj[..., dim::2].transpose(1, 2), C=proj[..., dim + 1::2].transpose(1, 2))
 
 
@@ -535,15 +535,16 @@ def _spy_infer(monkeypatch):
                                    dict(block_d=16, block_l=16, stages=1, poly=True, tanh=False),
                                    dict(block_d=32, block_l=4, stages=1, poly=False, tanh=False)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_inference_kernel_matches_reference(infer, reverse, monkeypatch):
+@pytest.mark.parametrize("pair_dtype", [torch.bfloat16, torch.float32])
+def test_inference_kernel_matches_reference(infer, reverse, pair_dtype, monkeypatch):
     """The inference forward for B / C pairs (kernels/scan_infer.py: states split across lanes, per-step work shared
     by a channel's lanes) for every lane split of N (block_d 8 / 16 / 32: 4 / 2 / 1 lane slices), in both
-    directions, averaging with another output and storing into a strided buffer; L not a multiple of the tile.
-    Values: the reference's."""
+    directions, averaging with another output and storing into a strided buffer; L not a multiple of the tile;
+    pairs of bf16 (int32 words) and of fp32 (int64 words). Values: the reference's."""
     calls = _spy_infer(monkeypatch)
     monkeypatch.setitem(ops.CONFIG["cpu"], "infer", infer)
     batch, dim, L, N = 2, 20, 21, 8
-    args = _pair_inputs(batch, dim, L, N)
+    args = _pair_inputs(batch, dim, L, N, dtype=pair_dtype)
     other = torch.randn(batch, dim, L)
     buf = torch.full((batch, L, 2 * dim), float("nan"))
     flip = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if reverse else (lambda t: t)
@@ -591,18 +592,23 @@ def _low_rank(batch, dim, L, R, dtype, seed=1):
     return dt, torch.randn(dim, R) * 0.4
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                            (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_inference_kernel_forms_low_rank_delta(dtype, reverse, monkeypatch):
+def test_inference_kernel_forms_low_rank_delta(dtype, w_dtype, reverse, monkeypatch):
     """dt_weight: delta given low-rank, dt (batch, R, L), and formed per tile inside the inference kernel (one dot
-    of the tile's dt rows with the weight): the reference's values on delta = dt_weight @ dt, averaging into a
-    strided buffer too."""
+    of the tile's dt rows with the weight, in the narrower dtype of the two): the reference's values on delta =
+    dt_weight @ dt, averaging into a strided buffer too. fp32 dt with a bf16 weight comes with fp32 B / C pairs (the
+    Vim mixer's fp32 projection)."""
     calls = _spy_infer(monkeypatch)
     monkeypatch.setitem(ops.CONFIG["cpu"], "infer", dict(block_d=8, block_l=8, stages=2, poly=True, tanh=False))
     batch, dim, L, N, R = 2, 20, 21, 8, 16
-    args = _pair_inputs(batch, dim, L, N)
+    args = _pair_inputs(batch, dim, L, N, dtype=torch.float32 if w_dtype == torch.bfloat16 else torch.bfloat16)
     dt, W = _low_rank(batch, dim, L, R, dtype)
-    delta = W.to(dtype).float() @ dt.float()
+    W = W.to(w_dtype)
+    ct = torch.bfloat16 if torch.bfloat16 in (dtype, w_dtype) else torch.float32
+    delta = W.to(ct).float() @ dt.to(ct).float()
+    torch.testing.assert_close(low_rank_delta(dt, W).float(), delta.to(dtype).float(), rtol=0, atol=0)
     flip = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if reverse else (lambda t: t)
     ref = dict(args, delta=delta)
     ref_y, ref_last = selective_scan_ref(*[flip(ref[k].float() if k in ("B", "C") else ref[k]) for k in NAMES[:8]],

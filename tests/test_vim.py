@@ -166,7 +166,7 @@ def test_fused_residual_inference_matches_the_block_forward(monkeypatch):
         # the fused path on CPU tensors: add_rms_norm runs in the interpreter, the scan stays core's reference
         monkeypatch.setattr(vim_model, "fused_decode_enabled", lambda device: True)
         out = model.forward_features(x)
-        assert len(calls) == 3  # one fused add + norm per block
+        assert len(calls) == 4  # one fused add + norm per block, and the last add with the final norm
         tokens = torch.randn(2, 17, 16)
         kept = tokens.clone()
         plain = model.norm(model.forward_tokens(tokens))  # not consumed: the caller's tokens stay as they were

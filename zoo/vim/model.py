@@ -208,9 +208,10 @@ class VisionMamba(nn.Module):
         x = x + pe[:, 1:]
         return torch.cat([x[:, :mid], cls.to(x.dtype), x[:, mid:]], dim=1)
 
-    def forward_tokens(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
-        """The block stack alone: tokens (batch, L, dim) -> (batch, L, dim) fp32, before the final norm.
-        Inference on CUDA (no autograd) defers each residual add to the next block's fused add + RMSNorm;
+    def forward_tokens(self, x: torch.Tensor, consume: bool = False, norm: bool = False) -> torch.Tensor:
+        """The block stack alone: tokens (batch, L, dim) -> (batch, L, dim) fp32, before the final norm (after it with
+        norm=True). Inference on CUDA (no autograd) defers each residual add to the next block's fused add + RMSNorm,
+        the last one to the final norm's (norm=True: one pass, the residual stream not written back);
         consume=True (forward_features, which made x) lets that path use fp32 contiguous x as its residual
         stream, overwriting it, instead of a copy: one (batch, L, dim) fp32 less at the peak."""
         if not self.training and fused_decode_enabled(x.device):
@@ -223,10 +224,18 @@ class VisionMamba(nn.Module):
             for blk in self.blocks:
                 hidden, residual = blk.forward_residual(hidden, residual, consume=own)
                 own = True  # a block's output
-            return residual + hidden if residual is not None else hidden.float()
+            if norm and isinstance(self.norm, RMSNorm) and residual is not None:
+                from kernels.decode import add_rms_norm
+
+                b, L, d = residual.shape
+                out, _ = add_rms_norm(hidden.reshape(b * L, d), residual.view(b * L, d), self.norm.weight,
+                                      self.norm.eps, out_dtype=torch.float32, keep_residual=False)
+                return out.view(b, L, d)
+            x = residual + hidden if residual is not None else hidden.float()
+            return self.norm(x) if norm else x
         for blk in self.blocks:
             x = blk(x)
-        return x
+        return self.norm(x) if norm else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, in_chans, H, W) -> normalized tokens (batch, 1 + num_patches, dim), class token in the middle."""
@@ -237,7 +246,7 @@ class VisionMamba(nn.Module):
             )
         grid = self.patch_embed.grid_for(x.shape[2:])
         # no local keeps the patch or position-embedded tokens alive while the blocks run (inference peak memory)
-        return self.norm(self.forward_tokens(self.pos_drop(self._pos_embed(self.patch_embed(x), grid)), consume=True))
+        return self.forward_tokens(self.pos_drop(self._pos_embed(self.patch_embed(x), grid)), consume=True, norm=True)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (batch, 1 + num_patches, dim) -> logits (batch, num_classes), or the pooled
