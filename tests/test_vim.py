@@ -182,6 +182,39 @@ def test_fused_residual_inference_matches_the_block_forward(monkeypatch):
     assert calls == []
 
 
+def test_patch_and_position_embedding_in_one_kernel(monkeypatch):
+    """At inference under bf16 autocast the fused path makes the tokens with one kernel (kernels/patch_embed.py:
+    patches read from the image, projected, position embedding added, class token's row in the middle): the tokens
+    and features of the unfused path (MAMBAZOO_FUSED_PATCH=0) within bf16's rounding, at the model's size and at
+    another (position embedding resampled); a bad image still raises the unfused path's ValueError."""
+    from kernels import patch_embed
+    from zoo.vim import model as vim_model
+
+    monkeypatch.setattr(vim_model, "fused_decode_enabled", lambda device: True)
+    calls = []
+    real = patch_embed.patch_tokens
+    monkeypatch.setattr(patch_embed, "patch_tokens", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    torch.manual_seed(0)
+    model = VisionMamba(img_size=32, patch_size=16, embed_dim=24, depth=2, num_classes=5, dynamic_img_size=True).eval()
+    for size in ((32, 32), (48, 64)):
+        x = torch.randn(2, 3, *size)
+        grid = (size[0] // 16, size[1] // 16)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fused_tokens = model._patch_tokens(x, grid)
+            fused = model.forward_features(x)
+            monkeypatch.setenv("MAMBAZOO_FUSED_PATCH", "0")
+            assert model._patch_tokens(x, grid) is None
+            plain_tokens = model._pos_embed(model.patch_embed(x), grid)
+            plain = model.forward_features(x)
+            monkeypatch.delenv("MAMBAZOO_FUSED_PATCH")
+        assert fused_tokens.dtype == plain_tokens.dtype == torch.float32 and fused_tokens.shape == plain_tokens.shape
+        torch.testing.assert_close(fused_tokens, plain_tokens, rtol=1e-2, atol=2e-2)
+        assert ((fused - plain).norm() / plain.norm()).item() < 1e-2
+    assert calls == [(2, 3, 32, 32)] * 2 + [(2, 3, 48, 64)] * 2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="channels"):
+        model.forward_features(torch.randn(1, 4, 32, 32))
+
+
 def test_drop_path_only_in_training():
     m = VisionMamba(img_size=16, patch_size=4, num_classes=3, drop_path_rate=0.9, **TINY)
     x = torch.randn(4, 3, 16, 16)

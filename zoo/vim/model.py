@@ -16,6 +16,7 @@ conv1d_b, ..., norm_f, pos_embed with the class token's row in the middle) and c
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +63,17 @@ class PatchEmbed(nn.Module):
         """The token grid (gh, gw) that an image of size hw = (H, W) is cut into."""
         return tuple((s - p) // st + 1 for s, p, st in zip(hw, self.patch_size, self.stride))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_image(self, x: torch.Tensor) -> None:
+        """ValueError unless x is (batch, in_chans, H, W) with room for one patch."""
         if x.dim() != 4:
             raise ValueError(f"image: expected (batch, channels, H, W), got a {x.dim()}-d tensor {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
             raise ValueError(f"image: expected {self.in_chans} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
         if x.shape[2] < self.patch_size[0] or x.shape[3] < self.patch_size[1]:
             raise ValueError(f"image: {tuple(x.shape[2:])} is smaller than one patch {self.patch_size}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_image(x)
         if self.stride == self.patch_size:
             return self._patchify(x)
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -245,8 +250,37 @@ class VisionMamba(nn.Module):
                 f"with img_size={tuple(x.shape[2:])} (position embeddings are interpolated) or dynamic_img_size=True"
             )
         grid = self.patch_embed.grid_for(x.shape[2:])
+        tokens = self._patch_tokens(x, grid)
+        if tokens is None:
+            tokens = self._pos_embed(self.patch_embed(x), grid)
         # no local keeps the patch or position-embedded tokens alive while the blocks run (inference peak memory)
-        return self.forward_tokens(self.pos_drop(self._pos_embed(self.patch_embed(x), grid)), consume=True, norm=True)
+        return self.forward_tokens(self.pos_drop(tokens), consume=True, norm=True)
+
+    def _patch_tokens(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
+        """patch_embed + _pos_embed in one kernel (kernels/patch_embed.py: the image read once, no patch copy) at
+        inference under half-precision autocast on the fused path, for the patch shapes it takes; else None.
+        MAMBAZOO_FUSED_PATCH=0 turns it off (A/B timing)."""
+        from kernels.patch_embed import patch_tokens, patch_tokens_fit
+
+        pe_mod = self.patch_embed
+        if (self.training or torch.is_grad_enabled() or x.dim() != 4 or not fused_decode_enabled(x.device)
+                or not torch.is_autocast_enabled(x.device.type) or os.environ.get("MAMBAZOO_FUSED_PATCH", "1") == "0"
+                or not patch_tokens_fit(pe_mod.patch_size, pe_mod.stride, self.embed_dim)):
+            return None
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if dtype not in (torch.bfloat16, torch.float16):
+            return None
+        pe_mod.check_image(x)
+        pos = self.pos_embed
+        if grid != pe_mod.grid_size:
+            pos = resample_abs_pos_embed(pos, list(grid), list(pe_mod.grid_size), num_prefix_tokens=1)
+        w = pe_mod.proj.weight
+        w_t = w.reshape(w.shape[0], -1).t().to(dtype, memory_format=torch.contiguous_format)
+        bias = pe_mod.proj.bias.to(dtype) if pe_mod.proj.bias is not None else None
+        mid = grid[0] * grid[1] // 2
+        out = patch_tokens(x, w_t, bias, pos[0, 1:].float().contiguous(), pe_mod.patch_size, mid)
+        out[:, mid] = (self.cls_token[0, 0] + pos[0, 0]).float()
+        return out
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (batch, 1 + num_patches, dim) -> logits (batch, num_classes), or the pooled
