@@ -352,17 +352,16 @@ class Mamba(_WeightCache, nn.Module):
         """(in_proj's x rows, their bias, its z rows, their bias, out_proj's weight, its bias) in ``dtype`` (biases
         None where absent), cached without autograd."""
         d = self.d_inner
+        b_in, b_out = self.in_proj.bias, self.out_proj.bias
 
-        def build(w_in, w_out, *biases):
-            b_in = self.in_proj.bias.to(dtype) if self.in_proj.bias is not None else None
-            b_out = self.out_proj.bias.to(dtype) if self.out_proj.bias is not None else None
+        def build(w_in, w_out, *_biases):  # the biases are in the key; read from the modules
             w_in = w_in.to(dtype)
-            return (w_in[:d], b_in[:d] if b_in is not None else None, w_in[d:], b_in[d:] if b_in is not None else None,
-                    w_out.to(dtype), b_out)
+            bi = b_in.to(dtype) if b_in is not None else None
+            return (w_in[:d], bi[:d] if bi is not None else None, w_in[d:], bi[d:] if bi is not None else None,
+                    w_out.to(dtype), b_out.to(dtype) if b_out is not None else None)
 
-        tensors = [self.in_proj.weight, self.out_proj.weight] + [
-            b for b in (self.in_proj.bias, self.out_proj.bias) if b is not None]
-        return self._cached("_gate", build, tuple(tensors), extra=dtype)
+        tensors = (self.in_proj.weight, self.out_proj.weight) + tuple(b for b in (b_in, b_out) if b is not None)
+        return self._cached("_gate", build, tensors, extra=dtype)
 
     def _forward_gated(self, x: torch.Tensor) -> torch.Tensor:
         """forward of the bidirectional mixer at inference with the gate in out_proj's kernel (_gate_in_out_proj):

@@ -224,7 +224,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, so
         Bk, GB, dpg_b, B_inv = _bc_layout(B, dim, cfg["bc_fp32"])
         Ck, GC, dpg_c, C_inv = _bc_layout(C, dim, cfg["bc_fp32"])
         st_b, st_c = _st_bc(Bk, B_inv), _st_bc(Ck, C_inv)
-    infer = (pairs or pairs32) and not store_states and initial_state is None and seq_idx is None and _infer_fits(u, N, cfg)
+    infer = ((pairs or pairs32) and not store_states and initial_state is None and seq_idx is None
+             and _infer_fits(u, N, cfg))
     if dt_weight is not None:
         if infer and _rank_fits(delta, dt_weight):
             return _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg,
