@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._host import cdiv, interpreting, next_power_of_2
-from kernels._math import sigmoid
+from kernels.scan_infer import _gate  # silu(z), optionally through one tanh.approx
 
 __all__ = ["gated_out_proj", "gated_out_proj_fits", "CONFIG"]
 
@@ -120,7 +120,7 @@ def gated_out_proj_kernel(
             zc = _z_chunk(h1, h2, wz_ptr, bz_ptr, offs_p1, offs_p2, offs_c, d_model, d_inner, stride_wz,
                           HAS_BZ, P2, MASK_P2)
         yc = _rows(y_blk, offs_m, offs_c, mask_m, stride_y, d_inner, True).to(tl.float32)
-        p = (yc * _silu(zc, TANH, FAST)).to(wo_ptr.dtype.element_ty)
+        p = (yc * _gate(zc, TANH, FAST)).to(wo_ptr.dtype.element_ty)
         # wo (d_model, d_inner): its (chunk, P) tile is wo[P, chunk]^T
         acc1 = tl.dot(p, _cols(wo_ptr, offs_c, offs_p1, d_inner, stride_wo, d_model, True), acc1)
         if P2 > 0:
@@ -134,18 +134,6 @@ def gated_out_proj_kernel(
             acc2 += tl.load(bo_ptr + offs_p2, mask=offs_p2 < d_model, other=0.0).to(tl.float32)[None, :]
         tl.store(o_blk + offs_m[:, None] * stride_out + offs_p2[None, :], acc2.to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & (offs_p2[None, :] < d_model))
-
-
-@triton.jit
-def _silu(z, TANH: tl.constexpr, FAST: tl.constexpr):
-    """z * sigmoid(z); TANH: sigmoid(z) = (1 + tanh(z / 2)) / 2 with one tanh.approx (relative error ~2^-11, for
-    half-precision outputs) instead of ex2 + rcp."""
-    if TANH:
-        th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z * 0.5], dtype=tl.float32,
-                                       is_pure=True, pack=1)
-        return z * (0.5 + 0.5 * th)
-    else:
-        return z * sigmoid(z, FAST)
 
 
 def _shape(t) -> str:
