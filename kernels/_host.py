@@ -20,3 +20,12 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def pow2_parts(d: int, smallest: int = 16) -> tuple[int, int]:
+    """(P1, P2) covering d with two power-of-two tile widths, as a tl.dot needs: P1 the largest power of two <= d,
+    P2 a power of two >= smallest covering the rest (masked where d - P1 is not one), 0 when d is a power of two.
+    192 -> (128, 64), 384 -> (256, 128), 24 -> (16, 16)."""
+    p1 = 1 << (d.bit_length() - 1)
+    rest = d - p1
+    return p1, (0 if rest == 0 else max(next_power_of_2(rest), smallest))

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._host import cdiv, interpreting, next_power_of_2
+from kernels._host import cdiv, interpreting, pow2_parts
 from kernels.scan_infer import _gate  # silu(z), optionally through one tanh.approx
 
 __all__ = ["gated_out_proj", "gated_out_proj_fits", "CONFIG"]
@@ -40,14 +40,6 @@ CONFIG = {
 }
 
 _MIN_DOT = 16  # tl.dot's smallest dimension on the GPU
-
-
-def _split(d: int) -> tuple[int, int]:
-    """(P1, P2): P1 the largest power of two <= d, P2 a power of two >= 16 covering the rest (masked where d - P1
-    is not one), 0 when d is a power of two. 192 -> (128, 64), 384 -> (256, 128)."""
-    p1 = 1 << (d.bit_length() - 1)
-    rest = d - p1
-    return p1, (0 if rest == 0 else max(next_power_of_2(rest), _MIN_DOT))
 
 
 def gated_out_proj_fits(d_model: int, d_inner: int) -> bool:
@@ -183,7 +175,7 @@ def gated_out_proj(y: Tensor, h: Tensor, wz: Tensor, wo: Tensor, bz: Optional[Te
         return out
     cfg = CONFIG["cuda" if y.is_cuda else "cpu"]
     bm, bc = block_m or cfg["block_m"], block_c or cfg["block_c"]
-    p1, p2 = _split(d_model)
+    p1, p2 = pow2_parts(d_model)
     gated_out_proj_kernel[(cdiv(M, bm),)](
         y, h, wz, wo, bz if bz is not None else wo, bo if bo is not None else wo, out,
         M, d_model, d_inner, y.stride(0), h.stride(0), wz.stride(0), wo.stride(0), out.stride(0),

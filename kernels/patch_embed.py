@@ -21,21 +21,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._host import cdiv, next_power_of_2
+from kernels._host import cdiv, pow2_parts
 
 __all__ = ["patch_tokens", "patch_tokens_fit", "CONFIG"]
 
 # block_p patches per program, warps. H100, vim-tiny at 1024 px (scripts/bench_patch_embed.py): (64, 4) 0.450 ms,
 # (32, 4) 0.486, (64, 8) 0.528, (128, 8) 0.767.
 CONFIG = {"cuda": dict(block_p=64, warps=4), "cpu": dict(block_p=16, warps=1)}
-
-
-def _split(d: int) -> tuple[int, int]:
-    """(D1, D2): D1 the largest power of two <= d, D2 a power of two >= 16 covering the rest (masked where d - D1 is
-    not one), 0 when d is a power of two. 192 -> (128, 64)."""
-    d1 = 1 << (d.bit_length() - 1)
-    rest = d - d1
-    return d1, (0 if rest == 0 else max(next_power_of_2(rest), 16))
 
 
 def patch_tokens_fit(patch: tuple[int, int], stride: tuple[int, int], dim: int) -> bool:
@@ -119,7 +111,7 @@ def patch_tokens(x: Tensor, weight_t: Tensor, bias: Optional[Tensor], pos: Tenso
     out = torch.empty(b, gh * gw + 1, dim, device=x.device, dtype=torch.float32)
     cfg = CONFIG["cuda" if x.is_cuda else "cpu"]
     bp = block_p or cfg["block_p"]
-    d1, d2 = _split(dim)
+    d1, d2 = pow2_parts(dim)
     patch_tokens_kernel[(b * gh * cdiv(gw, bp),)](
         x, weight_t, bias if bias is not None else weight_t, pos, out,
         C, gh, gw, mid, dim, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),

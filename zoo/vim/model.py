@@ -196,11 +196,16 @@ class VisionMamba(nn.Module):
         load_weights(self, path, fresh=("head.weight", "head.bias"), format=format, use_ema=use_ema)
 
     # -- forward ----------------------------------------------------------------------------------
+    def _pos_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position embedding (1, 1 + gh*gw, dim) for a token grid, class token's row first (resampled when the
+        grid is not the model's)."""
+        if grid == self.patch_embed.grid_size:
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=1)
+
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Patch tokens (batch, gh*gw, dim) -> (batch, 1 + gh*gw, dim): class token at gh*gw // 2."""
-        pe = self.pos_embed
-        if grid != self.patch_embed.grid_size:
-            pe = resample_abs_pos_embed(pe, list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=1)
+        pe = self._pos_for(grid)
         cls = (self.cls_token + pe[:, :1]).expand(x.shape[0], -1, -1)
         mid = x.shape[1] // 2
         if not torch.is_grad_enabled():  # one pass: the two halves added into place around the class token
@@ -271,9 +276,7 @@ class VisionMamba(nn.Module):
         if dtype not in (torch.bfloat16, torch.float16):
             return None
         pe_mod.check_image(x)
-        pos = self.pos_embed
-        if grid != pe_mod.grid_size:
-            pos = resample_abs_pos_embed(pos, list(grid), list(pe_mod.grid_size), num_prefix_tokens=1)
+        pos = self._pos_for(grid)
         w = pe_mod.proj.weight
         w_t = w.reshape(w.shape[0], -1).t().to(dtype, memory_format=torch.contiguous_format)
         bias = pe_mod.proj.bias.to(dtype) if pe_mod.proj.bias is not None else None
