@@ -5,7 +5,12 @@ attention) at several image sizes, bf16 autocast, forward_features only. Needs a
 
 Each (model, size) starts at --batch and halves on out-of-memory. Prints a markdown table.
 With --profile it also prints the top CUDA kernels of one vim-tiny batch at the largest size;
---compile runs both models through torch.compile (inductor) first.
+--compile runs both models through torch.compile (inductor) first; --cuda-graph replays each model's forward_features
+from a CUDA graph (zoo.graphs.GraphedInference, captured in the warm-up; the replayed output is checked against an
+eager call, and peak memory then counts the warm-up and capture, the graph's copy of the input included). --rounds R (R > 1) then times vim-tiny and
+DeiT-Ti again at each size in R alternating rounds of --iters batches on one input (the order flipped every round),
+and prints each model's median images/s and the median and range of the per-round ratio vim-tiny / DeiT-Ti: a
+pairing that cancels the ~1% the machine drifts between separate runs.
 """
 
 from __future__ import annotations
@@ -21,37 +26,83 @@ import zoo.vim  # noqa: F401  (registers vim_*_patch16_224 with timm)
 
 
 def measure(name: str, img_size: int, batch: int, iters: int, warmup: int, compile: bool = False,
-            **kwargs) -> dict:
+            graph: bool = False, **kwargs) -> dict:
     """Images/s and peak memory (GB) of ``forward_features`` on random images (torch.compile'd when
-    ``compile``: the first warmup call compiles)."""
+    ``compile``: the first warmup call compiles; replayed from a CUDA graph when ``graph``: the first warmup call
+    captures, and the result says whether the replayed output equals an eager call's)."""
+    from zoo.graphs import GraphedInference
+
     torch.cuda.empty_cache()
     model = timm.create_model(name, img_size=img_size, num_classes=0, **kwargs).cuda().eval()
     forward = torch.compile(model.forward_features) if compile else model.forward_features
+    if graph:
+        forward = GraphedInference(forward, clone=False)
     x = torch.randn(batch, 3, img_size, img_size, device="cuda")
+    same = None
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        if graph:
+            torch.cuda.reset_peak_memory_stats()  # the capture allocates what the replays reuse
         for _ in range(warmup):
             forward(x)
+        if graph:
+            same = torch.equal(forward(x), model.forward_features(x))
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if not graph:
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for _ in range(iters):
             forward(x)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 1e9
-    del model, x
-    return {"img_s": batch * iters / elapsed, "peak_gb": peak, "batch": batch}
+    del model, x, forward
+    return {"img_s": batch * iters / elapsed, "peak_gb": peak, "batch": batch, "graph_equal": same}
 
 
 def measure_fitting(name: str, img_size: int, batch: int, iters: int, warmup: int, compile: bool = False,
-                    **kwargs) -> dict:
+                    graph: bool = False, **kwargs) -> dict:
     while batch >= 1:
         try:
-            return measure(name, img_size, batch, iters, warmup, compile, **kwargs)
+            return measure(name, img_size, batch, iters, warmup, compile, graph, **kwargs)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             batch //= 2
     return {"img_s": float("nan"), "peak_gb": float("nan"), "batch": 0}
+
+
+def _median(v: list[float]) -> float:
+    v = sorted(v)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
+def paired_rounds(img_size: int, batch: int, iters: int, warmup: int, rounds: int, graph: bool = False) -> dict:
+    """vim-tiny and DeiT-Ti (fused attention) built once, timed in ``rounds`` alternating rounds of ``iters`` batches
+    of ``forward_features`` (replayed from CUDA graphs when ``graph``) on the same random images (bf16 autocast):
+    images/s per round for each and the per-round ratio vim-tiny / DeiT-Ti."""
+    from zoo.graphs import GraphedInference
+
+    torch.cuda.empty_cache()
+    names = {"vim": "vim_tiny_patch16_224", "deit": "deit_tiny_patch16_224"}
+    models = {k: timm.create_model(n, img_size=img_size, num_classes=0).cuda().eval() for k, n in names.items()}
+    fns = {k: GraphedInference(m.forward_features, clone=False) if graph else m.forward_features
+           for k, m in models.items()}
+    x = torch.randn(batch, 3, img_size, img_size, device="cuda")
+    rates = {k: [] for k in models}
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for f in fns.values():
+            for _ in range(warmup):
+                f(x)
+        for r in range(rounds):
+            for k in (("vim", "deit") if r % 2 == 0 else ("deit", "vim")):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(iters):
+                    fns[k](x)
+                torch.cuda.synchronize()
+                rates[k].append(batch * iters / (time.perf_counter() - start))
+    del models, fns, x
+    ratios = [v / d for v, d in zip(rates["vim"], rates["deit"])]
+    return {"rates": rates, "ratios": ratios}
 
 
 def profile_vim(img_size: int, batch: int, rows: int = 20) -> None:
@@ -83,6 +134,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile vim-tiny at the largest size")
     ap.add_argument("--profile-batch", type=int, default=16, help="batch of the --profile run")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models' forward_features")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="replay each model's forward_features from a CUDA graph (zoo.graphs.GraphedInference)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="R > 1: also time vim-tiny against DeiT-Ti in R alternating rounds per size (paired ratio; with "
+                         "--cuda-graph from graphs)")
     ap.add_argument("--scan-config", default=None, metavar="JSON",
                     help='overrides of kernels.ops.CONFIG["cuda"], e.g. \'{"fwd_stages": 2}\' (scan tuning)')
     ap.add_argument("--conv-tile", default=None, metavar="BL,BD,W",
@@ -106,19 +162,31 @@ def main() -> None:
         models.append(("DeiT-Ti (unfused attn)", "deit_tiny_patch16_224", False))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, "
           f"scan backend: {os.environ.get('MAMBAZOO_SCAN') or 'default (triton on CUDA)'}, "
-          f"compiled: {args.compile}")
+          f"compiled: {args.compile}, CUDA graphs: {args.cuda_graph}")
     rows = []
     for size in args.sizes:
         for label, name, fused in models:
             timm.layers.set_fused_attn(fused)  # read by timm's Attention when it is built
-            r = measure_fitting(name, size, args.batch, args.iters, args.warmup, compile=args.compile)
+            r = measure_fitting(name, size, args.batch, args.iters, args.warmup, compile=args.compile,
+                                graph=args.cuda_graph)
             timm.layers.set_fused_attn(True)
             rows.append((size, label, r))
+            same = "" if r.get("graph_equal") is None else f"  graph output == eager: {r['graph_equal']}"
             print(f"  {size:5d} px  {label:24s} batch {r['batch']:3d}  {r['img_s']:9.1f} img/s  "
-                  f"{r['peak_gb']:6.2f} GB", flush=True)
+                  f"{r['peak_gb']:6.2f} GB{same}", flush=True)
     print("\n| image size | model | batch | images/s | peak memory (GB) |\n|---|---|---|---|---|")
     for size, label, r in rows:
         print(f"| {size} | {label} | {r['batch']} | {r['img_s']:,.1f} | {r['peak_gb']:.2f} |")
+    if args.rounds > 1:
+        print(f"\n| image size | batch | vim-tiny images/s (median of {args.rounds}) | DeiT-Ti images/s | "
+              f"vim-tiny / DeiT-Ti per round: median (min - max) |\n|---|---|---|---|---|")
+        for size in args.sizes:
+            fitted = [r["batch"] for s_, _, r in rows if s_ == size and r["batch"] > 0]
+            batch = min(fitted) if fitted else args.batch
+            p = paired_rounds(size, batch, args.iters, args.warmup, args.rounds, graph=args.cuda_graph)
+            q = p["ratios"]
+            print(f"| {size} | {batch} | {_median(p['rates']['vim']):,.1f} | {_median(p['rates']['deit']):,.1f} | "
+                  f"{_median(q):.4f} ({min(q):.4f} - {max(q):.4f}) |", flush=True)
     if args.profile:
         profile_vim(max(args.sizes), args.profile_batch)
 
