@@ -7,10 +7,10 @@ Each (model, size) starts at --batch and halves on out-of-memory. Prints a markd
 With --profile it also prints the top CUDA kernels of one vim-tiny batch at the largest size;
 --compile runs both models through torch.compile (inductor) first; --cuda-graph replays each model's forward_features
 from a CUDA graph (zoo.graphs.GraphedInference, captured in the warm-up; the replayed output is checked against an
-eager call, and peak memory then counts the warm-up and capture, the graph's copy of the input included). --rounds R (R > 1) then times vim-tiny and
-DeiT-Ti again at each size in R alternating rounds of --iters batches on one input (the order flipped every round),
-and prints each model's median images/s and the median and range of the per-round ratio vim-tiny / DeiT-Ti: a
-pairing that cancels the ~1% the machine drifts between separate runs.
+eager call, and peak memory then counts the warm-up and capture, the graph's copy of the input included).
+--rounds R (R > 1) then times vim-tiny and DeiT-Ti again at each size in R alternating rounds of --iters batches on
+one input (the order flipped every round), and prints each model's median images/s and the median and range of the
+per-round ratio vim-tiny / DeiT-Ti: a pairing that cancels the ~1% the machine drifts between separate runs.
 """
 
 from __future__ import annotations
