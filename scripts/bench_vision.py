@@ -25,6 +25,16 @@ import torch
 import zoo.vim  # noqa: F401  (registers vim_*_patch16_224 with timm)
 
 
+def _rate(fn, x: torch.Tensor, iters: int) -> float:
+    """Images/s of ``iters`` calls fn(x) (queued, then waited for)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn(x)
+    torch.cuda.synchronize()
+    return x.shape[0] * iters / (time.perf_counter() - start)
+
+
 def measure(name: str, img_size: int, batch: int, iters: int, warmup: int, compile: bool = False,
             graph: bool = False, **kwargs) -> dict:
     """Images/s and peak memory (GB) of ``forward_features`` on random images (torch.compile'd when
@@ -49,14 +59,10 @@ def measure(name: str, img_size: int, batch: int, iters: int, warmup: int, compi
         torch.cuda.synchronize()
         if not graph:
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(iters):
-            forward(x)
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        img_s = _rate(forward, x, iters)
     peak = torch.cuda.max_memory_allocated() / 1e9
     del model, x, forward
-    return {"img_s": batch * iters / elapsed, "peak_gb": peak, "batch": batch, "graph_equal": same}
+    return {"img_s": img_s, "peak_gb": peak, "batch": batch, "graph_equal": same}
 
 
 def measure_fitting(name: str, img_size: int, batch: int, iters: int, warmup: int, compile: bool = False,
@@ -94,12 +100,7 @@ def paired_rounds(img_size: int, batch: int, iters: int, warmup: int, rounds: in
                 f(x)
         for r in range(rounds):
             for k in (("vim", "deit") if r % 2 == 0 else ("deit", "vim")):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(iters):
-                    fns[k](x)
-                torch.cuda.synchronize()
-                rates[k].append(batch * iters / (time.perf_counter() - start))
+                rates[k].append(_rate(fns[k], x, iters))
     del models, fns, x
     ratios = [v / d for v, d in zip(rates["vim"], rates["deit"])]
     return {"rates": rates, "ratios": ratios}

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from core.cache import InferenceCache
+from zoo.graphs import capture
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, eos, vocab_size) -> None:
@@ -62,15 +63,7 @@ class GraphDecoder:
     def __init__(self, model, cache: InferenceCache, batch: int, device: torch.device):
         self.model, self.cache = model, cache
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(2):  # warm up: compiles kernels, allocates workspaces
-                model.step(self.tokens, cache)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.logits = model.step(self.tokens, cache)
+        self.graph, self.logits = capture(lambda: model.step(self.tokens, cache), device, 2, torch.inference_mode)
         reset_cache(cache)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,32 @@ such a change. Off CUDA the function runs eagerly. Inference only: autograd must
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from contextlib import nullcontext
+from typing import Callable, ContextManager, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["GraphedInference"]
+__all__ = ["GraphedInference", "capture"]
+
+T = TypeVar("T")
+
+
+def capture(fn: Callable[[], T], device: torch.device, warmup: int = 2,
+            context: Callable[[], ContextManager] = nullcontext) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Runs ``fn()`` ``warmup`` times on a side stream (kernels compiled, caches and workspaces built), then captures
+    one call in a CUDA graph, each under a fresh ``context()``: (the graph, what the captured call returned, in the
+    graph's memory). Replaying the graph reruns the captured kernels on the same addresses."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), context():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), context():
+        out = fn()
+    return graph, out
 
 
 class GraphedInference:
@@ -85,22 +105,15 @@ class GraphedInference:
                 torch.get_autocast_dtype(x.device.type) if autocast else None, torch.is_inference_mode_enabled())
 
     def _capture(self, x: Tensor) -> tuple:
-        """Warm-up calls on a side stream, then one captured call on a static copy of x."""
+        """Warm-up calls on a side stream, then one captured call on a static copy of x, under the caller's autocast
+        settings with the cast cache off."""
         device = x.device
         static_x = x.clone()
         autocast = torch.is_autocast_enabled(device.type)
         cast = dict(device_type=device.type, enabled=autocast, cache_enabled=False)
         if autocast:
             cast["dtype"] = torch.get_autocast_dtype(device.type)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.autocast(**cast):
-            for _ in range(self.warmup):
-                self.fn(static_x)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.autocast(**cast):
-            out = self.fn(static_x)
+        graph, out = capture(lambda: self.fn(static_x), device, self.warmup, lambda: torch.autocast(**cast))
         if not isinstance(out, Tensor):
             raise ValueError(f"fn: expected it to return one tensor, got {type(out).__name__}")
         return static_x, graph, out
