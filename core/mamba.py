@@ -14,7 +14,7 @@ from torch import nn
 from core.cache import MambaState
 from core.decode import conv_step_ref, fused_decode_enabled
 from core.norm import RMSNorm
-from core.scan import scan_backend, selective_scan, selective_state_update_ref
+from core.scan import scan_backend, selective_scan, selective_scan_bidirectional, selective_state_update_ref
 
 
 def conv_backend(device: torch.device) -> str:
@@ -184,19 +184,12 @@ class _Direction(_WeightCache, nn.Module):
             average_with=average_with, average_in_place=True, out=out,
         )
 
-    def scan_projected(self, x: torch.Tensor, proj: torch.Tensor, dt_weight: torch.Tensor, z: torch.Tensor,
-                       reverse: bool = False, average_with: torch.Tensor | None = None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-        """scan for an x whose projection by low_rank_weights()[0] is already made: proj (batch, L, 2 N + R') (x's
-        dtype or fp32: _pair_projection), dt_weight = low_rank_weights()[1]; z None: y ungated (the gate then runs in
-        out_proj's kernel). Inference only (the bidirectional mixer's pair-conv path)."""
+    def projected_inputs(self, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """B, C (batch, N, L) and low-rank dt (batch, R', L) as views of a projection by low_rank_weights()[0]:
+        proj (batch, L, 2 N + R') (x's dtype or fp32: _pair_projection), B / C in interleaved pairs."""
         n = self.d_state
-        B, C = proj[..., 0:2 * n:2].transpose(1, 2), proj[..., 1:2 * n:2].transpose(1, 2)
-        dt = proj[..., 2 * n:].transpose(1, 2)
-        A, D, bias = self.scan_constants()
-        return selective_scan(x, dt, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, reverse=reverse,
-                              average_with=average_with, average_in_place=True, out=out, dt_weight=dt_weight)
-
+        return (proj[..., 0:2 * n:2].transpose(1, 2), proj[..., 1:2 * n:2].transpose(1, 2),
+                proj[..., 2 * n:].transpose(1, 2))
 
     def _lti_scan(self, x, z, initial_state, return_last_state):
         """The LTI path: convolution view from a zero state, the recurrent view from a given state."""
@@ -323,11 +316,7 @@ class Mamba(_WeightCache, nn.Module):
             f, b = self.fwd.conv1d, self.bwd.conv1d
             xf, xb = causal_conv1d_pair(xs, f.weight, f.bias, b.weight, b.bias, silu=True)
             if self._low_rank_dt(xs):
-                (pf, wf), (pb, wb) = self.fwd.low_rank_weights(xf.dtype), self.bwd.low_rank_weights(xf.dtype)
-                y = self.fwd.scan_projected(xf, _pair_projection(xf, pf), wf, z, out=xs)
-                del xf
-                y = self.bwd.scan_projected(xb, _pair_projection(xb, pb), wb, z, reverse=True, average_with=y)
-                return self.out_proj(y.transpose(1, 2))
+                return self.out_proj(self._scan_projected(xf, xb, z, out=xs).transpose(1, 2))
             y = self.fwd.scan(xf, z, out=xs)  # xs is read no more: y (then the average) takes its memory
             del xf
             y = self.bwd.scan(xb, z, reverse=True, average_with=y)
@@ -336,6 +325,19 @@ class Mamba(_WeightCache, nn.Module):
         if self.bidirectional:  # (y + yb) / 2, averaged as the backward direction's scan stores yb
             y = self._branch(self.bwd, xs, z, None, reverse=True, average_with=y)
         return self.out_proj(y.transpose(1, 2))
+
+    def _scan_projected(self, xf: torch.Tensor, xb: torch.Tensor, z: torch.Tensor | None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """Both directions' scans on the low-rank path, inference: xf, xb (batch, d_inner, L) the two convs' outputs,
+        each projected to [B/C pairs | low-rank dt] (_pair_projection) with dt_proj left to the scan; returns their
+        mean (batch, d_inner, L) (gated by z unless None), stored into out when given (selective_scan_bidirectional:
+        both directions in the same launches on CUDA)."""
+        (pf, wf), (pb, wb) = self.fwd.low_rank_weights(xf.dtype), self.bwd.low_rank_weights(xf.dtype)
+        (Bf, Cf, dtf), (Bb, Cb, dtb) = (self.fwd.projected_inputs(_pair_projection(xf, pf)),
+                                        self.bwd.projected_inputs(_pair_projection(xb, pb)))
+        (Af, Df, bf), (Ab, Db, bb) = self.fwd.scan_constants(), self.bwd.scan_constants()
+        return selective_scan_bidirectional((xf, xb), (dtf, dtb), (Af, Ab), (Bf, Bb), (Cf, Cb), (Df, Db), z=z,
+                                            delta_bias=(bf, bb), delta_softplus=True, out=out, dt_weight=(wf, wb))
 
     def _gate_in_out_proj(self, x: torch.Tensor) -> bool:
         """The bidirectional inference path with the gate in out_proj's kernel (kernels/gated_proj.py): in_proj makes
@@ -374,10 +376,7 @@ class Mamba(_WeightCache, nn.Module):
         xs = F.linear(x, wx, bx).transpose(1, 2)  # (batch, d_inner, L) in (batch, L, d_inner) memory
         f, b = self.fwd.conv1d, self.bwd.conv1d
         xf, xb = causal_conv1d_pair(xs, f.weight, f.bias, b.weight, b.bias, silu=True)
-        (pf, wf), (pb, wb) = self.fwd.low_rank_weights(xf.dtype), self.bwd.low_rank_weights(xf.dtype)
-        y = self.fwd.scan_projected(xf, _pair_projection(xf, pf), wf, None, out=xs)  # ungated, into xs's memory
-        del xf
-        y = self.bwd.scan_projected(xb, _pair_projection(xb, pb), wb, None, reverse=True, average_with=y)
+        y = self._scan_projected(xf, xb, None, out=xs)  # ungated, into xs's memory
         rows = y.transpose(1, 2).reshape(batch * L, self.d_inner)
         return gated_out_proj(rows, x.reshape(batch * L, self.d_model), wz, wo, bz, bo).view(batch, L, self.d_model)
 

@@ -365,6 +365,41 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (y, res[1]) if return_last_state else y
 
 
+def direction_pairs(**named) -> list[tuple]:
+    """The per-direction arguments of a bidirectional scan, in order, each as a (forward, backward) pair (None: both
+    absent); u must be a pair of tensors. Raises ValueError naming the first argument that is not a pair."""
+    pairs = []
+    for name, v in named.items():
+        v = (None, None) if v is None else v
+        if not (isinstance(v, (tuple, list)) and len(v) == 2):
+            raise ValueError(f"{name}: expected a (forward, backward) pair, got {type(v).__name__}")
+        pairs.append(tuple(v))
+    if not all(isinstance(t, torch.Tensor) for t in pairs[0]):
+        raise ValueError(f"{next(iter(named))}: expected a pair of tensors, got {[type(t).__name__ for t in pairs[0]]}")
+    return pairs
+
+
+def selective_scan_bidirectional(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, out=None,
+                                 dt_weight=None):
+    """A bidirectional mixer's two scans and their mean, (y_fwd + y_bwd) / 2 (batch, dim, L) in u's dtype.
+
+    u, delta, A, B, C, D, delta_bias, dt_weight: (forward, backward) pairs of selective_scan's arguments (D,
+    delta_bias, dt_weight may be None for both); the backward direction scans from position L - 1 down to 0
+    (selective_scan's reverse=True). z (batch, dim, L) or None gates both directions. out as selective_scan's.
+    On the Triton backend, inference runs both directions together where the kernel takes them
+    (kernels.selective_scan_bidirectional_triton); elsewhere the forward scan, then the backward one averaging into
+    it, as two selective_scan calls (differentiable)."""
+    args = direction_pairs(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias, dt_weight=dt_weight)
+    if scan_backend(args[0][0].device) == "triton":
+        from kernels import selective_scan_bidirectional_triton
+
+        return selective_scan_bidirectional_triton(*args[:5], args[5], z, args[6], delta_softplus, out, args[7])
+    (uf, ub), (df, db), (Af, Ab), (Bf, Bb), (Cf, Cb), (Df, Db), (bf, bb), (wf, wb) = args
+    y = selective_scan(uf, df, Af, Bf, Cf, Df, z, bf, delta_softplus, out=out, dt_weight=wf)
+    return selective_scan(ub, db, Ab, Bb, Cb, Db, z, bb, delta_softplus, reverse=True, average_with=y,
+                          average_in_place=True, dt_weight=wb)
+
+
 def check_state_update_inputs(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):
     """Validate one decode step's arguments (layouts of ``selective_state_update``); returns groups."""
     if state.dim() != 3:

@@ -2,6 +2,8 @@
 
     selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, initial_state=None, seq_idx=None)
+    selective_scan_bidirectional_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                                        out=None, dt_weight=None)
     selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False)
 
 Both call ops registered with torch.library (``torch.ops.mambazoo.scan_fwd`` / ``scan_bwd`` /
@@ -10,17 +12,20 @@ Both call ops registered with torch.library (``torch.ops.mambazoo.scan_fwd`` / `
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels import _interpret
 
 _interpret.apply()
 
-from core.scan import check_low_rank_delta, low_rank_delta
+from core.scan import check_low_rank_delta, direction_pairs, low_rank_delta
+from kernels import ops
 from kernels.ops import EagerScan, output_fits, scan_forward, scan_fwd
 from kernels.state_update import check_state_update, launch_state_update, state_update
 
-__all__ = ["selective_scan_triton", "selective_state_update"]
+__all__ = ["selective_scan_triton", "selective_scan_bidirectional_triton", "selective_state_update"]
 
 
 def _shape(t):
@@ -100,6 +105,39 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     y, last, _ = op(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, bool(delta_softplus), bool(reverse),
                     average_with, store_states)
     return (y, last) if return_last_state else y
+
+
+def selective_scan_bidirectional_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                                        out=None, dt_weight=None):
+    """A bidirectional mixer's two scans and their mean: (y_fwd + y_bwd) / 2 (batch, dim, L) in u's dtype.
+
+    u, delta, A, B, C, D, delta_bias, dt_weight: (forward, backward) pairs, each what selective_scan_triton takes for
+    one direction (D, delta_bias, dt_weight may be None for both); the backward direction scans from position L - 1
+    down to 0 (reverse=True). z (batch, dim, L) or None gates both (silu(z) y, per direction as selective_scan does).
+    out as selective_scan_triton's. Inference (no gradient recorded, not compiling) on inputs the inference kernel
+    takes per direction, with both directions laid out alike (the Vim mixer's B / C pair projections): both scans in
+    two launches of twice one direction's programs (kernels/scan_infer.py, scan_bidir_infer_kernel);
+    MAMBAZOO_SCAN_BIDIR=0 turns that off (A/B timing). Elsewhere: the forward scan, then the backward one averaging
+    into it (differentiable)."""
+    u, delta, A, B, C, D, delta_bias, dt_weight = direction_pairs(u=u, delta=delta, A=A, B=B, C=C, D=D,
+                                                                  delta_bias=delta_bias, dt_weight=dt_weight)
+    for k in range(2):
+        if dt_weight[k] is not None:
+            check_low_rank_delta(u[k], delta[k], dt_weight[k])
+        _check_scan(u[k], u[k] if dt_weight[k] is not None else delta[k], A[k], B[k], C[k], D[k], z,
+                    delta_bias[k], None, None)
+    direct = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if out is not None and not output_fits(out, u[0]):
+        raise ValueError(f"out: expected u's shape {_shape(u[0])}, dtype {u[0].dtype} and device {u[0].device} with a "
+                         f"unit stride along dim or L, got {out.dtype} {_shape(out)} strides {tuple(out.stride())}")
+    if direct and os.environ.get("MAMBAZOO_SCAN_BIDIR", "1") != "0":
+        y = ops.scan_bidirectional_infer(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), dt_weight, out)
+        if y is not None:
+            return y
+    y = selective_scan_triton(u[0], delta[0], A[0], B[0], C[0], D[0], z, delta_bias[0], delta_softplus, out=out,
+                              dt_weight=dt_weight[0])
+    return selective_scan_triton(u[1], delta[1], A[1], B[1], C[1], D[1], z, delta_bias[1], delta_softplus,
+                                 reverse=True, average_with=y, average_in_place=True, dt_weight=dt_weight[1])
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

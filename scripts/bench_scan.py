@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from core.scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
-from kernels import ops, selective_scan_triton, selective_state_update
+from kernels import ops, selective_scan_bidirectional_triton, selective_scan_triton, selective_state_update
 
 SHAPES = [(8, 1536, 2048, 16), (4, 4096, 4096, 16), (1, 1536, 65536, 16), (128, 384, 197, 16)]
 DEV = "cuda"
@@ -253,7 +253,30 @@ def check_against_reference():
                                                          dt_weight=wdt), want))
     print(f"infer low rank y={e12:.1e} (bf16 out, both directions, bf16 and fp32 pairs)"
           + ("  ok" if e12 < 4e-3 else "  FAIL"))
-    e1 = max(e1, e8, e9, e11, e10 / 40, e12 / 40)
+    # both directions in the two-direction kernel (kernels/scan_infer.py, scan_bidir_infer_kernel), gated or not
+    e13 = 0.0
+    for gate in (False, True):
+        pair = [vim_low_rank_inputs(64, 384, 301, 16, fp32=True, seed=s) for s in (3, 4)]
+        z = pair[0]["z"] if gate else None
+        want = 0
+        for k, x in enumerate(pair):
+            fl = (lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t) if k else (lambda t: t)
+            ref_in = dict({n: (x[n].float() if x[n] is not None else None) for n in ORDER},
+                          delta=x["dt_weight"].float() @ x["delta"].to(torch.bfloat16).float(),
+                          z=z.float() if gate else None)
+            want = want + fl(selective_scan_ref(*[fl(ref_in[n]) for n in ORDER], True)) / 2
+        bidir = []
+        launch = ops.scan_bidirectional_infer
+        ops.scan_bidirectional_infer = lambda *a: bidir.append(launch(*a)) or bidir[-1]
+        with torch.no_grad():
+            got = selective_scan_bidirectional_triton(*[tuple(x[n] for x in pair) for n in ORDER[:6]], z,
+                                                      tuple(x["delta_bias"] for x in pair), True,
+                                                      dt_weight=tuple(x["dt_weight"] for x in pair))
+        ops.scan_bidirectional_infer = launch
+        e13 = max(e13, rel(got, want) if bidir and bidir[0] is not None else float("inf"))
+    print(f"bidirectional  y={e13:.1e} (bf16 out, fp32 pairs, low rank, gated and not; two-direction kernel)"
+          + ("  ok" if e13 < 4e-3 else "  FAIL"))
+    e1 = max(e1, e8, e9, e11, e10 / 40, e12 / 40, e13 / 40)
     # decode step
     st = torch.randn(4, 64, 16, device=DEV)
     d = make(4, 64, 1, 16, dtype=torch.float32)
@@ -407,12 +430,12 @@ def vim_pair_inputs(b, d, L, N):
     return x
 
 
-def vim_low_rank_inputs(b, d, L, N, rank=16, fp32=False):
+def vim_low_rank_inputs(b, d, L, N, rank=16, fp32=False, seed=3):
     """As vim_pair_inputs, but as the mixer's low-rank x_proj GEMM hands them over: B / C pairs and low-rank dt
     views of one (b, L, 2N + rank) projection [B_0 C_0 B_1 C_1 ... | dt] (bf16, or fp32 as core.mamba's
     _pair_projection writes it), delta = dt (b, rank, L) with the (d, rank) bf16 weight under "dt_weight"."""
     x = make(b, d, L, N)
-    g = torch.Generator(device=DEV).manual_seed(3)
+    g = torch.Generator(device=DEV).manual_seed(seed)
     rn = lambda *s: torch.randn(*s, device=DEV, generator=g).to(torch.bfloat16)  # noqa: E731
     xz, out = rn(b, L, 2 * d), rn(b, L, 2 * N + rank)
     if fp32:
@@ -500,6 +523,41 @@ def tune_infer(rep: int = 50):
     best = min(range(len(totals)), key=totals.__getitem__)
     print(f"best (sum over both sizes and directions): #{best} {INFER_TILES[best]}")
     return dict(totals=totals, tiles=INFER_TILES, best=INFER_TILES[best])
+
+
+def tune_bidir(rep: int = 50):
+    """Both directions of vim-tiny's inference scans (batch 64 at 1024 and 1248 px; low-rank dt, fp32 B / C pairs as
+    the mixer hands them over; ungated, as with the gate in out_proj's kernel): the forward kernel then the reverse +
+    average (one direction per launch: MAMBAZOO_SCAN_BIDIR=0) against the two-direction kernel, for INFER_TILES' tile
+    and stage entries (the two-direction kernel takes ops.CONFIG["cuda"]["infer"] too); their outputs' difference
+    (bf16: the forward half's average rounds the other direction's y first). Leaves ops.CONFIG unchanged."""
+    keep = ops.CONFIG["cuda"].get("infer")
+    tiles = [t for t in INFER_TILES if t["block_d"] == 16 and t["block_l"] >= 16 and t["poly"] and t["tanh"]]
+    rows = []
+    print(f"== both scan directions: one per launch vs the two-direction kernel, ms per layer; default {keep} ==")
+    for L in (4097, 6085):
+        pair = [vim_low_rank_inputs(64, 384, L, 16, fp32=True, seed=s) for s in (3, 4)]
+        for x in pair:  # u as the pair conv writes it: a (b, L, d) buffer of its own
+            x["u"] = x["u"].transpose(1, 2).contiguous().transpose(1, 2)
+        args = [tuple(x[n] for x in pair) for n in ORDER[:6]] + [None, tuple(x["delta_bias"] for x in pair), True]
+        wdt = tuple(x["dt_weight"] for x in pair)
+        y = torch.empty(64, L, 384, device=DEV, dtype=torch.bfloat16).transpose(1, 2)  # the mixer's (b, L, d) output
+        run = lambda: selective_scan_bidirectional_triton(*args, out=y, dt_weight=wdt)  # noqa: E731
+        for tile in tiles:
+            ops.CONFIG["cuda"]["infer"] = tile
+            with torch.no_grad():
+                os.environ["MAMBAZOO_SCAN_BIDIR"] = "0"
+                apart = run().clone()
+                t_apart = bench(run, rep=rep)
+                os.environ["MAMBAZOO_SCAN_BIDIR"] = "1"
+                diff = rel(run(), apart)
+                t_bidir = bench(run, rep=rep)
+            rows.append(dict(L=L, tile=tile, apart=t_apart, bidir=t_bidir, rel_diff=diff))
+            print(f"L={L} {tile}: one direction per launch {t_apart:.3f}  two-direction kernel {t_bidir:.3f} "
+                  f"({t_apart / t_bidir:.3f}x); outputs differ by {diff:.1e}", flush=True)
+    os.environ.pop("MAMBAZOO_SCAN_BIDIR", None)
+    ops.CONFIG["cuda"]["infer"] = keep
+    return rows
 
 
 def tune_forward(candidates, label: str, rep: int = 30):
@@ -848,6 +906,8 @@ def main():
                    "Vim's shapes with B / C pairs (reported, CONFIG unchanged)")
     p.add_argument("--tune-infer", action="store_true", help="time the inference kernel's tilings (INFER_TILES) at "
                    "Vim's shapes beside the general forward (reported, CONFIG unchanged)")
+    p.add_argument("--tune-bidir", action="store_true", help="time vim-tiny's two scan directions one per launch "
+                   "against the two-direction kernel (scan_bidir_infer_kernel), per inference tile")
     p.add_argument("--tune-low-rank", action="store_true", help="time a vim-tiny layer's x_proj + dt_proj + scans, "
                    "folded and with low-rank dt (reported)")
     p.add_argument("--check-only", action="store_true", help="only check every path against the reference on the "
@@ -899,7 +959,9 @@ def main():
         out["tune_infer"] = tune_infer()
     if a.tune_low_rank:
         out["tune_low_rank"] = tune_low_rank()
-    if a.tune_fwd or a.tune_split or a.tune_conv or a.tune_inf or a.tune_infer or a.tune_low_rank:
+    if a.tune_bidir:
+        out["tune_bidir"] = tune_bidir()
+    if a.tune_fwd or a.tune_split or a.tune_conv or a.tune_inf or a.tune_infer or a.tune_low_rank or a.tune_bidir:
         out["config"] = dict(ops.CONFIG["cuda"])
         if a.tune_only:
             if a.json:

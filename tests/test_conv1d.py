@@ -179,18 +179,21 @@ def test_bidirectional_mixer_inference_uses_the_pair_with_the_same_output(monkey
 @pytest.mark.parametrize("scan", ["chunked", "triton"])
 def test_bidirectional_mixer_scans_low_rank_dt(scan, monkeypatch):
     """Without autograd the Vim mixer (bf16, as it runs on a GPU) projects each conv output to [B/C pairs | low-rank
-    dt] (fp32, or bf16 with MAMBAZOO_BC_FP32=0) and leaves dt_proj to the scan (the inference kernel forms delta per
-    tile under the Triton scan; the product is formed first under the chunked one), and the gate to out_proj's
-    kernel (z from the mixer's input rows; MAMBAZOO_GATE_OUT_PROJ=0 gates in the scans): each the output of the
-    folded-GEMM path within bf16's rounding."""
+    dt] (fp32, or bf16 with MAMBAZOO_BC_FP32=0) and leaves dt_proj to the scan (under the Triton scan both directions
+    run in the two-direction kernel, which forms delta per tile, or with MAMBAZOO_SCAN_BIDIR=0 one inference kernel
+    per direction; the product is formed first under the chunked one), and the gate to out_proj's kernel (z from
+    the mixer's input rows; MAMBAZOO_GATE_OUT_PROJ=0 gates in the scans): each the output of the folded-GEMM path
+    within bf16's rounding."""
     from core.mamba import Mamba
     from kernels import ops
 
     monkeypatch.setenv("MAMBAZOO_CONV", "triton")
     monkeypatch.setenv("MAMBAZOO_SCAN", scan)
-    infer = []
-    launch = ops._scan_forward_infer
+    infer, bidir = [], []
+    launch, launch2 = ops._scan_forward_infer, ops.scan_bidirectional_infer
     monkeypatch.setattr(ops, "_scan_forward_infer", lambda *a: infer.append((len(a) > 12, a[3].dtype)) or launch(*a))
+    monkeypatch.setattr(ops, "scan_bidirectional_infer",
+                        lambda *a: bidir.append((a[3][0].dtype, a[6] is not None)) or launch2(*a))
     torch.manual_seed(0)
     m = Mamba(32, d_state=8, bidirectional=True).eval().to(torch.bfloat16)  # d_inner 64, dt rank 2 -> 16
     x = torch.randn(2, 21, 32).to(torch.bfloat16)
@@ -201,18 +204,25 @@ def test_bidirectional_mixer_scans_low_rank_dt(scan, monkeypatch):
     monkeypatch.setattr(gated_proj, "gated_out_proj", lambda *a: gated.append(a[1].shape) or real_gate(*a))
     with torch.no_grad():
         low = m(x)  # the projection in fp32: B / C read as fp32 pairs; the gate in out_proj's kernel
+        monkeypatch.setenv("MAMBAZOO_SCAN_BIDIR", "0")
+        low_apart = m(x)  # ... one scan kernel per direction
+        monkeypatch.delenv("MAMBAZOO_SCAN_BIDIR")
         monkeypatch.setenv("MAMBAZOO_GATE_OUT_PROJ", "0")
         in_scan = m(x)  # the gate in the scans
         monkeypatch.setenv("MAMBAZOO_BC_FP32", "0")
         low16 = m(x)  # ... and the projection in bf16: bf16 pairs
         monkeypatch.setenv("MAMBAZOO_LOW_RANK_DT", "0")
         folded = m(x)
-    assert gated == [(2 * 21, 32)]  # z formed from the mixer's input rows, once
+    assert gated == [(2 * 21, 32)] * 2  # z formed from the mixer's input rows, once per call
     f32, b16 = (True, torch.float32), (True, torch.bfloat16)
-    assert infer == ([f32, f32, f32, f32, b16, b16, (False, torch.bfloat16), (False, torch.bfloat16)]
-                     if scan == "triton" else [])
-    for got in (low, in_scan, low16):
+    if scan == "triton":
+        assert bidir == [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)]
+        assert infer == [f32, f32, (False, torch.bfloat16), (False, torch.bfloat16)]
+    else:
+        assert bidir == infer == []
+    for got in (low, low_apart, in_scan, low16):
         assert ((got.float() - folded.float()).norm() / folded.float().norm()).item() < 2e-2
+    assert ((low.float() - low_apart.float()).norm() / low_apart.float().norm()).item() < 1e-2
     pf, wf = m.fwd.low_rank_weights()
     assert pf.shape == (2 * 8 + 16, 64) and wf.shape == (64, 16) and not pf[2 * 8 + 2:].any() and not wf[:, 2:].any()
 

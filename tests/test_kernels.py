@@ -7,7 +7,7 @@ Errors are ||out - ref|| / ||ref|| per output and per gradient.
 import pytest
 import torch
 
-from core.scan import low_rank_delta, selective_scan_ref, selective_state_update_ref
+from core.scan import low_rank_delta, low_rank_dtype, selective_scan_ref, selective_state_update_ref
 from kernels import ops, selective_scan_triton, selective_state_update
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -684,3 +684,115 @@ def test_out_buffer_takes_y_without_autograd():
     for bad in (torch.empty(2, 4, 36), torch.empty(2, 4, 37, dtype=torch.float64), torch.empty(2, 37, 4, 2)[..., 0].mT):
         with pytest.raises(ValueError, match="out: expected"):
             selective_scan_triton(*args, True, out=bad)
+
+
+def _bidir_inputs(batch, dim, L, N, pair_dtype, rank, seed=0):
+    """Per-direction inputs as the Vim mixer hands them over: u as (batch, L, dim) buffers viewed (batch, dim, L), B / C
+    interleaved pairs of a (batch, L, 2 N + R) projection whose last R columns are low-rank dt (rank > 0; else delta
+    (batch, dim, L)), and each direction's own A, D, delta bias and dt weight."""
+    torch.manual_seed(seed)
+    d = {k: [] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias", "dt_weight")}
+    for _ in range(2):
+        proj = torch.randn(batch, L, 2 * N + rank).to(pair_dtype)
+        d["u"].append(torch.randn(batch, L, dim).transpose(1, 2))
+        d["B"].append(proj[..., 0:2 * N:2].transpose(1, 2))
+        d["C"].append(proj[..., 1:2 * N:2].transpose(1, 2))
+        if rank:
+            d["delta"].append((proj[..., 2 * N:] * 2).transpose(1, 2))
+            d["dt_weight"].append(torch.randn(dim, rank) * 0.4)
+        else:
+            d["delta"].append(torch.rand(batch, dim, L) * 6 - 6)
+            d["dt_weight"].append(None)
+        d["A"].append(-torch.rand(dim, N) * 3 - 0.1)
+        d["D"].append(torch.randn(dim))
+        d["delta_bias"].append(torch.rand(dim) * 0.5)
+    return {k: tuple(v) for k, v in d.items()}
+
+
+def _bidir_reference(a, z):
+    """(y_fwd + y_bwd) / 2 from core's oracle, the backward direction on flipped inputs."""
+    ys = []
+    for k, flip in ((0, lambda t: t), (1, lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t)):
+        delta, w = a["delta"][k], a["dt_weight"][k]
+        if w is not None:  # as the kernel forms it: operands in the narrower dtype, the sum in fp32, not rounded
+            ct = low_rank_dtype(delta, w)
+            delta = w.to(ct).float() @ delta.to(ct).float()
+        y = selective_scan_ref(flip(a["u"][k]), flip(delta.float()), a["A"][k], flip(a["B"][k].float()),
+                               flip(a["C"][k].float()), a["D"][k], flip(z), a["delta_bias"][k], True)
+        ys.append(flip(y))
+    return (ys[0] + ys[1]) / 2
+
+
+def _spy_bidir(monkeypatch):
+    calls = []
+    launch = ops.scan_bidirectional_infer
+    monkeypatch.setattr(ops, "scan_bidirectional_infer", lambda *a: calls.append(launch(*a)) or calls[-1])
+    return calls
+
+
+@pytest.mark.parametrize("infer,pair_dtype,rank,gate,lengths", [
+    (dict(block_d=8, block_l=8, stages=1, poly=True, tanh=False), torch.float32, 16, False, (1, 2, 21, 40)),
+    (dict(block_d=16, block_l=16, stages=2, poly=False, tanh=False), torch.bfloat16, 16, True, (1, 37)),
+    (dict(block_d=32, block_l=4, stages=1, poly=True, tanh=False), torch.bfloat16, 0, False, (2, 21))])
+def test_bidirectional_inference_kernel_matches_reference(infer, pair_dtype, rank, gate, lengths, monkeypatch):
+    """Both directions of a bidirectional scan in two launches (kernels/scan_infer.py, scan_bidir_infer_kernel: phase
+    1 runs the forward over [0, L // 2) and the backward over the rest, phase 2 each direction over the other half
+    from its phase-1 state, averaging with the other's phase-1 output): the oracle's (y_fwd + y_bwd) / 2 for every
+    lane split of N, fp32 and bf16 pairs, low-rank or full delta, gated or not, L = 1, 2 and odd lengths crossing
+    tiles, stored into a strided buffer."""
+    from kernels import selective_scan_bidirectional_triton
+
+    calls = _spy_bidir(monkeypatch)
+    monkeypatch.setitem(ops.CONFIG["cpu"], "infer", infer)
+    batch, dim, N = 2, 20, 8
+    for L in lengths:
+        a = _bidir_inputs(batch, dim, L, N, pair_dtype, rank, seed=L)
+        z = torch.randn(batch, dim, L) if gate else None
+        buf = torch.full((batch, L, 2 * dim), float("nan"))
+        with torch.no_grad():
+            y = selective_scan_bidirectional_triton(*(a[k] for k in ("u", "delta", "A", "B", "C", "D")), z,
+                                                    a["delta_bias"], True, buf[..., dim:].transpose(1, 2),
+                                                    a["dt_weight"])
+        assert y.data_ptr() == buf.data_ptr() + dim * 4 and buf[..., :dim].isnan().all()
+        assert rel(y, _bidir_reference(a, z)) < TOL[torch.float32], L
+    assert len(calls) == len(lengths) and all(c is not None for c in calls)
+
+
+def test_bidirectional_scan_falls_back_to_two_scans(monkeypatch):
+    """Where the two-direction kernel does not take the call (MAMBAZOO_SCAN_BIDIR=0, directions laid out differently,
+    B / C not pairs, a gradient to record) the forward scan and the backward one averaging into it run instead: the
+    same values, and gradients reach every input. Through core.scan.selective_scan_bidirectional on the chunked
+    backend too; arguments that are not (forward, backward) pairs raise a clear ValueError."""
+    from core.scan import selective_scan_bidirectional
+    from kernels import selective_scan_bidirectional_triton as bidir
+
+    calls = _spy_bidir(monkeypatch)
+    monkeypatch.setitem(ops.CONFIG["cpu"], "infer", dict(block_d=8, block_l=8, stages=1, poly=True, tanh=False))
+    batch, dim, L, N = 1, 8, 11, 8
+    a = _bidir_inputs(batch, dim, L, N, torch.float32, 16)
+    keys = ("u", "delta", "A", "B", "C", "D")
+    want = _bidir_reference(a, None)
+    with torch.no_grad():
+        got = bidir(*(a[k] for k in keys), None, a["delta_bias"], True, None, a["dt_weight"])
+        monkeypatch.setenv("MAMBAZOO_SCAN_BIDIR", "0")
+        off = bidir(*(a[k] for k in keys), None, a["delta_bias"], True, None, a["dt_weight"])
+        monkeypatch.delenv("MAMBAZOO_SCAN_BIDIR")
+        other = dict(a, u=(a["u"][0], a["u"][1].transpose(1, 2).contiguous().transpose(1, 2).contiguous()))
+        mixed = bidir(*(other[k] for k in keys), None, a["delta_bias"], True, None, a["dt_weight"])
+        unpaired = dict(a, B=tuple(b.contiguous() for b in a["B"]), C=tuple(c.contiguous() for c in a["C"]))
+        plain = bidir(*(unpaired[k] for k in keys), None, a["delta_bias"], True, None, a["dt_weight"])
+    assert len(calls) == 3 and calls[0] is not None and calls[1] is None and calls[2] is None
+    for y in (got, off, mixed, plain):
+        assert rel(y, want) < TOL[torch.float32]
+    u = tuple(t.clone().requires_grad_() for t in a["u"])
+    y = bidir(u, *(a[k] for k in keys[1:]), None, a["delta_bias"], True, None, a["dt_weight"])
+    y.sum().backward()
+    assert len(calls) == 3 and all(t.grad is not None and t.grad.abs().sum() > 0 for t in u)
+    monkeypatch.setenv("MAMBAZOO_SCAN", "chunked")
+    chunked = selective_scan_bidirectional(*(a[k] for k in keys), delta_bias=a["delta_bias"], delta_softplus=True,
+                                           dt_weight=a["dt_weight"])
+    assert rel(chunked, want) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="A: expected a"):
+        selective_scan_bidirectional(a["u"], a["delta"], a["A"][0], a["B"], a["C"])
+    with pytest.raises(ValueError, match="u: expected a pair of tensors"):
+        bidir((None, None), a["delta"], a["A"], a["B"], a["C"])
