@@ -103,11 +103,20 @@ def _scan_tile(u_ptr, dl_ptr, words, h, A2, bias, Dv, wdt, offs_d, offs_l, offs_
 
 
 @triton.jit
-def _lanes(N, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, offs_d, mask_d):
-    """The state index n = j * I + i as (I, J), the (I, J, BLOCK_D) mask and offsets into a (d, N) tensor."""
+def _work_item(work, dim, N, BLOCK_L: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+               BLOCK_D: tl.constexpr, RANK: tl.constexpr):
+    """Work item ``work`` (BLOCK_D channels of one batch row) and its index vectors: (batch row b, channels offs_d
+    (BLOCK_D,), mask_d, steps offs_l (BLOCK_L,), ranks offs_r, the state index n = j * I + i as offs_n (I, J), the
+    (I, J, BLOCK_D) mask and offsets into a (d, N) tensor)."""
+    n_dblk = tl.cdiv(dim, BLOCK_D)
+    b = work // n_dblk
+    offs_d = (work % n_dblk) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    R1: tl.constexpr = RANK if RANK > 0 else 1
     offs_n = tl.arange(0, BLOCK_J)[None, :] * BLOCK_I + tl.arange(0, BLOCK_I)[:, None]
     mask_nd = mask_d[None, None, :] & (offs_n < N)[:, :, None]
-    return offs_n, mask_nd, offs_d[None, None, :] * N + offs_n[:, :, None]
+    nd_off = offs_d[None, None, :] * N + offs_n[:, :, None]
+    return b, offs_d, mask_d, tl.arange(0, BLOCK_L), tl.arange(0, R1), offs_n, mask_nd, nd_off
 
 
 @triton.jit
@@ -161,15 +170,8 @@ def scan_fwd_infer_kernel(
     RANK > 0 (a power of two >= 16): dl_ptr holds low-rank dt (b, RANK, L) (sdd its rank stride) and wdt_ptr the
     (d, RANK) contiguous weight; delta = wdt @ dt per tile, one (BLOCK_L, RANK) x (RANK, BLOCK_D) dot in the weight's
     dtype (dt's rows rounded to it)."""
-    pid = tl.program_id(0)
-    n_dblk = tl.cdiv(dim, BLOCK_D)
-    b = pid // n_dblk
-    offs_d = (pid % n_dblk) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_l = tl.arange(0, BLOCK_L)
-    R1: tl.constexpr = RANK if RANK > 0 else 1
-    offs_r = tl.arange(0, R1)
-    mask_d = offs_d < dim
-    offs_n, mask_nd, nd_off = _lanes(N, BLOCK_I, BLOCK_J, BLOCK_D, offs_d, mask_d)
+    b, offs_d, mask_d, offs_l, offs_r, offs_n, mask_nd, nd_off = _work_item(
+        tl.program_id(0), dim, N, BLOCK_L, BLOCK_I, BLOCK_J, BLOCK_D, RANK)
     A2, bias, Dv, wdt = _constants(A_ptr, bias_ptr, D_ptr, wdt_ptr, nd_off, mask_nd, offs_d, mask_d, offs_r,
                                    HAS_BIAS, HAS_D, BLOCK_D, RANK)
     u_ptr = _row(u_ptr, b, sub)
@@ -221,15 +223,8 @@ def scan_bidir_infer_kernel(
     leaves room)."""
     pid = tl.program_id(0)
     rev = pid % 2
-    work = pid // 2
-    n_dblk = tl.cdiv(dim, BLOCK_D)
-    b = work // n_dblk
-    offs_d = (work % n_dblk) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_l = tl.arange(0, BLOCK_L)
-    R1: tl.constexpr = RANK if RANK > 0 else 1
-    offs_r = tl.arange(0, R1)
-    mask_d = offs_d < dim
-    offs_n, mask_nd, nd_off = _lanes(N, BLOCK_I, BLOCK_J, BLOCK_D, offs_d, mask_d)
+    b, offs_d, mask_d, offs_l, offs_r, offs_n, mask_nd, nd_off = _work_item(
+        pid // 2, dim, N, BLOCK_L, BLOCK_I, BLOCK_J, BLOCK_D, RANK)
     if rev == 1:
         u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, bias_ptr, wdt_ptr = ub_ptr, dlb_ptr, Ab_ptr, bcb_ptr, Db_ptr, biasb_ptr, \
             wdtb_ptr
