@@ -214,7 +214,7 @@ def test_bidirectional_mixer_scans_low_rank_dt(scan, monkeypatch):
         monkeypatch.setenv("MAMBAZOO_LOW_RANK_DT", "0")
         folded = m(x)
     assert gated == [(2 * 21, 32)] * 2  # z formed from the mixer's input rows, once per call
-    f32, b16 = (True, torch.float32), (True, torch.bfloat16)
+    f32 = (True, torch.float32)
     if scan == "triton":
         assert bidir == [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)]
         assert infer == [f32, f32, (False, torch.bfloat16), (False, torch.bfloat16)]
