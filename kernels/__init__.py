@@ -6,8 +6,9 @@
                                         out=None, dt_weight=None)
     selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False)
 
-Both call ops registered with torch.library (``torch.ops.mambazoo.scan_fwd`` / ``scan_bwd`` /
-``state_update``), so torch.compile traces them without graph breaks.
+The one-direction scan and the decode step call ops registered with torch.library (``torch.ops.mambazoo.scan_fwd`` /
+``scan_bwd`` / ``state_update``), so torch.compile traces them without graph breaks; the bidirectional scan, while
+compiling or recording a gradient, runs as two of those scans.
 """
 
 from __future__ import annotations
