@@ -1,71 +1,22 @@
 """The selective state-space core in plain PyTorch, device-agnostic."""
 
-from core.block import Block, drop_path
-from core.cache import InferenceCache, MambaState
-from core.mamba import Mamba, dt_bias_init, s4d_real_a_log
-from core.norm import RMSNorm
-from core.ssm import (
-    A_INIT_KINDS,
-    LTISSM,
-    a_log_init,
-    discretize_b,
-    discretize_bilinear_dense,
-    discretize_gbt_dense,
-    discretize_zoh,
-    discretize_zoh_dense,
-    fft_causal_conv,
-    hippo_legs,
-    hippo_legs_diag,
-    hippo_legs_encode,
-    hippo_legs_nplr,
-    hippo_legs_reconstruct,
-    hippo_legs_transitions,
-    legendre_reconstruct,
-    s4d_lin,
-    s4d_real,
-    ssm_kernel,
-)
-from core.scan import (
-    check_scan_inputs,
-    scan_backend,
-    selective_scan,
-    selective_scan_chunked,
-    selective_scan_ref,
-    selective_state_update_ref,
-)
+if __name__ != "mambazoo.core":
+    # Python runs from a checkout of the repository, and its core/ folder was found as a top-level
+    # package `core`. It is not one: it installs as mambazoo.core. Step aside for an installed
+    # distribution of that name (transformers imports HuggingFace's `kernels`), else say so.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = [
-    "A_INIT_KINDS",
-    "LTISSM",
-    "a_log_init",
-    "discretize_b",
-    "discretize_bilinear_dense",
-    "discretize_gbt_dense",
-    "discretize_zoh",
-    "discretize_zoh_dense",
-    "fft_causal_conv",
-    "hippo_legs",
-    "hippo_legs_diag",
-    "hippo_legs_encode",
-    "hippo_legs_nplr",
-    "hippo_legs_reconstruct",
-    "hippo_legs_transitions",
-    "legendre_reconstruct",
-    "s4d_lin",
-    "s4d_real",
-    "ssm_kernel",
-    "Block",
-    "InferenceCache",
-    "Mamba",
-    "MambaState",
-    "RMSNorm",
-    "check_scan_inputs",
-    "drop_path",
-    "dt_bias_init",
-    "s4d_real_a_log",
-    "scan_backend",
-    "selective_scan",
-    "selective_scan_chunked",
-    "selective_scan_ref",
-    "selective_state_update_ref",
-]
+    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(f"no module named {__name__!r}: the folder {os.path.dirname(__file__)} is "
+                                  f"mambazoo.core (pip install -e . then import mambazoo.core)", name=__name__)
+    sys.modules[__name__] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[__name__])
+else:
+    from mambazoo.core._public import *  # noqa: F401,F403
+    from mambazoo.core._public import __all__  # noqa: F401

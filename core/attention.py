@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.cache import KVCache
+from mambazoo.core.cache import KVCache
 
 
 class Attention(nn.Module):

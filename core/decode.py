@@ -14,7 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from core.scan import scan_backend
+from mambazoo.core.scan import scan_backend
 
 __all__ = ["fused_decode_enabled", "conv_step_ref", "add_rms_norm_ref"]
 
@@ -38,7 +38,7 @@ def fused_decode_enabled(device: torch.device) -> bool:
 
 def conv_step_ref(conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   silu: bool = True) -> torch.Tensor:
-    """One step of the causal depthwise conv1d in PyTorch (the oracle of kernels.decode.conv_state_update).
+    """One step of the causal depthwise conv1d in PyTorch (the oracle of mambazoo.kernels.decode.conv_state_update).
 
     conv_state (batch, d, W) shifted left in place with x (batch, d) appended in conv_state's dtype;
     the products and sum in conv_state's dtype, bias added in it; returns silu(.) in x's dtype.
@@ -55,8 +55,8 @@ def conv_step_ref(conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
 def add_rms_norm_ref(x: torch.Tensor | None, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float = 1e-5, out_dtype: torch.dtype | None = None):
-    """PyTorch oracle of kernels.decode.add_rms_norm: returns (out, residual); residual += x in place
-    (a new fp32 residual when None); out = core.norm.RMSNorm of the fp32 residual, in ``out_dtype``."""
+    """PyTorch oracle of mambazoo.kernels.decode.add_rms_norm: returns (out, residual); residual += x in place
+    (a new fp32 residual when None); out = mambazoo.core.norm.RMSNorm of the fp32 residual, in ``out_dtype``."""
     if residual is None:
         residual = x.float().clone()
     elif x is not None:

@@ -11,19 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.cache import MambaState
-from core.decode import conv_step_ref, fused_decode_enabled
-from core.norm import RMSNorm
-from core.scan import scan_backend, selective_scan, selective_scan_bidirectional, selective_state_update_ref
+from mambazoo.core.cache import MambaState
+from mambazoo.core.decode import conv_step_ref, fused_decode_enabled
+from mambazoo.core.norm import RMSNorm
+from mambazoo.core.scan import scan_backend, selective_scan, selective_scan_bidirectional, selective_state_update_ref
 
 
 def conv_backend(device: torch.device) -> str:
-    """The mixer's conv1d: kernels.conv1d ('triton') on CUDA unless MAMBAZOO_CONV=torch; PyTorch's on the CPU
-    unless MAMBAZOO_CONV=triton asks for the interpreter (see kernels.conv1d.conv_backend)."""
+    """The mixer's conv1d: mambazoo.kernels.conv1d ('triton') on CUDA unless MAMBAZOO_CONV=torch; PyTorch's on the CPU
+    unless MAMBAZOO_CONV=triton asks for the interpreter (see mambazoo.kernels.conv1d.conv_backend)."""
     want = os.environ.get("MAMBAZOO_CONV", "").strip().lower()
     if want == "torch" or (device.type != "cuda" and want != "triton"):
         return "torch"
-    from kernels.conv1d import conv_backend as kernel_conv_backend
+    from mambazoo.kernels.conv1d import conv_backend as kernel_conv_backend
 
     return kernel_conv_backend(device)
 
@@ -90,7 +90,7 @@ class _Direction(_WeightCache, nn.Module):
                 self.B_norm = RMSNorm(d_state, eps=norm_eps)
                 self.C_norm = RMSNorm(d_state, eps=norm_eps)
         else:
-            from core.ssm import LTISSM
+            from mambazoo.core.ssm import LTISSM
 
             self.lti = LTISSM(d_inner, d_state, init=a_init, dt_min=dt_min, dt_max=dt_max)
         self.inner_norm = inner_norm and selective
@@ -117,7 +117,7 @@ class _Direction(_WeightCache, nn.Module):
         """cat(W_dt W_x[:dt_rank], rows of B and C alternating): (d_inner + 2 N, d_inner), the product taken in
         fp32. One GEMM of the token stream instead of two (x_proj's output and dt_proj's (b, L, d_inner) result
         are memory bound: vim-tiny at 1248 px spent ~0.17 ms on each per call); B_n and C_n side by side let the
-        scan load both with one 4-byte read (kernels.ops.bc_pairs) and skip their fp32 copies. Cached against
+        scan load both with one 4-byte read (mambazoo.kernels.ops.bc_pairs) and skip their fp32 copies. Cached against
         the weights' versions."""
         def build(wx, wdt):
             return torch.cat([(wdt.float() @ wx[:self.dt_rank].float()).to(wx.dtype), self._bc_rows(wx)])
@@ -233,7 +233,7 @@ def _fold_dt_enabled() -> bool:
 
 
 def _a_log_from_ssm(d_inner, d_state, a_init):
-    from core.ssm import a_log_init
+    from mambazoo.core.ssm import a_log_init
 
     return a_log_init(d_inner, d_state, a_init)
 
@@ -279,7 +279,7 @@ class Mamba(_WeightCache, nn.Module):
         L = x.shape[-1]
         weight = direction.conv1d.weight
         if state is None and weight.shape[-1] <= 4 and conv_backend(x.device) == "triton":
-            from kernels.conv1d import causal_conv1d
+            from mambazoo.kernels.conv1d import causal_conv1d
 
             xc = causal_conv1d(x, weight, direction.conv1d.bias, silu=True, reverse=reverse)
             return direction.scan(xc, z, reverse=reverse, average_with=average_with)
@@ -311,7 +311,7 @@ class Mamba(_WeightCache, nn.Module):
         xz = self.in_proj(x).transpose(1, 2)  # (batch, 2*d_inner, L)
         xs, z = xz.chunk(2, dim=1)
         if self.bidirectional and self._pair_conv(xs):  # inference: both directions' convs from one read of xs
-            from kernels.conv1d import causal_conv1d_pair
+            from mambazoo.kernels.conv1d import causal_conv1d_pair
 
             f, b = self.fwd.conv1d, self.bwd.conv1d
             xf, xb = causal_conv1d_pair(xs, f.weight, f.bias, b.weight, b.bias, silu=True)
@@ -344,7 +344,7 @@ class Mamba(_WeightCache, nn.Module):
         only xs, the scans store y ungated (both directions share z, so silu(z) factors out of their mean), and
         out_proj forms z from the mixer's input rows on chip. Half-precision input (the autocast dtype) on the
         pair-conv, low-rank path; MAMBAZOO_GATE_OUT_PROJ=0 turns it off (A/B timing)."""
-        from kernels.gated_proj import gated_out_proj_fits
+        from mambazoo.kernels.gated_proj import gated_out_proj_fits
 
         return (x.dtype in (torch.bfloat16, torch.float16) and self._pair_conv(x) and self._low_rank_dt(x)
                 and gated_out_proj_fits(self.d_model, self.d_inner)
@@ -368,8 +368,8 @@ class Mamba(_WeightCache, nn.Module):
     def _forward_gated(self, x: torch.Tensor) -> torch.Tensor:
         """forward of the bidirectional mixer at inference with the gate in out_proj's kernel (_gate_in_out_proj):
         x (batch, L, d_model) half precision -> (batch, L, d_model)."""
-        from kernels.conv1d import causal_conv1d_pair
-        from kernels.gated_proj import gated_out_proj
+        from mambazoo.kernels.conv1d import causal_conv1d_pair
+        from mambazoo.kernels.gated_proj import gated_out_proj
 
         batch, L, _ = x.shape
         wx, bx, wz, bz, wo, bo = self._gate_weights(x.dtype)
@@ -418,7 +418,7 @@ class Mamba(_WeightCache, nn.Module):
         fused = fused_decode_enabled(x.device) and _fusable_state(state)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (batch, d_inner) each, row-strided views
         if fused:  # one kernel: shift + append + depthwise conv + bias + SiLU
-            from kernels.decode import conv_state_update
+            from mambazoo.kernels.decode import conv_state_update
 
             xc = conv_state_update(state.conv, xs, d.conv1d.weight, d.conv1d.bias)
         else:
@@ -428,7 +428,7 @@ class Mamba(_WeightCache, nn.Module):
             return self.out_proj(y.to(xs.dtype))
         delta, B, C = d.ssm_inputs(xc)
         if fused:  # A_log, D, dt bias as stored (any dtype): no per-step cast / exp kernels
-            from kernels.state_update import launch_state_update
+            from mambazoo.kernels.state_update import launch_state_update
 
             y = launch_state_update(state.ssm, xc, delta, d.A_log, B, C, d.D, z, d.dt_proj.bias,
                                     True, A_is_log=True)
@@ -448,7 +448,7 @@ def _fusable_state(state: MambaState) -> bool:
 def _state_update_fn(device: torch.device):
     """The fused decode-step kernel on CUDA, the reference elsewhere (same contract)."""
     if scan_backend(device) == "triton":
-        from kernels import selective_state_update
+        from mambazoo.kernels import selective_state_update
 
         return selective_state_update
     return selective_state_update_ref

@@ -335,7 +335,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             delta, dt_weight = low_rank_delta(delta, dt_weight), None
     if backend == "triton":
         check_scan_inputs(u, delta if dt_weight is None else u, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-        from kernels import selective_scan_triton
+        from mambazoo.kernels import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                      initial_state, seq_idx, reverse, average_with, average_in_place, out,
@@ -387,11 +387,11 @@ def selective_scan_bidirectional(u, delta, A, B, C, D=None, z=None, delta_bias=N
     delta_bias, dt_weight may be None for both); the backward direction scans from position L - 1 down to 0
     (selective_scan's reverse=True). z (batch, dim, L) or None gates both directions. out as selective_scan's.
     On the Triton backend, inference runs both directions together where the kernel takes them
-    (kernels.selective_scan_bidirectional_triton); elsewhere the forward scan, then the backward one averaging into
+    (mambazoo.kernels.selective_scan_bidirectional_triton); elsewhere the forward scan, then the backward one averaging into
     it, as two selective_scan calls (differentiable)."""
     args = direction_pairs(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias, dt_weight=dt_weight)
     if scan_backend(args[0][0].device) == "triton":
-        from kernels import selective_scan_bidirectional_triton
+        from mambazoo.kernels import selective_scan_bidirectional_triton
 
         return selective_scan_bidirectional_triton(*args[:5], args[5], z, args[6], delta_softplus, out, args[7])
     (uf, ub), (df, db), (Af, Ab), (Bf, Bb), (Cf, Cb), (Df, Db), (bf, bb), (wf, wb) = args

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn as nn
 
-from core.scan import selective_scan
+from mambazoo.core.scan import selective_scan
 
 __all__ = [
     "discretize_zoh",
@@ -253,7 +253,7 @@ class LTISSM(nn.Module):
     with A = -exp(A_log) (dim, N), dt = exp(log_dt) (dim,), B, C (dim, N), D (dim,).
     ``forward(u, mode)`` computes the same map three ways: 'recurrent' (a loop over time),
     'conv' (the kernel K = (C dtB, C Abar dtB, ..., C Abar^(L-1) dtB) applied by FFT) and
-    'scan' (``core.scan.selective_scan`` with constant delta and time-invariant B, C).
+    'scan' (``mambazoo.core.scan.selective_scan`` with constant delta and time-invariant B, C).
     """
 
     MODES = ("conv", "recurrent", "scan")

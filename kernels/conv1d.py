@@ -9,7 +9,7 @@ reverse=True the window looks ahead instead, x[:, c, t + (W-1) - k] (the causal 
 sequence, read in place: Vim's backward direction). y is returned as a (b, d, L) view of a (b, L, d)
 buffer: the layout x_proj reads and the scan kernel reads through strides, so neither copies.
 
-The default of core.mamba on CUDA (``MAMBAZOO_CONV=torch`` keeps PyTorch's conv1d; the CPU runs PyTorch's
+The default of mambazoo.core.mamba on CUDA (``MAMBAZOO_CONV=torch`` keeps PyTorch's conv1d; the CPU runs PyTorch's
 unless the Triton interpreter is on and MAMBAZOO_CONV=triton asks).  H100, (8, 1536, 2048) bf16: forward
 0.054 ms against F.conv1d's 0.334 (docs/benchmarks.md); vim-tiny 288 -> 452 images/s at 1024 px.
 The backward runs two kernels: dpre = dy act'(pre) (fp32 buffer) with dw / db summed per program over
@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from kernels._host import cdiv, interpreting
-from kernels._math import sigmoid
+from mambazoo.kernels._host import cdiv, interpreting
+from mambazoo.kernels._math import sigmoid
 
 __all__ = ["causal_conv1d", "causal_conv1d_pair", "conv_backend"]
 

@@ -5,7 +5,7 @@
 
 Each is one kernel launch. A decode step is launch-bound (a few KB of activations per layer), so
 what these save is the ~6 elementwise PyTorch kernels each would otherwise take. Their PyTorch
-references are core.norm.RMSNorm on the fp32 residual stream and core.mamba.conv_step_ref.
+references are mambazoo.core.norm.RMSNorm on the fp32 residual stream and mambazoo.core.mamba.conv_step_ref.
 Row strides are honoured (x may be a slice of in_proj's output): no .contiguous() copies.
 """
 
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from kernels._host import cdiv, next_power_of_2
+from mambazoo.kernels._host import cdiv, next_power_of_2
 
 __all__ = ["add_rms_norm", "conv_state_update"]
 
@@ -89,7 +89,7 @@ def add_rms_norm(x: Optional[Tensor], residual: Optional[Tensor], weight: Tensor
     - residual None: a new fp32 residual = x.float() is made (the first block);
     - x None: residual is only read.
     Returns (out, residual) with out = residual * rsqrt(mean(residual^2) + eps) * weight computed in
-    fp32 (exactly core.norm.RMSNorm applied to the fp32 residual) and stored in ``out_dtype``
+    fp32 (exactly mambazoo.core.norm.RMSNorm applied to the fp32 residual) and stored in ``out_dtype``
     (default: x's dtype, or weight's without x). Rows may be strided; the last axis must be dense.
     out_into_x: out is written over x where x has out's dtype (each row is read before it is written; the
     caller owns x): no new (batch, d) buffer.

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._host import cdiv, interpreting, pow2_parts
-from kernels.scan_infer import _gate  # silu(z), optionally through one tanh.approx
+from mambazoo.kernels._host import cdiv, interpreting, pow2_parts
+from mambazoo.kernels.scan_infer import _gate  # silu(z), optionally through one tanh.approx
 
 __all__ = ["gated_out_proj", "gated_out_proj_fits", "CONFIG"]
 

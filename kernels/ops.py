@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from core.scan import low_rank_delta, low_rank_dtype
-from kernels._host import cdiv, interpreting, next_power_of_2
-from kernels.scan_infer import scan_bidir_infer_kernel, scan_fwd_infer_kernel
-from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
+from mambazoo.core.scan import low_rank_delta, low_rank_dtype
+from mambazoo.kernels._host import cdiv, interpreting, next_power_of_2
+from mambazoo.kernels.scan_infer import scan_bidir_infer_kernel, scan_fwd_infer_kernel
+from mambazoo.kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 
 # Tile sizes (steps per tile block_l, channels per program block_d, warps), per pass.  The forward
 # stores the state every `chunk` steps for the backward; block_l of either pass must divide it.  GPU
@@ -289,7 +289,7 @@ def _rank_fits(dt: Tensor, dt_weight: Tensor) -> bool:
 def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg, dt_weight=None):
     """scan_forward for inference with B / C as bf16 or fp32 pairs (see scan_forward): kernels/scan_infer.py. With
     dt_weight (d, R), delta is low-rank dt (b, R, L); the kernel's product runs in the narrower dtype of the two (as
-    core.scan.low_rank_delta)."""
+    mambazoo.core.scan.low_rank_delta)."""
     batch, dim, L = u.shape
     N = A.shape[1]
     infer = cfg["infer"]

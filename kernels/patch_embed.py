@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._host import cdiv, pow2_parts
+from mambazoo.kernels._host import cdiv, pow2_parts
 
 __all__ = ["patch_tokens", "patch_tokens_fit", "CONFIG"]
 

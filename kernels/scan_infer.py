@@ -32,8 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels._math import sigmoid
-from kernels.selective_scan import _bias_d, _combine, _dt_tile, _dt_value, _last, _mem, _off, _row, _steps
+from mambazoo.kernels._math import sigmoid
+from mambazoo.kernels.selective_scan import _bias_d, _combine, _dt_tile, _dt_value, _last, _mem, _off, _row, _steps
 
 
 @triton.jit

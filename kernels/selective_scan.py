@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels._math import sigmoid
+from mambazoo.kernels._math import sigmoid
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from kernels._host import cdiv, next_power_of_2
+from mambazoo.kernels._host import cdiv, next_power_of_2
 
 
 @triton.jit

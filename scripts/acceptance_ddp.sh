@@ -29,7 +29,7 @@ run() {  # name, args...
     local name=$1; shift
     echo "== $name: mambazoo fit $*" | tee "$WORK/$name.log"
     local t0=$(date +%s)
-    python3 -m zoo.cli fit --run_dir "$WORK/runs/$name" --trainer.enable_progress_bar false "$@" >> "$WORK/$name.log" 2>&1
+    python3 -m mambazoo.cli fit --run_dir "$WORK/runs/$name" --trainer.enable_progress_bar false "$@" >> "$WORK/$name.log" 2>&1
     echo "exit $? seconds $(( $(date +%s) - t0 ))" | tee -a "$WORK/$name.log"
     cp "$WORK/$name.log" "$OUT/"
 }

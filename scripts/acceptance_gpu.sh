@@ -55,7 +55,7 @@ setup() {
 launch_one() {  # name, extra args...: one detached session (survives the calling command) per run
     local name=$1; shift
     echo "mambazoo fit --config $name --trainer.max_time $MAXTIME --test_after_fit true $*" >> "$WORK/commands.txt"
-    setsid bash -c 'echo "start $(date +%s)"; python3 -m zoo.cli fit --config "$@"; echo "exit $? end $(date +%s)"' _ \
+    setsid bash -c 'echo "start $(date +%s)"; python3 -m mambazoo.cli fit --config "$@"; echo "exit $? end $(date +%s)"' _ \
         "$name" --run_dir "$WORK/runs/$name" --trainer.max_time "$MAXTIME" --trainer.enable_progress_bar false \
         --test_after_fit true "$@" ${EXTRA_ARGS:-} > "$WORK/$name.log" 2>&1 < /dev/null &
 }
@@ -75,7 +75,7 @@ launch() {
             --trainer.max_time "00:00:$(printf %02d $((TRAIN_MIN / 2))):00" > "$WORK/mqar-sweep.log" 2>&1 < /dev/null &
     fi
     # xz -9 on exactly the bytes the mambabyte test set scores (held-out stdlib files, 1024-byte windows)
-    python3 -m zoo.data.text dump-val --seq-len 1024 --out "$WORK/val.bin" > "$WORK/xz.txt" 2>&1
+    python3 -m mambazoo.data.text dump-val --seq-len 1024 --out "$WORK/val.bin" > "$WORK/xz.txt" 2>&1
     if command -v xz > /dev/null; then
         echo "xz_bytes $(xz -9 -k -c "$WORK/val.bin" | wc -c) raw_bytes $(stat -c %s "$WORK/val.bin")" >> "$WORK/xz.txt"
     else
@@ -86,8 +86,8 @@ launch() {
 
 wait_runs() {
     local deadline=$(( $(date +%s) + TRAIN_MIN * 60 + 600 ))
-    while pgrep -f "zoo.cli fit --config" > /dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 10; done
-    pgrep -fa "zoo.cli fit --config" && echo "some runs still going at the deadline"
+    while pgrep -f "mambazoo.cli fit --config" > /dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 10; done
+    pgrep -fa "mambazoo.cli fit --config" && echo "some runs still going at the deadline"
 }
 
 fp32_eval() {  # induction heads: test the best checkpoint again in fp32 (is a shortfall precision or training?)
@@ -96,7 +96,7 @@ fp32_eval() {  # induction heads: test the best checkpoint again in fp32 (is a s
     best=$(ls "$WORK"/runs/induction-heads-mamba/checkpoints/best-*.ckpt "$WORK"/runs/induction-heads-mamba/checkpoints/last.ckpt 2>/dev/null | head -1)
     [ -n "$best" ] || return 0
     echo "mambazoo test --config induction-heads-mamba --ckpt_path $best --trainer.precision 32" >> "$WORK/commands.txt"
-    python3 -m zoo.cli test --config induction-heads-mamba --ckpt_path "$best" --trainer.precision 32 \
+    python3 -m mambazoo.cli test --config induction-heads-mamba --ckpt_path "$best" --trainer.precision 32 \
         --run_dir "$WORK/runs/induction-heads-fp32" --trainer.enable_progress_bar false ${EXTRA_ARGS:-} \
         > "$WORK/induction-heads-fp32.log" 2>&1
 }

@@ -28,9 +28,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from zoo import create_model  # noqa: E402
+from mambazoo import create_model  # noqa: E402
 
 MODES = ("unfused", "fused")
 
@@ -84,7 +83,7 @@ def model_step_fn(model, batch: int, device):
 
 
 def capture(fn, device):
-    """fn captured in a CUDA graph (after warm-up on a side stream, as zoo.generation.GraphDecoder)."""
+    """fn captured in a CUDA graph (after warm-up on a side stream, as mambazoo.generation.GraphDecoder)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.inference_mode():

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from kernels.gated_proj import CONFIG, gated_out_proj
+from mambazoo.kernels.gated_proj import CONFIG, gated_out_proj
 
 SHAPES = [("vim-tiny 1024 px", 64 * 4097, 192, 384), ("vim-tiny 1248 px", 64 * 6085, 192, 384)]
 # (block_m, block_c, stages, warps, tanh, ahead)

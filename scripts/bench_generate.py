@@ -24,17 +24,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from zoo import create_model  # noqa: E402
-from zoo.generation import generate  # noqa: E402
-from zoo.lm import CausalLM, LMConfig  # noqa: E402
+from mambazoo import create_model  # noqa: E402
+from mambazoo.generation import generate  # noqa: E402
+from mambazoo.lm import CausalLM, LMConfig  # noqa: E402
 
 
 def sync(device):

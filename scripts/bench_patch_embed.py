@@ -17,8 +17,8 @@ import timm
 import torch
 from triton.testing import do_bench
 
-import zoo.vim  # noqa: F401  (registers vim_*_patch16_224 with timm)
-from kernels import patch_embed
+import mambazoo.vim  # noqa: F401  (registers vim_*_patch16_224 with timm)
+from mambazoo.kernels import patch_embed
 
 TILES = [(64, 4), (64, 8), (128, 8), (32, 4)]
 

@@ -5,7 +5,7 @@ Run on a GPU from the repository root (the peer is optional, see shared/anchors/
     PYTHONPATH=.:$PYTHONPATH python scripts/bench_scan.py [--probe] [--json FILE]
     PYTHONPATH=. python scripts/bench_scan.py --resources      # no GPU needed: registers, spills, SASS mix
 
-It first checks the kernels against core.selective_scan_ref on the GPU (forward and all
+It first checks the kernels against mambazoo.core.selective_scan_ref on the GPU (forward and all
 gradients, several layouts), then times, median of triton.testing.do_bench, bf16 inputs with D,
 z gate, delta bias and softplus: our kernel, mamba-ssm's CUDA kernel (``selective_scan_cuda``
 importable, else skipped) and core's chunked reference (forward, where it fits), with the peak
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from core.scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
-from kernels import ops, selective_scan_bidirectional_triton, selective_scan_triton, selective_state_update
+from mambazoo.core.scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
+from mambazoo.kernels import ops, selective_scan_bidirectional_triton, selective_scan_triton, selective_state_update
 
 SHAPES = [(8, 1536, 2048, 16), (4, 4096, 4096, 16), (1, 1536, 65536, 16), (128, 384, 197, 16)]
 DEV = "cuda"
@@ -103,7 +103,7 @@ class PeerScan(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------ checks
 def check_against_reference():
     """Kernel vs the sequential oracle on the GPU: forward, last state and all gradients."""
-    print("== correctness on GPU (relative error vs core.selective_scan_ref) ==")
+    print("== correctness on GPU (relative error vs mambazoo.core.selective_scan_ref) ==")
     cases = [("fp32", dict(dtype=torch.float32, h0=True), 1e-4, {}),
              ("bf16", dict(dtype=torch.bfloat16, h0=True), 2e-2, {}),
              ("fp32 groups=2", dict(dtype=torch.float32, groups=2), 1e-4, {}),
@@ -190,7 +190,7 @@ def check_against_reference():
     print(f"reverse + avg  y={e7:.1e} (no grad, no tile states)" + ("  ok" if e7 < 1e-4 else "  FAIL"))
     e1, e2 = max(e1, e4, e7), max(e2, e5)
     # the mixer's conv1d + SiLU kernel (both directions) against PyTorch's
-    from kernels.conv1d import causal_conv1d
+    from mambazoo.kernels.conv1d import causal_conv1d
 
     xc, wc, bc = torch.randn(2, 64, 300, device=DEV), torch.randn(64, 4, device=DEV), torch.randn(64, device=DEV)
     e8 = 0.0
@@ -199,7 +199,7 @@ def check_against_reference():
         want = torch.nn.functional.silu(torch.nn.functional.conv1d(torch.nn.functional.pad(xin, (3, 0)), wc[:, None],
                                                                    bc, groups=64))
         e8 = max(e8, rel(causal_conv1d(xc, wc, bc, True, rev), want.flip(-1) if rev else want))
-    from kernels.conv1d import causal_conv1d_pair
+    from mambazoo.kernels.conv1d import causal_conv1d_pair
 
     with torch.no_grad():
         pf, pb = causal_conv1d_pair(xc, wc, bc, wc.flip(-1), -bc)
@@ -432,7 +432,7 @@ def vim_pair_inputs(b, d, L, N):
 
 def vim_low_rank_inputs(b, d, L, N, rank=16, fp32=False, seed=3):
     """As vim_pair_inputs, but as the mixer's low-rank x_proj GEMM hands them over: B / C pairs and low-rank dt
-    views of one (b, L, 2N + rank) projection [B_0 C_0 B_1 C_1 ... | dt] (bf16, or fp32 as core.mamba's
+    views of one (b, L, 2N + rank) projection [B_0 C_0 B_1 C_1 ... | dt] (bf16, or fp32 as mambazoo.core.mamba's
     _pair_projection writes it), delta = dt (b, rank, L) with the (d, rank) bf16 weight under "dt_weight"."""
     x = make(b, d, L, N)
     g = torch.Generator(device=DEV).manual_seed(seed)
@@ -683,8 +683,8 @@ def conv_note(bw):
     tfb = bench(lambda: f().backward(dy), grad_to_none=[x, w, bias])
     print(f"conv1d+silu (8,1536,2048) bf16: fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms; "
           f"floor fwd {2 * x.numel() * 2 / bw / 1e9:.3f} ms", flush=True)
-    # kernels.conv1d (MAMBAZOO_CONV=triton) on the mixer's own layout: a (b, L, d) view of in_proj's output
-    from kernels.conv1d import causal_conv1d
+    # mambazoo.kernels.conv1d (MAMBAZOO_CONV=triton) on the mixer's own layout: a (b, L, d) view of in_proj's output
+    from mambazoo.kernels.conv1d import causal_conv1d
 
     proj = torch.randn(b, L, 2 * d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     xv = proj[..., :d].transpose(1, 2)
@@ -707,10 +707,10 @@ PAIR_TILES = ((16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 64, 4), (64, 64, 4)
 
 
 def tune_conv_pair(rep: int = 50):
-    """Tiles (BLOCK_L, BLOCK_D, warps) of kernels.conv1d.causal_conv1d_pair (both directions' convs from one read) on
+    """Tiles (BLOCK_L, BLOCK_D, warps) of mambazoo.kernels.conv1d.causal_conv1d_pair (both directions' convs from one read) on
     the mixer's (b, L, 2d) in_proj view at vim-tiny's batch-64 shapes (1024 and 1248 px): ms per tile, checked against
     the first tile's outputs; prints the fastest in total and leaves the module's tile unchanged."""
-    from kernels import conv1d
+    from mambazoo.kernels import conv1d
 
     keep = (conv1d.PAIR_BLOCK_L, conv1d.PAIR_BLOCK_D, conv1d.PAIR_WARPS)
     data = {}
@@ -743,8 +743,8 @@ def tune_low_rank(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 3
     three ways: folded (per direction the GEMM to [delta | B/C pairs], the scan reading delta), low rank (the GEMM to
     [B/C pairs | dt], 48 columns, the scan forming delta = W_dt dt per tile) and low rank with that GEMM's output in
     fp32 (the mixer's default). ms per piece and per layer."""
-    from core.mamba import _pair_projection
-    from kernels import conv1d
+    from mambazoo.core.mamba import _pair_projection
+    from mambazoo.kernels import conv1d
 
     g = torch.Generator(device=DEV).manual_seed(5)
     rn = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
@@ -784,7 +784,7 @@ def tune_low_rank(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 3
                                  y_out=y, dt_weight=wdt)
                 return y
 
-            def low_rank_fp32():  # the mixer's default: the projection in fp32 (core.mamba._pair_projection)
+            def low_rank_fp32():  # the mixer's default: the projection in fp32 (mambazoo.core.mamba._pair_projection)
                 qf = _pair_projection(uf, wx_f)
                 y = ops.scan_forward(uf, qf[..., 2 * N:].transpose(1, 2), A, qf[..., 0:2 * N:2].transpose(1, 2),
                                      qf[..., 1:2 * N:2].transpose(1, 2), Dv, z, bias, None, None, True, False, None,
@@ -811,10 +811,10 @@ def tune_low_rank(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 3
 
 
 def tune_conv():
-    """Forward tiles (BLOCK_L, BLOCK_D, warps) of kernels.conv1d on the mixer's (b, L, 2d) in_proj view at Vim's
+    """Forward tiles (BLOCK_L, BLOCK_D, warps) of mambazoo.kernels.conv1d on the mixer's (b, L, 2d) in_proj view at Vim's
     batch-64 shapes (both directions at 1248 px) and shape 1; prints ms per tile and keeps the fastest in total
     for the rest of this run. Results are checked against the first tile's output."""
-    from kernels import conv1d
+    from mambazoo.kernels import conv1d
 
     shapes = [(64, 384, 6085, False), (64, 384, 6085, True), (64, 384, 4097, False), (8, 1536, 2048, False)]
     data, ref, totals = {}, {}, {}
@@ -854,7 +854,7 @@ def resources(configs=((8, 16, 1, "fwd"), (4, 8, 1, "bwd"), (4, 16, 1, "bwd"), (
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
+    from mambazoo.kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     # B and C reach the kernels in fp32 (ops._bc_layout), the rest in bf16
@@ -900,7 +900,7 @@ def main():
                    "depths (FWD_TILES) and use the fastest")
     p.add_argument("--tune-split", action="store_true", help="before the table, time the forward's L-split "
                    "thresholds (FWD_SPLITS) and use the fastest")
-    p.add_argument("--tune-conv", action="store_true", help="time kernels.conv1d forward tiles (CONV_TILES) at "
+    p.add_argument("--tune-conv", action="store_true", help="time mambazoo.kernels.conv1d forward tiles (CONV_TILES) at "
                    "Vim's shapes and use the fastest; then the pair conv's tiles (PAIR_TILES, reported)")
     p.add_argument("--tune-inf", action="store_true", help="time the inference tiles (INF_TILES) per direction at "
                    "Vim's shapes with B / C pairs (reported, CONFIG unchanged)")

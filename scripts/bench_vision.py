@@ -6,7 +6,7 @@ attention) at several image sizes, bf16 autocast, forward_features only. Needs a
 Each (model, size) starts at --batch and halves on out-of-memory. Prints a markdown table.
 With --profile it also prints the top CUDA kernels of one vim-tiny batch at the largest size;
 --compile runs both models through torch.compile (inductor) first; --cuda-graph replays each model's forward_features
-from a CUDA graph (zoo.graphs.GraphedInference, captured in the warm-up; the replayed output is checked against an
+from a CUDA graph (mambazoo.graphs.GraphedInference, captured in the warm-up; the replayed output is checked against an
 eager call, and peak memory then counts the warm-up and capture, the graph's copy of the input included).
 --rounds R (R > 1) then times vim-tiny and DeiT-Ti again at each size in R alternating rounds of --iters batches on
 one input (the order flipped every round), and prints each model's median images/s and the median and range of the
@@ -22,7 +22,7 @@ import time
 import timm
 import torch
 
-import zoo.vim  # noqa: F401  (registers vim_*_patch16_224 with timm)
+import mambazoo.vim  # noqa: F401  (registers vim_*_patch16_224 with timm)
 
 
 def _rate(fn, x: torch.Tensor, iters: int) -> float:
@@ -40,7 +40,7 @@ def measure(name: str, img_size: int, batch: int, iters: int, warmup: int, compi
     """Images/s and peak memory (GB) of ``forward_features`` on random images (torch.compile'd when
     ``compile``: the first warmup call compiles; replayed from a CUDA graph when ``graph``: the first warmup call
     captures, and the result says whether the replayed output equals an eager call's)."""
-    from zoo.graphs import GraphedInference
+    from mambazoo.graphs import GraphedInference
 
     torch.cuda.empty_cache()
     model = timm.create_model(name, img_size=img_size, num_classes=0, **kwargs).cuda().eval()
@@ -85,7 +85,7 @@ def paired_rounds(img_size: int, batch: int, iters: int, warmup: int, rounds: in
     """vim-tiny and DeiT-Ti (fused attention) built once, timed in ``rounds`` alternating rounds of ``iters`` batches
     of ``forward_features`` (replayed from CUDA graphs when ``graph``) on the same random images (bf16 autocast):
     images/s per round for each and the per-round ratio vim-tiny / DeiT-Ti."""
-    from zoo.graphs import GraphedInference
+    from mambazoo.graphs import GraphedInference
 
     torch.cuda.empty_cache()
     names = {"vim": "vim_tiny_patch16_224", "deit": "deit_tiny_patch16_224"}
@@ -136,17 +136,17 @@ def main() -> None:
     ap.add_argument("--profile-batch", type=int, default=16, help="batch of the --profile run")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models' forward_features")
     ap.add_argument("--cuda-graph", action="store_true",
-                    help="replay each model's forward_features from a CUDA graph (zoo.graphs.GraphedInference)")
+                    help="replay each model's forward_features from a CUDA graph (mambazoo.graphs.GraphedInference)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="R > 1: also time vim-tiny against DeiT-Ti in R alternating rounds per size (paired ratio; with "
                          "--cuda-graph from graphs)")
     ap.add_argument("--scan-config", default=None, metavar="JSON",
-                    help='overrides of kernels.ops.CONFIG["cuda"], e.g. \'{"fwd_stages": 2}\' (scan tuning)')
+                    help='overrides of mambazoo.kernels.ops.CONFIG["cuda"], e.g. \'{"fwd_stages": 2}\' (scan tuning)')
     ap.add_argument("--conv-tile", default=None, metavar="BL,BD,W",
-                    help="kernels.conv1d forward tile (BLOCK_L, BLOCK_D, warps), e.g. 64,128,4 (conv tuning)")
+                    help="mambazoo.kernels.conv1d forward tile (BLOCK_L, BLOCK_D, warps), e.g. 64,128,4 (conv tuning)")
     args = ap.parse_args()
     if args.conv_tile:
-        from kernels import conv1d
+        from mambazoo.kernels import conv1d
 
         conv1d.FWD_BLOCK_L, conv1d.FWD_BLOCK_D, conv1d.FWD_WARPS = (int(v) for v in args.conv_tile.split(","))
     if not torch.cuda.is_available():
@@ -154,7 +154,7 @@ def main() -> None:
     if args.scan_config:
         import json
 
-        from kernels import ops
+        from mambazoo.kernels import ops
 
         ops.CONFIG["cuda"].update(json.loads(args.scan_config))
     models = [m for key, m in (("vim", ("vim-tiny", "vim_tiny_patch16_224", True)),

@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from core import Block, Mamba, RMSNorm, selective_scan_chunked, selective_scan_ref
+from mambazoo.core import Block, Mamba, RMSNorm, selective_scan_chunked, selective_scan_ref
 
 
 def selective_copy_batch(batch: int, length: int, n_tokens: int, vocab: int, g: torch.Generator):

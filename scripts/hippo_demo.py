@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import matplotlib  # noqa: E402
 
@@ -24,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from core.ssm import hippo_legs_reconstruct  # noqa: E402
+from mambazoo.core.ssm import hippo_legs_reconstruct  # noqa: E402
 
 
 def make_signal(length: int, seed: int = 0) -> torch.Tensor:

@@ -22,9 +22,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from zoo.tasks.checkpointing import read_metrics_csv  # noqa: E402
+from mambazoo.tasks.checkpointing import read_metrics_csv  # noqa: E402
 
 RATIOS = {  # name -> (attention fraction, layout)
     "0": (0.0, "M"),
@@ -36,7 +35,7 @@ RATIOS = {  # name -> (attention fraction, layout)
 
 def run_args(name: str, layout: str, base_kwargs: dict, out: Path, extra: list[str], rope: bool = False) -> list[str]:
     kwargs = {**base_kwargs, "layout": layout, **({"rope": True} if rope else {})}
-    return [sys.executable, "-m", "zoo.cli", "fit", "--config", "mqar-hybrid", "--run_dir", str(out / name.replace(":", "-")),
+    return [sys.executable, "-m", "mambazoo.cli", "fit", "--config", "mqar-hybrid", "--run_dir", str(out / name.replace(":", "-")),
             "--model.init_args.model_kwargs", json.dumps(kwargs), "--trainer.enable_progress_bar", "false", *extra]
 
 

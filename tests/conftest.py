@@ -4,6 +4,8 @@ import os
 
 # Must be set before triton is imported: kernels then run on CPU tensors through numpy.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never reach the network: the Hub client answers from local files or fails at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.attention import Attention
+from mambazoo.core.attention import Attention
 
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import zoo
-from zoo.audio import AudioFrontend, AudioMamba
+import mambazoo
+from mambazoo.audio import AudioFrontend, AudioMamba
 
 
 def tones(freqs, seconds=1.0, rate=16000):
@@ -45,8 +45,8 @@ def test_spec_augment_only_in_training():
 @pytest.mark.parametrize("name, width", [("aum-tiny", 192), ("aum-small", 384), ("aum-base", 768)])
 def test_named_configs_shapes(name, width):
     with torch.device("meta"):
-        full = zoo.create_model(name)
-        one_block = zoo.create_model(name, depth=1)
+        full = mambazoo.create_model(name)
+        one_block = mambazoo.create_model(name, depth=1)
         logits = one_block.backbone(torch.empty(2, 1, 128, 1024))
     assert len(full.backbone.blocks) == 24 and full.backbone.embed_dim == width
     assert full.backbone.patch_embed.grid_size == (8, 64)  # 128 mel x 1024 frames in 16x16 patches
@@ -56,7 +56,7 @@ def test_named_configs_shapes(name, width):
 
 
 def test_digits_config_end_to_end():
-    m = zoo.create_model("aum-digits", depth=2)
+    m = mambazoo.create_model("aum-digits", depth=2)
     assert m(tones([300, 700], rate=22050), sample_rate=22050).shape == (2, 10)
     loss = m.train()(tones([300, 700])).logsumexp(-1).mean()
     loss.backward()

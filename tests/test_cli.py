@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.cli import CONFIG_DIR, config_description, config_names, main
-from zoo.tasks import CausalLMTask
+from mambazoo.cli import CONFIG_DIR, config_description, config_names, main
+from mambazoo.tasks import CausalLMTask
 
 FAST = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -86,7 +86,7 @@ def test_every_config_parses(capsys):
         with pytest.raises(SystemExit) as e:
             main(["fit", "--config", name, "--print_config"])
         assert e.value.code in (0, None), name
-    assert "class_path: zoo.tasks" in capsys.readouterr().out
+    assert "class_path: mambazoo.tasks" in capsys.readouterr().out
 
 
 # -- few-step fits of the tiny configs --------------------------------------------------------------
@@ -199,7 +199,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, text_file, mon
 
 
 def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch):
-    import zoo.tasks.checkpointing as ck
+    import mambazoo.tasks.checkpointing as ck
 
     real_save, calls = torch.save, []
 
@@ -221,11 +221,11 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeyp
 
 
 def test_atomic_io_unit(tmp_path, monkeypatch):
-    from zoo.tasks.checkpointing import AtomicCheckpointIO
+    from mambazoo.tasks.checkpointing import AtomicCheckpointIO
 
     io, path = AtomicCheckpointIO(), tmp_path / "c.ckpt"
     io.save_checkpoint({"v": 1}, path)
-    monkeypatch.setattr("zoo.tasks.checkpointing.torch.save", lambda o, f: (f.write(b"xx"), (_ for _ in ()).throw(KeyboardInterrupt()))[1])
+    monkeypatch.setattr("mambazoo.tasks.checkpointing.torch.save", lambda o, f: (f.write(b"xx"), (_ for _ in ()).throw(KeyboardInterrupt()))[1])
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"v": 2}, path)
     monkeypatch.undo()
@@ -241,7 +241,7 @@ def test_missing_text_data(tmp_path, capsys):
 def test_missing_token_files_say_how_to_build_them(tmp_path, capsys):
     assert fit(tmp_path, "mamba-130m", "--model.init_args.model_kwargs", TINY_MAMBA, "--trainer.strategy", "auto",
                "--data.init_args.train_path", str(tmp_path / "t.npy"), *STEPS) == 2
-    assert "python -m zoo.data.text export" in capsys.readouterr().err
+    assert "python -m mambazoo.data.text export" in capsys.readouterr().err
 
 
 def test_missing_image_and_audio_data(tmp_path, capsys):
@@ -256,7 +256,7 @@ def test_device_guard_skips_the_bad_step_and_stops_at_the_next(tmp_path, text_fi
     """The GPU path of the non-finite stop (fused AdamW, no host synchronization), run on the CPU: the
     step with the NaN is skipped by the optimizer itself, the next step stops with that step's number
     and a checkpoint whose weights are finite (those from before the bad step)."""
-    from zoo.tasks.base import ZooTask
+    from mambazoo.tasks.base import ZooTask
 
     real_loss = CausalLMTask._loss
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.conv1d import causal_conv1d, conv_backend
+from mambazoo.kernels.conv1d import causal_conv1d, conv_backend
 
 
 def reference(x, w, bias, silu, reverse):
@@ -21,10 +21,10 @@ def reference(x, w, bias, silu, reverse):
                                                     (4, True, False, 45, 8), (2, True, True, 100, 1)])
 def test_forward_and_gradients_match_torch(W, bias, silu, L, dw_tiles, reverse, monkeypatch):
     """dw_tiles=1: every 32-step tile of the backward is its own program (dw / db added across programs)."""
-    import kernels.conv1d
+    import mambazoo.kernels.conv1d
 
-    monkeypatch.setattr(kernels.conv1d, "DW_TILES", dw_tiles)
-    monkeypatch.setattr(kernels.conv1d, "FWD_BLOCK_D", 32)  # d = 70 crosses the forward's channel tiles too
+    monkeypatch.setattr(mambazoo.kernels.conv1d, "DW_TILES", dw_tiles)
+    monkeypatch.setattr(mambazoo.kernels.conv1d, "FWD_BLOCK_D", 32)  # d = 70 crosses the forward's channel tiles too
     torch.manual_seed(0)
     b, d = 2, 70  # crosses channel and step tiles
     proj = torch.randn(b, L, 2 * d)  # an in_proj output: x is a strided (b, d, L) view of it
@@ -64,7 +64,7 @@ def test_bad_input_and_backend_switch(monkeypatch):
 
 
 def test_the_mixer_runs_the_triton_conv_on_cuda_by_default(monkeypatch):
-    from core.mamba import conv_backend as mixer_conv_backend
+    from mambazoo.core.mamba import conv_backend as mixer_conv_backend
 
     monkeypatch.delenv("MAMBAZOO_CONV", raising=False)
     assert mixer_conv_backend(torch.device("cuda")) == "triton"
@@ -76,7 +76,7 @@ def test_the_mixer_runs_the_triton_conv_on_cuda_by_default(monkeypatch):
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_mixer_with_the_triton_conv_matches_the_torch_conv(bidirectional, monkeypatch):
     """MAMBAZOO_CONV=triton changes the kernels, not the function: outputs and gradients agree."""
-    from core.mamba import Mamba
+    from mambazoo.core.mamba import Mamba
 
     torch.manual_seed(0)
     m = Mamba(16, d_state=4, bidirectional=bidirectional)
@@ -122,7 +122,7 @@ def test_bidirectional_mixer_compiles_to_one_graph(monkeypatch):
     """The whole Vim mixer on the kernel path (conv and scan custom ops) traces without a graph break."""
     import torch._dynamo
 
-    from core.mamba import Mamba
+    from mambazoo.core.mamba import Mamba
 
     monkeypatch.setenv("MAMBAZOO_CONV", "triton")
     monkeypatch.setenv("MAMBAZOO_SCAN", "triton")
@@ -135,10 +135,10 @@ def test_bidirectional_mixer_compiles_to_one_graph(monkeypatch):
 def test_pair_is_both_directions_from_one_read(W, bias, monkeypatch):
     """causal_conv1d_pair gives exactly the causal conv of one direction and the anti-causal conv of the other;
     it has no backward (clear error) and checks that the two directions' weights match."""
-    import kernels.conv1d
-    from kernels.conv1d import causal_conv1d_pair
+    import mambazoo.kernels.conv1d
+    from mambazoo.kernels.conv1d import causal_conv1d_pair
 
-    monkeypatch.setattr(kernels.conv1d, "FWD_BLOCK_D", 32)
+    monkeypatch.setattr(mambazoo.kernels.conv1d, "FWD_BLOCK_D", 32)
     torch.manual_seed(0)
     b, d, L = 2, 40, 37
     x = torch.randn(b, L, 2 * d)[..., :d].transpose(1, 2)
@@ -157,13 +157,13 @@ def test_pair_is_both_directions_from_one_read(W, bias, monkeypatch):
 
 def test_bidirectional_mixer_inference_uses_the_pair_with_the_same_output(monkeypatch):
     """Without autograd the Vim mixer runs one conv kernel for both directions: the same output as one per direction."""
-    import kernels.conv1d
-    from core.mamba import Mamba
+    import mambazoo.kernels.conv1d
+    from mambazoo.core.mamba import Mamba
 
     monkeypatch.setenv("MAMBAZOO_CONV", "triton")
     calls = []
-    real = kernels.conv1d.causal_conv1d_pair
-    monkeypatch.setattr(kernels.conv1d, "causal_conv1d_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = mambazoo.kernels.conv1d.causal_conv1d_pair
+    monkeypatch.setattr(mambazoo.kernels.conv1d, "causal_conv1d_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     m = Mamba(16, d_state=4, bidirectional=True).eval()
     x = torch.randn(2, 21, 16)
@@ -184,8 +184,8 @@ def test_bidirectional_mixer_scans_low_rank_dt(scan, monkeypatch):
     per direction; the product is formed first under the chunked one), and the gate to out_proj's kernel (z from
     the mixer's input rows; MAMBAZOO_GATE_OUT_PROJ=0 gates in the scans): each the output of the folded-GEMM path
     within bf16's rounding."""
-    from core.mamba import Mamba
-    from kernels import ops
+    from mambazoo.core.mamba import Mamba
+    from mambazoo.kernels import ops
 
     monkeypatch.setenv("MAMBAZOO_CONV", "triton")
     monkeypatch.setenv("MAMBAZOO_SCAN", scan)
@@ -197,7 +197,7 @@ def test_bidirectional_mixer_scans_low_rank_dt(scan, monkeypatch):
     torch.manual_seed(0)
     m = Mamba(32, d_state=8, bidirectional=True).eval().to(torch.bfloat16)  # d_inner 64, dt rank 2 -> 16
     x = torch.randn(2, 21, 32).to(torch.bfloat16)
-    from kernels import gated_proj
+    from mambazoo.kernels import gated_proj
 
     gated = []
     real_gate = gated_proj.gated_out_proj
@@ -231,8 +231,8 @@ def test_gated_mixer_with_projection_biases(monkeypatch):
     """The gate in out_proj's kernel with in_proj and out_proj biases (bias=True): in_proj's x-half bias on xs, its
     z-half bias on z inside the kernel, out_proj's on the output; the gate-in-the-scans path's output within bf16's
     rounding, and the cached weights follow an in-place update of a bias."""
-    from core.mamba import Mamba
-    from kernels import gated_proj
+    from mambazoo.core.mamba import Mamba
+    from mambazoo.kernels import gated_proj
 
     monkeypatch.setenv("MAMBAZOO_CONV", "triton")
     calls = []

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from zoo import create_model
-from zoo.convert import (convert_jamba, detect_format, jamba_config, load_checkpoint, load_into,
+from mambazoo import create_model
+from mambazoo.convert import (convert_jamba, detect_format, jamba_config, load_checkpoint, load_into,
                          load_pretrained, save_checkpoint)
-from zoo.lm import CausalLM
+from mambazoo.lm import CausalLM
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoo.data.audio import WavFolderDataModule, read_wav
-from zoo.data.images import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTDataModule, ImageFolderDataModule,
+from mambazoo.data.audio import WavFolderDataModule, read_wav
+from mambazoo.data.images import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTDataModule, ImageFolderDataModule,
                               read_idx, resize_batch)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,11 +1,11 @@
-"""zoo.data.text: byte corpora (stdlib default, file / folder / glob), token files, resumable streams."""
+"""mambazoo.data.text: byte corpora (stdlib default, file / folder / glob), token files, resumable streams."""
 
 import numpy as np
 import pytest
 import torch
 
-from zoo.data.streams import StepStream
-from zoo.data.text import (ByteDataModule, TokenFileDataModule, Windows, load_byte_corpus, main, open_tokens,
+from mambazoo.data.streams import StepStream
+from mambazoo.data.text import (ByteDataModule, TokenFileDataModule, Windows, load_byte_corpus, main, open_tokens,
                            resolve_files, stdlib_files)
 
 
@@ -101,7 +101,7 @@ def test_token_files_uint16_npy_and_raw_uint32(tmp_path):
 
 def test_missing_token_file_says_how_to_build_it(tmp_path):
     dm = TokenFileDataModule(train_path=str(tmp_path / "missing.npy"))
-    with pytest.raises(FileNotFoundError, match=r"python -m zoo\.data\.text export"):
+    with pytest.raises(FileNotFoundError, match=r"python -m mambazoo\.data\.text export"):
         dm.setup()
 
 

@@ -11,15 +11,15 @@ import copy
 import pytest
 import torch
 
-from core.block import Block
-from core.cache import MambaState
-from core.decode import add_rms_norm_ref, conv_step_ref, fused_decode_enabled
-from core.mamba import Mamba
-from core.scan import selective_state_update_ref
-from kernels import decode
-from kernels.decode import add_rms_norm, conv_state_update
-from kernels.state_update import launch_state_update
-from zoo import create_model
+from mambazoo.core.block import Block
+from mambazoo.core.cache import MambaState
+from mambazoo.core.decode import add_rms_norm_ref, conv_step_ref, fused_decode_enabled
+from mambazoo.core.mamba import Mamba
+from mambazoo.core.scan import selective_state_update_ref
+from mambazoo.kernels import decode
+from mambazoo.kernels.decode import add_rms_norm, conv_state_update
+from mambazoo.kernels.state_update import launch_state_update
+from mambazoo import create_model
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -93,7 +93,7 @@ def test_add_rms_norm_written_over_x(loop, monkeypatch):
 
 
 def test_add_rms_norm_matches_block_norm():
-    """The kernel reproduces core.norm.RMSNorm on the fp32 residual stream (eps included)."""
+    """The kernel reproduces mambazoo.core.norm.RMSNorm on the fp32 residual stream (eps included)."""
     blk = Block(24, torch.nn.Identity(), norm_eps=1e-3)
     with torch.no_grad():
         blk.norm.weight.copy_(torch.randn(24))

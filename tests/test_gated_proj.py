@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels  # noqa: F401  (the interpreter's shims)
-from kernels.gated_proj import gated_out_proj, gated_out_proj_fits
+import mambazoo.kernels  # noqa: F401  (the interpreter's shims)
+from mambazoo.kernels.gated_proj import gated_out_proj, gated_out_proj_fits
 
 
 def _reference(y, h, wz, wo, bz=None, bo=None):

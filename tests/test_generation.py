@@ -4,8 +4,8 @@ eos, streaming, sampling filters, bad input."""
 import pytest
 import torch
 
-from zoo import create_model
-from zoo.generation import generate, sample, stream_generate
+from mambazoo import create_model
+from mambazoo.generation import generate, sample, stream_generate
 
 
 

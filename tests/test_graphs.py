@@ -5,7 +5,7 @@ and bad input."""
 import pytest
 import torch
 
-from zoo.graphs import GraphedInference
+from mambazoo.graphs import GraphedInference
 
 
 class _Recorded(GraphedInference):

@@ -7,8 +7,8 @@ Errors are ||out - ref|| / ||ref|| per output and per gradient.
 import pytest
 import torch
 
-from core.scan import low_rank_delta, low_rank_dtype, selective_scan_ref, selective_state_update_ref
-from kernels import ops, selective_scan_triton, selective_state_update
+from mambazoo.core.scan import low_rank_delta, low_rank_dtype, selective_scan_ref, selective_state_update_ref
+from mambazoo.kernels import ops, selective_scan_triton, selective_state_update
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -629,7 +629,7 @@ def test_low_rank_delta_elsewhere_is_formed_first(monkeypatch):
     """What the inference kernel does not take with dt_weight (a rank not a power of two >= 16, B / C not pairs, a
     gradient to record) runs on dt_weight @ dt formed first: the same values, and gradients reach dt and the weight
     through the product. Mismatched shapes raise a clear ValueError (kernels and core)."""
-    from core.scan import selective_scan
+    from mambazoo.core.scan import selective_scan
 
     calls = _spy_infer(monkeypatch)
     monkeypatch.setitem(ops.CONFIG["cpu"], "infer", dict(block_d=8, block_l=8, stages=1, poly=True, tanh=False))
@@ -710,7 +710,7 @@ def _bidir_inputs(batch, dim, L, N, pair_dtype, rank, seed=0):
 
 
 def _bidir_reference(a, z):
-    """(y_fwd + y_bwd) / 2 from core's oracle, the backward direction on flipped inputs."""
+    """(y_fwd + y_bwd) / 2 from mambazoo.core's oracle, the backward direction on flipped inputs."""
     ys = []
     for k, flip in ((0, lambda t: t), (1, lambda t: t.flip(-1) if t is not None and t.dim() == 3 else t)):
         delta, w = a["delta"][k], a["dt_weight"][k]
@@ -740,7 +740,7 @@ def test_bidirectional_inference_kernel_matches_reference(infer, pair_dtype, ran
     from its phase-1 state, averaging with the other's phase-1 output): the oracle's (y_fwd + y_bwd) / 2 for every
     lane split of N, fp32 and bf16 pairs, low-rank or full delta, gated or not, L = 1, 2 and odd lengths crossing
     tiles, stored into a strided buffer."""
-    from kernels import selective_scan_bidirectional_triton
+    from mambazoo.kernels import selective_scan_bidirectional_triton
 
     calls = _spy_bidir(monkeypatch)
     monkeypatch.setitem(ops.CONFIG["cpu"], "infer", infer)
@@ -761,10 +761,10 @@ def test_bidirectional_inference_kernel_matches_reference(infer, pair_dtype, ran
 def test_bidirectional_scan_falls_back_to_two_scans(monkeypatch):
     """Where the two-direction kernel does not take the call (MAMBAZOO_SCAN_BIDIR=0, directions laid out differently,
     B / C not pairs, a gradient to record) the forward scan and the backward one averaging into it run instead: the
-    same values, and gradients reach every input. Through core.scan.selective_scan_bidirectional on the chunked
+    same values, and gradients reach every input. Through mambazoo.core.scan.selective_scan_bidirectional on the chunked
     backend too; arguments that are not (forward, backward) pairs raise a clear ValueError."""
-    from core.scan import selective_scan_bidirectional
-    from kernels import selective_scan_bidirectional_triton as bidir
+    from mambazoo.core.scan import selective_scan_bidirectional
+    from mambazoo.kernels import selective_scan_bidirectional_triton as bidir
 
     calls = _spy_bidir(monkeypatch)
     monkeypatch.setitem(ops.CONFIG["cpu"], "infer", dict(block_d=8, block_l=8, stages=1, poly=True, tanh=False))

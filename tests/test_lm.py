@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from zoo import create_model
-from zoo.lm import CausalLM, LMConfig, periodic_layout
-from zoo.mambabyte import ByteTokenizer, bits_per_byte
+from mambazoo import create_model
+from mambazoo.lm import CausalLM, LMConfig, periodic_layout
+from mambazoo.mambabyte import ByteTokenizer, bits_per_byte
 
 
 TINY = {

@@ -1,4 +1,4 @@
-"""core.mamba / core.block: decoding equals the full forward, bidirectional mode, init, bad input."""
+"""mambazoo.core.mamba / mambazoo.core.block: decoding equals the full forward, bidirectional mode, init, bad input."""
 
 import copy
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.block import Block
-from core.mamba import Mamba, dt_bias_init
+from mambazoo.core.block import Block
+from mambazoo.core.mamba import Mamba, dt_bias_init
 
 
 def rel(a, b):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.moe import MoE, capacity_keep, expert_capacity
+from mambazoo.core.moe import MoE, capacity_keep, expert_capacity
 
 
 

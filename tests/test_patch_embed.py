@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels  # noqa: F401  (the interpreter's shims)
-from kernels.patch_embed import patch_tokens, patch_tokens_fit
+import mambazoo.kernels  # noqa: F401  (the interpreter's shims)
+from mambazoo.kernels.patch_embed import patch_tokens, patch_tokens_fit
 
 
 def _reference(x, weight, bias, pos, patch, mid, dtype):

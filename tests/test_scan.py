@@ -1,10 +1,10 @@
-"""core.scan: the references against an independent float64 computation, and against each other."""
+"""mambazoo.core.scan: the references against an independent float64 computation, and against each other."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from core.scan import selective_scan, selective_scan_chunked, selective_scan_ref, selective_state_update_ref
+from mambazoo.core.scan import selective_scan, selective_scan_chunked, selective_scan_ref, selective_state_update_ref
 
 
 def scan_by_solve(u, delta, A, B, C, D, z, delta_bias, h0):
@@ -226,7 +226,7 @@ def test_bad_seq_idx_raises():
 
 
 def test_reference_path_out_and_average_in_place():
-    """core.scan on the CPU honours out= and average_in_place= without autograd (the Vim mixer's buffers), the same
+    """mambazoo.core.scan on the CPU honours out= and average_in_place= without autograd (the Vim mixer's buffers), the same
     values as without them, and refuses an out of the wrong shape or dtype."""
     torch.manual_seed(0)
     b, d, L, N = 2, 3, 11, 4

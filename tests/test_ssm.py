@@ -1,4 +1,4 @@
-"""core.ssm: discretization, A initializations, the LTI SSM's three views, HiPPO-LegS."""
+"""mambazoo.core.ssm: discretization, A initializations, the LTI SSM's three views, HiPPO-LegS."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from numpy.polynomial import legendre as npleg
 
-from core.scan import selective_scan_ref
-from core.ssm import (
+from mambazoo.core.scan import selective_scan_ref
+from mambazoo.core.ssm import (
     LTISSM,
     a_log_init,
     discretize_b,
@@ -248,7 +248,7 @@ def test_bad_input_raises_value_error_naming_shape():
 
 def test_lti_conv_view_runs_under_bf16_autocast_in_full_precision():
     """Under autocast the kernel and the FFT stay fp32 (cuFFT has no bf16 transforms)."""
-    from core.ssm import LTISSM
+    from mambazoo.core.ssm import LTISSM
 
     layer = LTISSM(4, d_state=3)
     u = torch.randn(2, 4, 17)

@@ -1,9 +1,9 @@
-"""zoo.data.synthetic: selective copying, induction heads, MQAR; seeded, train and test lengths apart."""
+"""mambazoo.data.synthetic: selective copying, induction heads, MQAR; seeded, train and test lengths apart."""
 
 import pytest
 import torch
 
-from zoo.data.synthetic import SyntheticDataModule, induction_heads, mqar, selective_copy
+from mambazoo.data.synthetic import SyntheticDataModule, induction_heads, mqar, selective_copy
 
 
 def gen(seed=0):

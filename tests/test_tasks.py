@@ -1,4 +1,4 @@
-"""zoo.tasks: optimizer rules, schedule, MoE aux losses, metrics, mixup/cutmix, the LTI swap."""
+"""mambazoo.tasks: optimizer rules, schedule, MoE aux losses, metrics, mixup/cutmix, the LTI swap."""
 
 import math
 
@@ -6,17 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-import zoo
-from core.mamba import Mamba
-from zoo.tasks import (CausalLMTask, ClassificationTask, collect_aux_loss, cosine_with_warmup, mix_batch,
+import mambazoo
+from mambazoo.core.mamba import Mamba
+from mambazoo.tasks import (CausalLMTask, ClassificationTask, collect_aux_loss, cosine_with_warmup, mix_batch,
                        param_groups, split_decay)
-from zoo.tasks.metrics import SequenceMetrics
+from mambazoo.tasks.metrics import SequenceMetrics
 
 TINY_LM = dict(n_layer=2, d_model=16, d_state=4)
 
 
 def test_weight_decay_only_on_matrices():
-    model = zoo.create_model("jamba-tiny", n_layer=2, d_model=32, layout="MA", n_heads=2, n_kv_heads=2)
+    model = mambazoo.create_model("jamba-tiny", n_layer=2, d_model=32, layout="MA", n_heads=2, n_kv_heads=2)
     model.register_parameter("flagged", nn.Parameter(torch.zeros(3, 3)))
     model.flagged._no_weight_decay = True
     decay, no_decay = split_decay(model)
@@ -33,7 +33,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_tied_head_gets_no_decay_and_lti_params_none():
-    model = zoo.create_model("mambabyte-tiny", selective=False, **TINY_LM)
+    model = mambazoo.create_model("mambabyte-tiny", selective=False, **TINY_LM)
     decay, no_decay = split_decay(model)
     assert "embedding.weight" in no_decay and not any(n.startswith("lm_head") for n in decay)
     lti = [n for n in no_decay if ".lti." in n]
@@ -97,7 +97,7 @@ def test_mixup_and_cutmix():
 
 
 def test_selective_false_builds_lti_mixers():
-    model = zoo.create_model("mambabyte-tiny", selective=False, **TINY_LM)
+    model = mambazoo.create_model("mambabyte-tiny", selective=False, **TINY_LM)
     mixers = [m for m in model.modules() if isinstance(m, Mamba)]
     assert mixers and all(not m.selective for m in mixers)
     assert model(torch.randint(0, 256, (1, 12))).shape == (1, 12, 256)
@@ -120,7 +120,7 @@ def test_gradient_clipping_under_fsdp_uses_the_sharded_module(monkeypatch):
     """Lightning's FSDP precision plugin refuses norm clipping; the task clips through the FSDP module."""
     import types
 
-    import zoo.tasks.base as base
+    import mambazoo.tasks.base as base
 
     calls = []
     task = CausalLMTask("mambabyte-tiny", TINY_LM)
@@ -137,7 +137,7 @@ def test_no_sample_at_fit_end_under_fsdp(monkeypatch, capsys):
     """Sharded weights cannot decode on one rank: the end-of-fit sample is skipped with a pointer."""
     import types
 
-    import zoo.tasks.lm as lm
+    import mambazoo.tasks.lm as lm
 
     task = CausalLMTask("mambabyte-tiny", TINY_LM, tokenizer="bytes", sample_prompt="def ", sample_tokens=4)
     task._trainer = types.SimpleNamespace(global_rank=0, global_step=3)
@@ -187,7 +187,7 @@ def test_training_scalars_are_logged_at_logging_steps_only(tmp_path, monkeypatch
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader, TensorDataset
 
-    import zoo.tasks.base as base
+    import mambazoo.tasks.base as base
 
     clock = iter(range(1, 100))  # read once per throughput-window boundary
     monkeypatch.setattr(base, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
@@ -219,7 +219,7 @@ def test_device_guard_clipping_measures_the_norm():
     without a gradient are skipped."""
     from lightning.pytorch.utilities import GradClipAlgorithmType
 
-    from zoo.tasks.base import _clip_and_norm
+    from mambazoo.tasks.base import _clip_and_norm
 
     def optimizer_with_grads():
         a, b, c = (nn.Parameter(torch.zeros(3)) for _ in range(3))
@@ -256,7 +256,7 @@ def test_distributed_checks_run_every_n_steps():
 
     from lightning.pytorch.callbacks import Timer
 
-    from zoo.tasks.base import _throttle_distributed_checks
+    from mambazoo.tasks.base import _throttle_distributed_checks
 
     sigterm_checks, timer_checks = [], []
 

@@ -7,9 +7,9 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-import zoo
-import zoo.vim  # noqa: F401  (registers the timm names)
-from zoo.vim import VisionMamba, load_weights
+import mambazoo
+import mambazoo.vim  # noqa: F401  (registers the timm names)
+from mambazoo.vim import VisionMamba, load_weights
 
 TINY = dict(embed_dim=16, depth=2, d_state=4)  # small enough for CPU tests
 
@@ -21,7 +21,7 @@ def n_params(m):
 @pytest.mark.parametrize("name, millions", [("vim-tiny", 7), ("vim-small", 26), ("vim-base", 98)])
 def test_published_parameter_counts(name, millions):
     with torch.device("meta"):
-        m = zoo.create_model(name)
+        m = mambazoo.create_model(name)
     assert abs(n_params(m) / 1e6 - millions) < 0.05 * millions
     assert m.patch_embed.num_patches == 196 and m.pos_embed.shape == (1, 197, m.embed_dim)
 
@@ -30,7 +30,7 @@ def test_published_parameter_counts(name, millions):
 def test_named_config_output_shapes(name):
     # full width, one block, on the meta device: shapes without memory or time
     with torch.device("meta"):
-        m = zoo.create_model(name, depth=1)
+        m = mambazoo.create_model(name, depth=1)
         c, h = m.patch_embed.in_chans, m.patch_embed.img_size[0]
         feats = m.forward_features(torch.empty(2, c, h, h))
         logits = m.forward_head(feats)
@@ -39,7 +39,7 @@ def test_named_config_output_shapes(name):
 
 
 def test_fashion_config_runs_on_cpu():
-    m = zoo.create_model("vim-tiny-fashion", depth=1)
+    m = mambazoo.create_model("vim-tiny-fashion", depth=1)
     assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
@@ -101,7 +101,7 @@ def test_overlapping_patches_and_rectangular_images():
 def test_patchify_gemm_equals_the_strided_convolution(hw, patch):
     """Non-overlapping patches go through one GEMM (_patchify): same tokens and gradients as the conv,
     including images whose size is not a multiple of the patch (the remainder is dropped, as by the conv)."""
-    from zoo.vim.model import PatchEmbed
+    from mambazoo.vim.model import PatchEmbed
 
     torch.manual_seed(0)
     pe = PatchEmbed(hw, patch, None, 3, 24)
@@ -119,7 +119,7 @@ def test_patchify_gemm_equals_the_strided_convolution(hw, patch):
 
 def test_patchify_under_autocast_gathers_in_the_compute_dtype():
     """Under autocast the patches are gathered and cast in one copy: the conv's tokens (bf16 GEMM on the CPU)."""
-    from zoo.vim.model import PatchEmbed
+    from mambazoo.vim.model import PatchEmbed
 
     torch.manual_seed(0)
     pe = PatchEmbed((32, 48), 16, None, 3, 24)
@@ -151,8 +151,8 @@ def test_position_embedding_in_place_without_autograd():
 def test_fused_residual_inference_matches_the_block_forward(monkeypatch):
     """Inference on the fused path (each residual add + RMSNorm one kernel, the add deferred to the next block)
     gives the same features as the plain blocks; training mode and autograd keep the plain path."""
-    from kernels import decode
-    from zoo.vim import model as vim_model
+    from mambazoo.kernels import decode
+    from mambazoo.vim import model as vim_model
 
     torch.manual_seed(0)
     model = VisionMamba(img_size=16, patch_size=4, embed_dim=16, depth=3, num_classes=5).eval()
@@ -187,8 +187,8 @@ def test_patch_and_position_embedding_in_one_kernel(monkeypatch):
     patches read from the image, projected, position embedding added, class token's row in the middle): the tokens
     and features of the unfused path (MAMBAZOO_FUSED_PATCH=0) within bf16's rounding, at the model's size and at
     another (position embedding resampled); a bad image still raises the unfused path's ValueError."""
-    from kernels import patch_embed
-    from zoo.vim import model as vim_model
+    from mambazoo.kernels import patch_embed
+    from mambazoo.vim import model as vim_model
 
     monkeypatch.setattr(vim_model, "fused_decode_enabled", lambda device: True)
     calls = []

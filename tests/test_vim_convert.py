@@ -1,7 +1,7 @@
 """Official hustvl/Vim checkpoints -> our VisionMamba: exact logits, image-size change, clear errors.
 
 The official layout is produced here from one of our random models by a mapping written out
-independently of zoo.vim.convert, so that a wrong rename or row order in the converter fails."""
+independently of mambazoo.vim.convert, so that a wrong rename or row order in the converter fails."""
 
 import argparse
 
@@ -10,9 +10,9 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-import zoo.vim  # noqa: F401  (registers the timm names)
-from zoo.vim import VisionMamba, load_weights
-from zoo.vim.convert import convert_official_vim, is_official_vim
+import mambazoo.vim  # noqa: F401  (registers the timm names)
+from mambazoo.vim import VisionMamba, load_weights
+from mambazoo.vim.convert import convert_official_vim, is_official_vim
 
 TINY = dict(embed_dim=16, depth=2, d_state=4)
 

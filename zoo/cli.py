@@ -23,12 +23,18 @@ import sys
 import time
 from pathlib import Path
 
+from mambazoo.errors import NonFiniteLossError
+
 def _config_dir() -> Path:
-    """$MAMBAZOO_CONFIGS, else the repository's configs/ (beside zoo/), else ./configs."""
+    """$MAMBAZOO_CONFIGS, else the configs shipped with the package: mambazoo/configs/ in an installed
+    wheel, the repository's configs/ (beside zoo/) in a checkout installed with ``pip install -e``."""
     if os.environ.get("MAMBAZOO_CONFIGS"):
         return Path(os.environ["MAMBAZOO_CONFIGS"])
-    beside = Path(__file__).resolve().parents[1] / "configs"
-    return beside if beside.is_dir() else Path.cwd() / "configs"
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "configs", package.parent / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return package / "configs"
 
 
 CONFIG_DIR = _config_dir()
@@ -90,7 +96,7 @@ def _make_cli_class():
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger
 
-    from zoo.tasks.checkpointing import AtomicCheckpointIO, CurvesPNG, LastCheckpoint
+    from mambazoo.tasks.checkpointing import AtomicCheckpointIO, CurvesPNG, LastCheckpoint
 
     class ZooCLI(LightningCLI):
         """LightningCLI with the zoo's run folder, loggers, checkpoints and curves."""
@@ -169,24 +175,28 @@ def run_lightning(args: list[str]) -> None:
     """Run fit / validate / test through the zoo's LightningCLI (args start with the subcommand)."""
     import lightning.pytorch as pl
 
-    import zoo.data  # noqa: F401  (datamodules importable by short class_path)
-    import zoo.tasks  # noqa: F401
+    import mambazoo.data  # noqa: F401  (datamodules importable by short class_path)
+    import mambazoo.tasks  # noqa: F401
 
     args, name = _rewrite_configs(args)
     cls = _make_cli_class()
     cls.run_name = name or "run"
-    cls(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        args=args, save_config_kwargs={"overwrite": True}, seed_everything_default=0,
-        parser_kwargs={"default_env": False})
+    # The arguments go in as the command line (LightningCLI warns when given both `args` and one).
+    argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "mambazoo"] + args
+    try:
+        cls(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True}, seed_everything_default=0, parser_kwargs={"default_env": False})
+    finally:
+        sys.argv = argv
 
 
 # -- list and generate ---------------------------------------------------------------------------
 def cmd_list(args: list[str]) -> None:
     if "--models" in args:
-        import zoo
+        import mambazoo
 
-        for m in zoo.list_models():
-            print(f"{m:24s} {zoo.describe_model(m)}")
+        for m in mambazoo.list_models():
+            print(f"{m:24s} {mambazoo.describe_model(m)}")
         return
     for n in config_names():
         print(f"{n:28s} {config_description(CONFIG_DIR / f'{n}.yaml')}")
@@ -196,7 +206,7 @@ def load_task(checkpoint: str, map_location="cpu"):
     """A CausalLMTask from a checkpoint file, or from NAME -> runs/NAME/checkpoints/last.ckpt."""
     import torch
 
-    from zoo.tasks import CausalLMTask
+    from mambazoo.tasks import CausalLMTask
 
     p = Path(checkpoint)
     if not p.is_file():
@@ -222,7 +232,7 @@ def cmd_generate(args: list[str]) -> None:
 
     import torch
 
-    from zoo.tasks.lm import sample
+    from mambazoo.tasks.lm import sample
 
     ap = argparse.ArgumentParser(prog="mambazoo generate", description="sample from a trained language model")
     ap.add_argument("--checkpoint", required=True, help="a .ckpt file, or a config NAME (runs/NAME/checkpoints/last.ckpt)")
@@ -257,8 +267,6 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    from zoo.tasks.base import NonFiniteLossError
-
     try:
         if cmd == "list":
             cmd_list(rest)
@@ -271,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"mambazoo: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`mambazoo list | head`): not an error
+        sys.stderr.close()
+        return 0
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("MAMBAZOO_TRACEBACK"):
             raise

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.lm import CausalLM, LMConfig
+from mambazoo.lm import CausalLM, LMConfig
 
 _MIXER = {"conv1d.weight": "fwd.conv1d.weight", "conv1d.bias": "fwd.conv1d.bias", "x_proj.weight": "fwd.x_proj.weight",
           "dt_proj.weight": "fwd.dt_proj.weight", "dt_proj.bias": "fwd.dt_proj.bias", "A_log": "fwd.A_log",

@@ -12,8 +12,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from core.cache import InferenceCache
-from zoo.graphs import capture
+from mambazoo.core.cache import InferenceCache
+from mambazoo.graphs import capture
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, eos, vocab_size) -> None:

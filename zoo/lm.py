@@ -15,14 +15,14 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 from torch import nn
 
-from core.attention import Attention
-from core.block import Block
-from core.cache import InferenceCache
-from core.decode import fused_decode_enabled
-from core.mamba import Mamba
-from core.mlp import MLP
-from core.moe import MoE
-from core.norm import RMSNorm
+from mambazoo.core.attention import Attention
+from mambazoo.core.block import Block
+from mambazoo.core.cache import InferenceCache
+from mambazoo.core.decode import fused_decode_enabled
+from mambazoo.core.mamba import Mamba
+from mambazoo.core.mlp import MLP
+from mambazoo.core.moe import MoE
+from mambazoo.core.norm import RMSNorm
 
 FFN_CODES = {"n": "none", "d": "mlp", "e": "moe"}
 
@@ -271,7 +271,7 @@ class CausalLM(nn.Module):
         """The decode step with fused kernels (CUDA): each block's residual add is fused into the next
         norm (Block.step_residual), the last one into the final norm, whose output is written in the
         head's dtype. Same values as the plain loop up to rounding."""
-        from kernels.decode import add_rms_norm
+        from mambazoo.kernels.decode import add_rms_norm
 
         h, residual = x, None
         for i, block in enumerate(self.layers):
@@ -314,8 +314,8 @@ class CausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos: int | None = None,
                  streamer=None, cuda_graph: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prompt (batch, L) -> (batch, L + n) ids; see ``zoo.generation.generate``."""
-        from zoo.generation import generate
+        """Prompt (batch, L) -> (batch, L + n) ids; see ``mambazoo.generation.generate``."""
+        from mambazoo.generation import generate
 
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos=eos, streamer=streamer, cuda_graph=cuda_graph, generator=generator)

@@ -10,7 +10,7 @@ from typing import Callable
 from torch import nn
 
 # Sub-packages that register models; each is imported on first use of the registry.
-VARIANT_PACKAGES = ("zoo.mamba", "zoo.mambabyte", "zoo.moe_mamba", "zoo.jamba", "zoo.vim", "zoo.audio")
+VARIANT_PACKAGES = ("mambazoo.mamba", "mambazoo.mambabyte", "mambazoo.moe_mamba", "mambazoo.jamba", "mambazoo.vim", "mambazoo.audio")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _DESCRIPTIONS: dict[str, str] = {}

@@ -1,15 +1,15 @@
 """AuM-style audio classifier: log-mel patches read by the bidirectional Vision Mamba backbone.
 
-Registers aum-tiny / aum-small / aum-base and aum-digits (``zoo.create_model('aum-digits')``)."""
+Registers aum-tiny / aum-small / aum-base and aum-digits (``mambazoo.create_model('aum-digits')``)."""
 
 from __future__ import annotations
 
 from functools import partial
 
-from zoo.audio.configs import AUM_CONFIGS, DESCRIPTIONS
-from zoo.audio.frontend import AudioFrontend, check_waveform
-from zoo.audio.model import AudioMamba
-from zoo.registry import register_model
+from mambazoo.audio.configs import AUM_CONFIGS, DESCRIPTIONS
+from mambazoo.audio.frontend import AudioFrontend, check_waveform
+from mambazoo.audio.model import AudioMamba
+from mambazoo.registry import register_model
 
 
 def build_aum(name: str, **overrides) -> AudioMamba:

@@ -3,7 +3,7 @@ small one for the spoken-digits task (1 s clips)."""
 
 from __future__ import annotations
 
-# Every field is a keyword of zoo.audio.model.AudioMamba.
+# Every field is a keyword of mambazoo.audio.model.AudioMamba.
 AUM_CONFIGS: dict[str, dict] = {
     "aum-tiny": dict(embed_dim=192, depth=24, n_mels=128, frames=1024, num_classes=527),
     "aum-small": dict(embed_dim=384, depth=24, n_mels=128, frames=1024, num_classes=527, drop_path_rate=0.05),

@@ -10,8 +10,15 @@ frequency band, as in AST and AuM.
 from __future__ import annotations
 
 import torch
-import torchaudio
 from torch import nn
+
+from mambazoo.optional import require
+
+
+def torchaudio_module():
+    """torchaudio, imported on first use (it comes with the `audio` extra)."""
+    return require("torchaudio", "audio (resampling, mel spectrograms)")
+
 
 SILENCE = 1e-8  # a clip whose peak |amplitude| is below this carries no signal
 
@@ -65,11 +72,11 @@ class AudioFrontend(nn.Module):
         self.sample_rate, self.n_mels, self.frames = sample_rate, n_mels, frames
         self.hop_length, self.n_masks = hop_length, n_masks
         with torch.device("cpu"):  # the filter bank is computed, so never on the meta device
-            self.mel = torchaudio.transforms.MelSpectrogram(
+            self.mel = torchaudio_module().transforms.MelSpectrogram(
                 sample_rate=sample_rate, n_fft=n_fft, win_length=win_length, hop_length=hop_length,
                 n_mels=n_mels, power=2.0)
-        self.freq_masking = torchaudio.transforms.FrequencyMasking(freq_mask, iid_masks=True) if freq_mask else None
-        self.time_masking = torchaudio.transforms.TimeMasking(time_mask, iid_masks=True) if time_mask else None
+        self.freq_masking = torchaudio_module().transforms.FrequencyMasking(freq_mask, iid_masks=True) if freq_mask else None
+        self.time_masking = torchaudio_module().transforms.TimeMasking(time_mask, iid_masks=True) if time_mask else None
 
     def samples_for(self, seconds: float) -> int:
         """Number of samples at ``sample_rate`` that fill about ``seconds`` of audio."""
@@ -79,7 +86,7 @@ class AudioFrontend(nn.Module):
         """wave (batch, samples) at ``sample_rate`` (default: the front end's) -> (batch, 1, n_mels, frames)."""
         wave = check_waveform(wave).float()
         if sample_rate is not None and sample_rate != self.sample_rate:
-            wave = torchaudio.functional.resample(wave, int(sample_rate), self.sample_rate)
+            wave = torchaudio_module().functional.resample(wave, int(sample_rate), self.sample_rate)
         spec = torch.log(self.mel(wave) + 1e-6)  # (batch, n_mels, time)
         spec = _fit_frames(spec, self.frames)
         mean = spec.mean(dim=(1, 2), keepdim=True)

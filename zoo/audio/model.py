@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zoo.audio.frontend import AudioFrontend
-from zoo.vim.model import VisionMamba
+from mambazoo.audio.frontend import AudioFrontend
+from mambazoo.vim.model import VisionMamba
 
 
 class AudioMamba(nn.Module):
@@ -42,8 +42,8 @@ class AudioMamba(nn.Module):
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     def load_pretrained(self, path) -> None:
-        """Load a local weights file (see zoo.vim.weights.load_weights); a head of another size stays fresh."""
-        from zoo.vim.weights import load_weights
+        """Load a local weights file (see mambazoo.vim.weights.load_weights); a head of another size stays fresh."""
+        from mambazoo.vim.weights import load_weights
 
         load_weights(self, path, fresh=("backbone.head.weight", "backbone.head.bias"))
 

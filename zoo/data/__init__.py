@@ -1,13 +1,13 @@
-"""LightningDataModules. Text and synthetic data live here; images (zoo.data.images) and audio
-(zoo.data.audio) are imported on first use."""
+"""LightningDataModules. Text and synthetic data live here; images (mambazoo.data.images) and audio
+(mambazoo.data.audio) are imported on first use."""
 
-from zoo.data.synthetic import SyntheticDataModule, induction_heads, mqar, selective_copy
-from zoo.data.text import ByteDataModule, TokenFileDataModule, load_byte_corpus, stdlib_files
+from mambazoo.data.synthetic import SyntheticDataModule, induction_heads, mqar, selective_copy
+from mambazoo.data.text import ByteDataModule, TokenFileDataModule, load_byte_corpus, stdlib_files
 
 _LAZY = {
-    "FashionMNISTDataModule": "zoo.data.images",
-    "ImageFolderDataModule": "zoo.data.images",
-    "WavFolderDataModule": "zoo.data.audio",
+    "FashionMNISTDataModule": "mambazoo.data.images",
+    "ImageFolderDataModule": "mambazoo.data.images",
+    "WavFolderDataModule": "mambazoo.data.audio",
 }
 
 __all__ = ["ByteDataModule", "SyntheticDataModule", "TokenFileDataModule", "induction_heads", "load_byte_corpus",
@@ -19,4 +19,4 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'zoo.data' has no attribute {name!r}")
+    raise AttributeError(f"module 'mambazoo.data' has no attribute {name!r}")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchaudio
 from torch.utils.data import Dataset
 
-from zoo.data.base import SplitDataModule
+from mambazoo.audio.frontend import torchaudio_module
+from mambazoo.data.base import SplitDataModule
 
 _DIGITS_HINT = ("for the spoken-digits set run `sudo apt-get install espeak-ng` and "
                 "`python scripts/make_spoken_digits.py --root data/spoken_digits`")
@@ -72,7 +72,7 @@ class WavFolder(Dataset):
         if not self.files:
             raise ValueError(f"{root}: no .wav files under {root}/<label>/; {_DIGITS_HINT}")
         self.sample_rate, self.clip_samples, self.augment = sample_rate, clip_samples, augment
-        self._resamplers: dict[int, torchaudio.transforms.Resample] = {}
+        self._resamplers: dict[int, object] = {}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -85,7 +85,7 @@ class WavFolder(Dataset):
         if rate == self.sample_rate:
             return x
         if rate not in self._resamplers:
-            self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.sample_rate)
+            self._resamplers[rate] = torchaudio_module().transforms.Resample(rate, self.sample_rate)
         return self._resamplers[rate](x)
 
     def __getitem__(self, i: int):

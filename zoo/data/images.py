@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from zoo.data.base import SplitDataModule, split_indices
+from mambazoo.data.base import SplitDataModule, split_indices
 from torchvision.transforms import v2 as T
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from zoo.data.streams import train_stream_loader
+from mambazoo.data.streams import train_stream_loader
 
 IGNORE = -100
 

@@ -5,9 +5,9 @@ Bytes: the default corpus is the running Python's standard-library sources
 into train / validation by a hash of their path, so validation bytes come from unseen files.
 
 Token files: a flat numpy memmap of uint16 or uint32 token ids (``.npy`` or raw). Build one from
-bytes with ``python -m zoo.data.text export --out DIR`` (the stdlib corpus as byte ids).
+bytes with ``python -m mambazoo.data.text export --out DIR`` (the stdlib corpus as byte ids).
 
-Training batches are random windows (batch, seq_len + 1) drawn by ``zoo.data.streams`` (resumable);
+Training batches are random windows (batch, seq_len + 1) drawn by ``mambazoo.data.streams`` (resumable);
 validation batches are consecutive non-overlapping windows of the held-out data.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.data.streams import train_stream_loader
+from mambazoo.data.streams import train_stream_loader
 
 SEPARATOR = b"\n\n"
 
@@ -177,7 +177,7 @@ class ByteDataModule(_WindowDataModule):
             self._check_sizes()
 
 
-EXPORT_HINT = "python -m zoo.data.text export --out DIR  (writes DIR/train.u16.npy and DIR/val.u16.npy)"
+EXPORT_HINT = "python -m mambazoo.data.text export --out DIR  (writes DIR/train.u16.npy and DIR/val.u16.npy)"
 
 
 def open_tokens(path: str | os.PathLike, dtype: str = "uint16") -> np.ndarray:
@@ -241,7 +241,7 @@ def _dump_val(args) -> None:
 def main(argv=None) -> None:
     """``export``: a byte corpus as uint16 token files; ``dump-val``: the validation bytes a
     ByteDataModule scores (to compare with a compressor, e.g. ``xz -9``)."""
-    ap = argparse.ArgumentParser(prog="python -m zoo.data.text", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m mambazoo.data.text", description=main.__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("export", "dump-val"):
         p = sub.add_parser(name)

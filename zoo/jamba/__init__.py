@@ -8,8 +8,8 @@ or ``create_model("jamba-tiny", layout="MAMA")``; ``window=`` makes attention sl
 
 from __future__ import annotations
 
-from zoo.lm import CausalLM, LMConfig, build_lm
-from zoo.registry import register_model
+from mambazoo.lm import CausalLM, LMConfig, build_lm
+from mambazoo.registry import register_model
 
 _JAMBA = dict(attn_period=8, attn_offset=4, moe_period=2, moe_offset=1, inner_norm=True, top_k=2,
               n_experts=16, aux_loss_weight=0.001, capacity_factor=None, renormalize=False,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from zoo.lm import CausalLM, LMConfig, build_lm
-from zoo.registry import register_model
+from mambazoo.lm import CausalLM, LMConfig, build_lm
+from mambazoo.registry import register_model
 
 # (n_layer, d_model) of the published checkpoints; vocab 50277 (GPT-NeoX) padded to 50280.
 SHAPES = {

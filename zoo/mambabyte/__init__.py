@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from zoo.lm import CausalLM, LMConfig, build_lm
-from zoo.mambabyte.tokenizer import ByteTokenizer, bits_per_byte
-from zoo.registry import register_model
+from mambazoo.lm import CausalLM, LMConfig, build_lm
+from mambazoo.mambabyte.tokenizer import ByteTokenizer, bits_per_byte
+from mambazoo.registry import register_model
 
 CONFIGS: dict[str, LMConfig] = {
     "mambabyte-353m": LMConfig(vocab_size=256, n_layer=53, d_model=1024),

@@ -6,8 +6,8 @@ capacity factor 1.0, load-balancing weight 0.01, GPT-2 vocabulary (50257).
 
 from __future__ import annotations
 
-from zoo.lm import CausalLM, LMConfig, build_lm
-from zoo.registry import register_model
+from mambazoo.lm import CausalLM, LMConfig, build_lm
+from mambazoo.registry import register_model
 
 CONFIGS: dict[str, LMConfig] = {
     "moe-mamba": LMConfig(vocab_size=50257, n_layer=8, d_model=512, ffn="e", n_experts=32, d_ffn=1536,

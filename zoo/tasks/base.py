@@ -10,20 +10,16 @@ import time
 import lightning.pytorch as pl
 import torch
 
-from zoo.registry import create_model
-from zoo.tasks.optim import build_optimizer
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss was NaN or infinite; the message names the step and the
-    checkpoint saved just before stopping."""
+from mambazoo.errors import NonFiniteLossError  # noqa: F401  (raised here; re-exported by mambazoo.tasks)
+from mambazoo.registry import create_model
+from mambazoo.tasks.optim import build_optimizer
 
 
 class ZooTask(pl.LightningModule):
-    """Base LightningModule. ``model`` is a registry name (``zoo.list_models()``) and
+    """Base LightningModule. ``model`` is a registry name (``mambazoo.list_models()``) and
     ``model_kwargs`` the overrides of its config, so a task is fully described by plain YAML.
 
-    lr, weight_decay, betas: AdamW (decay on matrices only, see ``zoo.tasks.optim``);
+    lr, weight_decay, betas: AdamW (decay on matrices only, see ``mambazoo.tasks.optim``);
     warmup_steps, min_lr_ratio: the cosine schedule; schedule_steps: its length (default: the
     trainer's max_steps / estimated stepping batches).
     compile: torch.compile the model in place before training. True: inductor, which fuses the

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mambazoo.optional import MissingExtraError, require
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` into a temporary file beside the target, fsync, then ``os.replace``: a save
@@ -62,8 +64,7 @@ def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[tuple[int, float
 
 def plot_curves(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path:
     """Training and validation loss (left) and the validation metrics bpb / acc (right) against step."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "curves.png")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -107,4 +108,7 @@ class CurvesPNG(pl.Callback):
         logger.save()
         path = Path(logger.log_dir) / "metrics.csv"
         if path.is_file():
-            print(f"training curves: {plot_curves(path, self.out_png, self.title)}", flush=True)
+            try:
+                print(f"training curves: {plot_curves(path, self.out_png, self.title)}", flush=True)
+            except MissingExtraError as e:  # the run itself is fine: say why there is no PNG
+                print(f"no training curves: {e}", flush=True)

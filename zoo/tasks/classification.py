@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from zoo.tasks.base import ZooTask, lr_of
+from mambazoo.tasks.base import ZooTask, lr_of
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float, cutmix_alpha: float,

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.tasks.base import ZooTask, _is_fsdp, lr_of
-from zoo.tasks.metrics import IGNORE_INDEX, SequenceMetrics
+from mambazoo.tasks.base import ZooTask, _is_fsdp, lr_of
+from mambazoo.tasks.metrics import IGNORE_INDEX, SequenceMetrics
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:

@@ -1,17 +1,17 @@
 """Vision Mamba (Vim): bidirectional Mamba over image patches with a middle class token.
 
-Registers the named configs (``zoo.create_model('vim-tiny')``, see ``zoo.vim.configs``) and the timm
-architectures ``vim_{tiny,small,base}_patch16_224`` (``timm.create_model`` after ``import zoo.vim``)."""
+Registers the named configs (``mambazoo.create_model('vim-tiny')``, see ``mambazoo.vim.configs``) and the timm
+architectures ``vim_{tiny,small,base}_patch16_224`` (``timm.create_model`` after ``import mambazoo.vim``)."""
 
 from __future__ import annotations
 
 from functools import partial
 
-from zoo.registry import register_model
-from zoo.vim import timm_models  # noqa: F401  (registers the timm names)
-from zoo.vim.configs import DESCRIPTIONS, VIM_CONFIGS
-from zoo.vim.model import PatchEmbed, VisionMamba
-from zoo.vim.weights import load_weights, read_state_dict
+from mambazoo.registry import register_model
+from mambazoo.vim import timm_models  # noqa: F401  (registers the timm names)
+from mambazoo.vim.configs import DESCRIPTIONS, VIM_CONFIGS
+from mambazoo.vim.model import PatchEmbed, VisionMamba
+from mambazoo.vim.weights import load_weights, read_state_dict
 
 
 def build_vim(name: str, **overrides) -> VisionMamba:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# Every field is a keyword of zoo.vim.model.VisionMamba.
+# Every field is a keyword of mambazoo.vim.model.VisionMamba.
 VIM_CONFIGS: dict[str, dict] = {
     # depth 24, embed 192 / 384 / 768, patch 16, middle class token: ~7M / 26M / 98M parameters.
     "vim-tiny": dict(img_size=224, patch_size=16, embed_dim=192, depth=24, drop_path_rate=0.0),

@@ -171,7 +171,7 @@ def convert_official_vim(checkpoint: dict, *, use_ema: bool = False, strict: boo
         source: how to name the checkpoint in errors (e.g. its path).
 
     Returns our state dict; the position embedding is moved to our row order (class token first) but
-    not resampled: ``zoo.vim.weights.load_weights`` / the timm filter resample it to the model's grid.
+    not resampled: ``mambazoo.vim.weights.load_weights`` / the timm filter resample it to the model's grid.
     """
     sd = official_state_dict(checkpoint, use_ema, source)
     out: dict[str, torch.Tensor] = {}
@@ -211,12 +211,12 @@ def convert_official_vim(checkpoint: dict, *, use_ema: bool = False, strict: boo
 
 def _report(source, missing, unexpected, mismatched) -> str:
     lines = [f"{source}: not a Vision Mamba state dict in the official (hustvl/Vim, bimamba v2, middle "
-             "class token) layout that zoo.vim can convert"]
+             "class token) layout that mambazoo.vim can convert"]
     for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
         if keys:
             shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
             lines.append(f"  {name} ({len(keys)}): {shown}")
     reasons = sorted({why for k in unexpected for pattern, why in _UNSUPPORTED if pattern.match(k)})
     if reasons:
-        lines.append(f"  the checkpoint uses options zoo.vim's VisionMamba does not have: {'; '.join(reasons)}")
+        lines.append(f"  the checkpoint uses options mambazoo.vim's VisionMamba does not have: {'; '.join(reasons)}")
     return "\n".join(lines)

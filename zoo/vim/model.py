@@ -3,13 +3,13 @@ position embeddings -> depth x bidirectional ("v2") Mamba blocks -> RMSNorm -> c
 
 Token order: patches row-major, the class token inserted at index ``num_patches // 2`` (Vim's
 "middle class token"). Both scan directions run in training and in inference: the mixer is
-``core.Mamba(bidirectional=True)``, which has no recurrent path at all.
+``mambazoo.core.Mamba(bidirectional=True)``, which has no recurrent path at all.
 
 Position embeddings are stored in timm's layout, (1, 1 + num_patches, dim) with the class token's
 row first, and added before the class token is moved to the middle; this lets
 ``timm.layers.resample_abs_pos_embed`` interpolate them to a new image size.
 
-``load_state_dict`` also takes the official hustvl/Vim state dict (``zoo.vim.convert``: layers.i.mixer.
+``load_state_dict`` also takes the official hustvl/Vim state dict (``mambazoo.vim.convert``: layers.i.mixer.
 conv1d_b, ..., norm_f, pos_embed with the class token's row in the middle) and converts it on the way in.
 """
 
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
-from core.block import Block
-from core.decode import fused_decode_enabled
-from core.mamba import Mamba
-from core.norm import RMSNorm
+from mambazoo.core.block import Block
+from mambazoo.core.decode import fused_decode_enabled
+from mambazoo.core.mamba import Mamba
+from mambazoo.core.norm import RMSNorm
 
 
 def _pair(v) -> tuple[int, int]:
@@ -188,10 +188,10 @@ class VisionMamba(nn.Module):
 
     def load_pretrained(self, path, format: str = "auto", use_ema: bool = False) -> None:
         """Load a local weights file, ours or an official hustvl/Vim checkpoint (see
-        ``zoo.vim.weights.load_weights``; timm calls this only for .npz files): the position
+        ``mambazoo.vim.weights.load_weights``; timm calls this only for .npz files): the position
         embedding is resampled, a head of another size is kept fresh; any other mismatch raises
         ValueError naming the keys, before anything is loaded."""
-        from zoo.vim.weights import load_weights
+        from mambazoo.vim.weights import load_weights
 
         load_weights(self, path, fresh=("head.weight", "head.bias"), format=format, use_ema=use_ema)
 
@@ -235,7 +235,7 @@ class VisionMamba(nn.Module):
                 hidden, residual = blk.forward_residual(hidden, residual, consume=own)
                 own = True  # a block's output
             if norm and isinstance(self.norm, RMSNorm) and residual is not None:
-                from kernels.decode import add_rms_norm
+                from mambazoo.kernels.decode import add_rms_norm
 
                 b, L, d = residual.shape
                 out, _ = add_rms_norm(hidden.reshape(b * L, d), residual.view(b * L, d), self.norm.weight,
@@ -265,7 +265,7 @@ class VisionMamba(nn.Module):
         """patch_embed + _pos_embed in one kernel (kernels/patch_embed.py: the image read once, no patch copy) at
         inference under half-precision autocast on the fused path, for the patch shapes it takes; else None.
         MAMBAZOO_FUSED_PATCH=0 turns it off (A/B timing)."""
-        from kernels.patch_embed import patch_tokens, patch_tokens_fit
+        from mambazoo.kernels.patch_embed import patch_tokens, patch_tokens_fit
 
         pe_mod = self.patch_embed
         if (self.training or torch.is_grad_enabled() or x.dim() != 4 or not fused_decode_enabled(x.device)
@@ -303,7 +303,7 @@ class VisionMamba(nn.Module):
 def _convert_official_keys(module, state_dict, prefix, *_):
     """``load_state_dict`` pre-hook: rename an official hustvl/Vim state dict (under ``prefix``) to ours
     in place, leniently (what it cannot map is left for load_state_dict's own missing/unexpected report)."""
-    from zoo.vim.convert import _looks_official, convert_official_vim
+    from mambazoo.vim.convert import _looks_official, convert_official_vim
 
     own = [k for k in state_dict if k.startswith(prefix)]
     if not _looks_official(k[len(prefix):] for k in own):

@@ -1,11 +1,11 @@
 """timm entry points: ``timm.create_model('vim_tiny_patch16_224', num_classes=..., in_chans=...,
-img_size=...)`` after ``import zoo.vim``.
+img_size=...)`` after ``import mambazoo.vim``.
 
 No weights are hosted: ``pretrained=True`` needs a local file (safetensors or a torch / Lightning
 checkpoint), given as ``pretrained_cfg_overlay=dict(file='vim_tiny.safetensors', num_classes=10)``
 where num_classes is the file's (timm drops the head when it differs from the model's). Position
 embeddings are resampled to ``img_size``; 3-channel patch weights are adapted to ``in_chans``.
-The official hustvl/Vim checkpoints are converted on the way in (``zoo.vim.convert``), here and with
+The official hustvl/Vim checkpoints are converted on the way in (``mambazoo.vim.convert``), here and with
 ``checkpoint_path=``."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from zoo.vim.configs import TIMM_NAMES, VIM_CONFIGS
-from zoo.vim.model import VisionMamba
-from zoo.vim.weights import checkpoint_filter_fn
+from mambazoo.vim.configs import TIMM_NAMES, VIM_CONFIGS
+from mambazoo.vim.model import VisionMamba
+from mambazoo.vim.weights import checkpoint_filter_fn
 
 
 def _cfg(**kwargs) -> dict:

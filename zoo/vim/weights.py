@@ -2,7 +2,7 @@
 position embedding to the model's image size and naming every mismatched key on failure.
 
 Files in the official hustvl/Vim layout (the released vim_*_midclstok_*.pth) are recognised by their
-keys and converted (``zoo.vim.convert``); ``format='official'`` or ``format='zoo'`` forces either."""
+keys and converted (``mambazoo.vim.convert``); ``format='official'`` or ``format='zoo'`` forces either."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def to_zoo_layout(checkpoint, source: str = "the checkpoint", format: str = "aut
     """Our state dict from what a weights file held: the official hustvl/Vim layout is converted
     (its 'model' entry, or 'model_ema' with ``use_ema``; ``strict``: see ``convert_official_vim``),
     ours is unwrapped (``clean_state_dict``)."""
-    from zoo.vim.convert import convert_official_vim, is_official_vim
+    from mambazoo.vim.convert import convert_official_vim, is_official_vim
 
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
