@@ -168,12 +168,11 @@ def test_a_missing_extra_is_named(monkeypatch):
     """Without torchaudio the audio front end says which extra installs it; the rest still imports."""
     from mambazoo.audio.frontend import AudioFrontend
     from mambazoo.optional import MissingExtraError
+    from mambazoo.tasks.checkpointing import plot_curves  # (torchmetrics looks for matplotlib on import)
 
     monkeypatch.setitem(sys.modules, "torchaudio", None)  # makes `import torchaudio` fail
     with pytest.raises(MissingExtraError, match=r"pip install 'mambazoo\[audio\]'"):
         AudioFrontend(sample_rate=16000, n_mels=16, frames=8)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    from mambazoo.tasks.checkpointing import plot_curves
-
     with pytest.raises(MissingExtraError, match=r"mambazoo\[plots\]"):
         plot_curves("metrics.csv", "curves.png")
