@@ -25,9 +25,15 @@ def apply() -> None:
     if original is None or getattr(original, "_mambazoo", False):
         return
 
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    def index(self):
+        return int(self.handle.data.reshape(-1)[0])
+
+    def patched(tensor, *scope):
+        original(tensor, *scope)
+        if scope:  # Triton >= 3.6 patches through a scope object that it can undo
+            scope[0].set_attr(tensor, "__index__", index)
+        else:  # Triton 3.5 and older set the attribute directly
+            tensor.__index__ = index
 
     patched._mambazoo = True
     interpreter._patch_lang_tensor = patched

@@ -14,7 +14,8 @@ WORK=${ACC_WORK:-/tmp/mambazoo-acceptance-ddp}
 EPOCHS=${EPOCHS:-6}
 STEPS=${STEPS:-300}
 mkdir -p "$OUT" "$WORK"
-export PYTHONPATH=.:${PYTHONPATH:-}
+# mambazoo installs from this checkout (its folders map into the mambazoo namespace; PYTHONPATH=. no longer does)
+python3 -m pip install -q --no-deps --no-build-isolation --no-index . || { echo "cannot install mambazoo from $PWD"; exit 1; }
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 if ! python3 -c "import jsonargparse" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -27,7 +27,8 @@ TRAIN_MIN=${TRAIN_MIN:-10}
 OUT=${OUT:-$PWD/acceptance-out}
 WORK=${ACC_WORK:-/tmp/mambazoo-acceptance}
 mkdir -p "$OUT" "$WORK"
-export PYTHONPATH=.:${PYTHONPATH:-}
+# mambazoo installs from this checkout (its folders map into the mambazoo namespace; PYTHONPATH=. no longer does)
+python3 -m pip install -q --no-deps --no-build-isolation --no-index . || { echo "cannot install mambazoo from $PWD"; exit 1; }
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 ALL_RUNS="vim-tiny-fashion aum-tiny-digits mambabyte-stdlib selective-copy-mamba selective-copy-s4d induction-heads-mamba"
 RUNS=${ONLY:-$ALL_RUNS}  # ONLY="a b" runs a subset

@@ -1,8 +1,8 @@
 """Decode-step benchmark: one layer's step and the whole model's step, fused kernels vs unfused.
 
-    PYTHONPATH=. python scripts/bench_decode_step.py                  # GPU: mamba-130m shape, bf16, batch 1 and 64
-    PYTHONPATH=. python scripts/bench_decode_step.py --json out.json  # also write the rows
-    TRITON_INTERPRET=1 PYTHONPATH=. python scripts/bench_decode_step.py --device cpu   # CPU dry run (tiny model)
+    python scripts/bench_decode_step.py                  # GPU: mamba-130m shape, bf16, batch 1 and 64
+    python scripts/bench_decode_step.py --json out.json  # also write the rows
+    TRITON_INTERPRET=1 python scripts/bench_decode_step.py --device cpu   # CPU dry run (tiny model)
 
 Modes (the switch is MAMBAZOO_FUSED_DECODE, read when the step is captured):
 - fused:   add + RMSNorm, conv-state update and the A_log state update as single Triton kernels

@@ -1,6 +1,6 @@
 """Times kernels/gated_proj.py (the Vim mixer's gate and out_proj, z formed on chip) beside what it replaces.
 
-    PYTHONPATH=. python scripts/bench_gated_proj.py [--quick]
+    python scripts/bench_gated_proj.py [--quick]
 
 Per shape (M = 64 images x tokens, d_model, d_inner), bf16, on CUDA:
   out_proj      F.linear(y, wo): what the unfused path runs after the gated scans (cuBLAS)

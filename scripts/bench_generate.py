@@ -1,7 +1,7 @@
 """Generation benchmark: decode throughput (tokens/s) and peak memory, side by side.
 
-    PYTHONPATH=. python scripts/bench_generate.py                 # GPU, bf16, the issue's grid
-    PYTHONPATH=. python scripts/bench_generate.py --small --device cpu   # a quick dry run
+    python scripts/bench_generate.py                 # GPU, bf16, the issue's grid
+    python scripts/bench_generate.py --small --device cpu   # a quick dry run
 
 Models (random weights, greedy decoding, 256 new tokens, prompts 2k/16k, batch 1/64):
 - ours-mamba-130m: zoo's Mamba LM in the mamba-130m shape (24 x 768), decode step in a CUDA graph;

@@ -1,6 +1,6 @@
 """Times kernels/patch_embed.py (image -> tokens with the position embedding, one kernel) against the unfused path.
 
-    PYTHONPATH=. python scripts/bench_patch_embed.py
+    python scripts/bench_patch_embed.py
 
 vim-tiny at 1024 and 1248 px, batch 64, bf16 autocast, inference: the unfused path (patches gathered and cast, the
 GEMM, the position embedding added around the class token: PatchEmbed + VisionMamba._pos_embed) beside the fused

@@ -2,8 +2,8 @@
 
 Run on a GPU from the repository root (the peer is optional, see shared/anchors/README.md):
 
-    PYTHONPATH=.:$PYTHONPATH python scripts/bench_scan.py [--probe] [--json FILE]
-    PYTHONPATH=. python scripts/bench_scan.py --resources      # no GPU needed: registers, spills, SASS mix
+    python scripts/bench_scan.py [--probe] [--json FILE]
+    python scripts/bench_scan.py --resources      # no GPU needed: registers, spills, SASS mix
 
 It first checks the kernels against mambazoo.core.selective_scan_ref on the GPU (forward and all
 gradients, several layouts), then times, median of triton.testing.do_bench, bf16 inputs with D,

@@ -1,7 +1,7 @@
 """Inference throughput and peak memory of vim-tiny against timm's deit_tiny_patch16_224 (fused
 attention) at several image sizes, bf16 autocast, forward_features only. Needs a CUDA GPU.
 
-    PYTHONPATH=. python scripts/bench_vision.py --sizes 224 512 1024 1248 --batch 64
+    python scripts/bench_vision.py --sizes 224 512 1024 1248 --batch 64
 
 Each (model, size) starts at --batch and halves on out-of-memory. Prints a markdown table.
 With --profile it also prints the top CUDA kernels of one vim-tiny batch at the largest size;
