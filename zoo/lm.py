@@ -216,9 +216,15 @@ class CausalLM(nn.Module):
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids: expected at least one token, got shape {tuple(input_ids.shape)}")
         if check_range and input_ids.device.type != "meta":
+            V = self.config.vocab_size
+            if torch.compiler.is_compiling():
+                # traced (torch.compile / torch.export): an assert inside the graph, no host sync, no graph break
+                torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(),
+                                    f"input_ids: expected ids in [0, {V})")
+                return
             lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"input_ids: expected ids in [0, {self.config.vocab_size}), got min {lo}, max {hi}")
+            if lo < 0 or hi >= V:
+                raise ValueError(f"input_ids: expected ids in [0, {V}), got min {lo}, max {hi}")
 
     # -- forward -------------------------------------------------------------------------------
     def forward_hidden(self, input_ids: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:

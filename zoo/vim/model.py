@@ -208,7 +208,7 @@ class VisionMamba(nn.Module):
         pe = self._pos_for(grid)
         cls = (self.cls_token + pe[:, :1]).expand(x.shape[0], -1, -1)
         mid = x.shape[1] // 2
-        if not torch.is_grad_enabled():  # one pass: the two halves added into place around the class token
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # one pass: halves added in place
             dtype = torch.promote_types(x.dtype, pe.dtype)
             out = x.new_empty(x.shape[0], x.shape[1] + 1, x.shape[2], dtype=dtype)
             torch.add(x[:, :mid], pe[:, 1:mid + 1], out=out[:, :mid])
