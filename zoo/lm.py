@@ -317,14 +317,22 @@ class CausalLM(nn.Module):
             return torch.zeros((), device=self.embedding.weight.device)
         return torch.stack([l.float() for l in losses]).sum()
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos: int | None = None,
-                 streamer=None, cuda_graph: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prompt (batch, L) -> (batch, L + n) ids; see ``mambazoo.generation.generate``."""
+    def generate(self, input_ids=None, max_new_tokens: int = 20, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos=None,
+                 streamer=None, cuda_graph: bool = True, generator: torch.Generator | None = None, **kwargs):
+        """Prompt (batch, L) -> (batch, L + n) ids, or text -> text with ``self.tokenizer``; transformers'
+        keywords (attention_mask, eos_token_id, repetition_penalty, do_sample, min_new_tokens, ...) too: see
+        ``mambazoo.generation.generate``."""
         from mambazoo.generation import generate
 
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos=eos, streamer=streamer, cuda_graph=cuda_graph, generator=generator)
+                        eos=eos, streamer=streamer, cuda_graph=cuda_graph, generator=generator, **kwargs)
+
+    def save_pretrained(self, save_directory, tokenizer=None):
+        """config.json + model.safetensors that transformers reads where it can: ``mambazoo.hub.save_pretrained``."""
+        from mambazoo.hub import save_pretrained
+
+        return save_pretrained(self, save_directory, tokenizer)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count (tied weights once)."""
