@@ -101,12 +101,12 @@ def _hub_call(fn, repo_id: str, revision, **kwargs):
 
 
 def download(name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-             local_files_only: bool | None = None, token: str | bool | None = None) -> Path:
+             local_files_only: bool | None = None, token: str | bool | None = None, weights: bool = True) -> Path:
     """A local folder (or file) holding the model: ``name_or_path`` itself when it exists, else the snapshot
     of its Hub repo (a repo id, or a zoo name of ``KNOWN_REPOS``) in the Hub cache, downloaded if needed.
 
     Only what the loaders read is fetched: the JSON files and tokenizer files, then the first kind of weights
-    the repo has (safetensors, else .bin, else .pth)."""
+    the repo has (safetensors, else .bin, else .pth); ``weights=False``: the JSON and tokenizer files only."""
     p = Path(name_or_path)
     if p.exists():
         return p
@@ -122,6 +122,8 @@ def download(name_or_path: str | os.PathLike, revision: str | None = None, cache
     if repo_id in VIM_FILES:
         return Path(_hub_call(hf_hub_download, repo_id, revision, filename=VIM_FILES[repo_id], **kw))
     folder = Path(_hub_call(snapshot_download, repo_id, revision, allow_patterns=["*.json", "*.txt", "*.model"], **kw))
+    if not weights:
+        return folder
     for patterns in _WEIGHT_PATTERNS:
         folder = Path(_hub_call(snapshot_download, repo_id, revision, allow_patterns=patterns, **kw))
         if any(folder.glob(patterns[0])):
@@ -294,7 +296,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None,
     """The tokenizer that goes with a model: transformers' AutoTokenizer on the folder / repo when it holds
     tokenizer files (the ``tokenizers`` package's Tokenizer from tokenizer.json when transformers is not
     installed), GPT-NeoX's for mamba_ssm repos, the byte tokenizer for 256-symbol models; else None."""
-    folder = download(name_or_path, revision, cache_dir, local_files_only)
+    folder = download(name_or_path, revision, cache_dir, local_files_only, weights=False)
     folder = folder if folder.is_dir() else folder.parent
     if any((folder / f).is_file() for f in _TOKENIZER_FILES):
         try:

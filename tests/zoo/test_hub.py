@@ -271,3 +271,40 @@ def test_load_pretrained_into_a_new_head(tmp_path):
     wrong = VisionMamba(img_size=32, patch_size=8, embed_dim=24, depth=2, d_state=4, num_classes=2)
     with pytest.raises(ValueError, match="do not fit the model"):
         load_pretrained_into(wrong, tmp_path / "vim")
+
+
+def test_load_pretrained_into_a_language_model_and_a_task_like_wrapper(tmp_path):
+    hf = hf_mamba()
+    hf.save_pretrained(tmp_path / "hf")
+    target = mambazoo.create_model("mamba-tiny", vocab_size=96, d_model=32, d_state=8)
+    wrapper = torch.nn.Module()
+    wrapper.model = target  # a Lightning task holds the network as .model
+    assert load_pretrained_into(wrapper, tmp_path / "hf")["fresh"] == []
+    same_logits(hf, target.eval(), torch.randint(0, 96, (1, 6)))
+    with pytest.raises(ValueError, match="do not fit"):
+        load_pretrained_into(mambazoo.create_model("mamba-tiny", vocab_size=96, d_model=32), tmp_path / "hf")
+
+
+def test_mamba_ssm_repo_gets_the_gpt_neox_tokenizer_and_dtype(tmp_path, cache):
+    hf = hf_mamba()
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(sd, src / "pytorch_model.bin")
+    (src / "config.json").write_text(json.dumps({"d_model": 32, "n_layer": 2, "vocab_size": 96}))
+    put_in_cache(cache, "tiny-org/ssm", src)
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer(tok_dir)  # stands in for EleutherAI/gpt-neox-20b's tokenizer files
+    put_in_cache(cache, "EleutherAI/gpt-neox-20b", tok_dir)
+    model = from_pretrained("tiny-org/ssm", cache_dir=cache, dtype=torch.bfloat16)
+    assert model.embedding.weight.dtype == torch.bfloat16
+    assert model.tokenizer.encode("the dog") == [2, 8]
+
+
+def test_mamba2_is_refused_clearly(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba2"}))
+    with pytest.raises(ValueError, match="Mamba-2"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        from_pretrained(tmp_path)
