@@ -299,17 +299,15 @@ def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None,
     folder = download(name_or_path, revision, cache_dir, local_files_only, weights=False)
     folder = folder if folder.is_dir() else folder.parent
     if any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        try:
-            transformers = __import__("transformers")
-        except ImportError:
-            transformers = None
-        if transformers is not None:
-            return transformers.AutoTokenizer.from_pretrained(str(folder))
-        if (folder / "tokenizer.json").is_file():
-            return FastTokenizer.from_file(folder / "tokenizer.json", _read_json(folder / "config.json"))
+        import importlib.util
+
         from mambazoo.optional import require
 
-        require("transformers", f"the tokenizer in {folder} (no tokenizer.json)")
+        if importlib.util.find_spec("transformers") is None and (folder / "tokenizer.json").is_file() \
+                and importlib.util.find_spec("tokenizers") is not None:
+            return FastTokenizer.from_file(folder / "tokenizer.json", _read_json(folder / "config.json"))
+        transformers = require("transformers", f"the tokenizer in {folder}")
+        return transformers.AutoTokenizer.from_pretrained(str(folder))
     cfg = _read_json(folder / "config.json") or {}
     vocab = cfg.get("vocab_size") or (cfg.get("mambazoo", {}).get("config") or {}).get("vocab_size")
     if vocab == 256:

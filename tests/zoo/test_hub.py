@@ -308,3 +308,16 @@ def test_mamba2_is_refused_clearly(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type 'llama'"):
         from_pretrained(tmp_path)
+
+
+def test_tokenizer_without_transformers_uses_the_tokenizers_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    from mambazoo.hub import FastTokenizer, load_tokenizer
+
+    tiny_tokenizer(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, FastTokenizer)
+    assert tok.encode("the cat") == [2, 3] and tok.decode([2, 3]).split() == ["the", "cat"]
