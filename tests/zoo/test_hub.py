@@ -251,7 +251,7 @@ def test_save_pretrained_other_models_round_trip(tmp_path):
     ids = torch.randint(0, moe.config.vocab_size, (1, 5))
     torch.testing.assert_close(from_pretrained(tmp_path / "moe")(ids), moe(ids))
     vim = tiny_vim()
-    save_pretrained(vim, tmp_path / "vim")
+    vim.save_pretrained(tmp_path / "vim")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(from_pretrained(tmp_path / "vim")(x), vim(x))
@@ -321,3 +321,18 @@ def test_tokenizer_without_transformers_uses_the_tokenizers_package(tmp_path, mo
     tok = load_tokenizer(tmp_path)
     assert isinstance(tok, FastTokenizer)
     assert tok.encode("the cat") == [2, 3] and tok.decode([2, 3]).split() == ["the", "cat"]
+
+
+def test_the_configs_name_the_known_repos():
+    import re
+
+    from mambazoo.cli import CONFIG_DIR
+    from mambazoo.hub import KNOWN_REPOS
+
+    named = {}
+    for p in CONFIG_DIR.glob("*.yaml"):
+        m = re.search(r"^# pretrained weights: (\S+)", p.read_text(), re.M)
+        if m:
+            named[p.stem] = m.group(1)
+    assert named == {k: v for k, v in KNOWN_REPOS.items() if (CONFIG_DIR / f"{k}.yaml").is_file()}
+    assert len(named) == 9

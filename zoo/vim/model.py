@@ -288,6 +288,12 @@ class VisionMamba(nn.Module):
         out[:, mid] = (self.cls_token[0, 0] + pos[0, 0]).float()
         return out
 
+    def save_pretrained(self, save_directory) -> "os.PathLike":
+        """config.json + model.safetensors that ``mambazoo.from_pretrained(dir)`` rebuilds (mambazoo.hub.save_pretrained)."""
+        from mambazoo.hub import save_pretrained
+
+        return save_pretrained(self, save_directory)
+
     # -- timm conventions: checkpointing, layer groups, intermediate features ---------------------
     def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """One block, through activation checkpointing when it is on and autograd records (training)."""
