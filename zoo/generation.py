@@ -349,7 +349,8 @@ def generate(model, input_ids=None, max_new_tokens: int = 20, temperature: float
             and max_new_tokens > 0:  # the whole output is kept: count it with the cache
         check_memory(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, input_ids.device,
                      out_tokens=input_ids.shape[0] * (input_ids.shape[1] + max_new_tokens))
-    out = [input_ids]
+    # new tokens go into (batch, 1024) blocks: memory grows with what was generated, a few bytes a token
+    out, block, n = [input_ids], None, 0
     for tok in stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos,
                                cuda_graph, generator, cache_len, attention_mask=attention_mask,
                                repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
@@ -358,7 +359,14 @@ def generate(model, input_ids=None, max_new_tokens: int = 20, temperature: float
             streamer.put(tok.cpu())
         elif streamer is not None:
             streamer(tok)
-        out.append(tok[:, None])
+        if block is None or n == block.shape[1]:
+            if block is not None:
+                out.append(block)
+            block, n = tok.new_empty(tok.shape[0], min(1024, max_new_tokens)), 0
+        block[:, n] = tok
+        n += 1
+    if block is not None:
+        out.append(block[:, :n])
     if hf_streamer:
         streamer.end()
     ids = torch.cat(out, dim=1)

@@ -137,3 +137,13 @@ def test_bad_temperature(bad):
     m = mambazoo.create_model("mamba-tiny")
     with pytest.raises(ValueError, match="temperature"):
         generate(m, torch.zeros(1, 2, dtype=torch.long), 2, temperature=bad)
+
+
+def test_long_generation_crosses_output_blocks():
+    m = _model("mamba-tiny")
+    ids = _ids(m, 3, 6)
+    long = m.generate(ids, 1030, temperature=0)
+    assert long.shape == (1, 1033)
+    assert torch.equal(long[:, :43], m.generate(ids, 40, temperature=0))
+    streamed = torch.stack(list(__import__("mambazoo.generation").generation.stream_generate(m, ids, 1030, 0.0)), 1)
+    assert torch.equal(long[:, 3:], streamed)
