@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -165,7 +166,13 @@ def detect_layout(path: Path) -> str:
             from mambazoo.vim.convert import is_official_vim
             from mambazoo.vim.weights import _load_file
 
-            if is_official_vim(_load_file(f)):
+            try:
+                content = _load_file(f)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+                first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise ValueError(f"{f}: expected a torch checkpoint of tensors (e.g. an official hustvl/Vim .pth); "
+                                 f"could not read it with weights_only=True ({first})") from e
+            if is_official_vim(content):
                 return "vim_official"
     if path.is_file() and path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -276,11 +283,11 @@ def _from_mambazoo_export(path: Path, cfg: dict, dtype=None, **overrides):
             from mambazoo.vim.model import VisionMamba as cls
         else:
             from mambazoo.audio.model import AudioMamba as cls
+        from mambazoo.vim.weights import load_weights
+
         model = cls(**{**zoo["config"], **overrides})
-        sd = load_file(str(folder / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{folder}: the weights do not fit the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        head = ("head.weight", "head.bias") if family == "vim" else ("backbone.head.weight", "backbone.head.bias")
+        load_weights(model, folder / "model.safetensors", fresh=head)  # a head of another size stays fresh
         return model.to(dtype) if dtype is not None else model
     raise ValueError(f"{path}: config.json's mambazoo entry names family {family!r}; expected lm, vim or aum")
 

@@ -336,3 +336,15 @@ def test_the_configs_name_the_known_repos():
             named[p.stem] = m.group(1)
     assert named == {k: v for k, v in KNOWN_REPOS.items() if (CONFIG_DIR / f"{k}.yaml").is_file()}
     assert len(named) == 9
+
+
+def test_exported_vim_with_a_new_head_and_an_unreadable_pth(tmp_path):
+    src = tiny_vim(num_classes=5)
+    src.save_pretrained(tmp_path / "vim")
+    fine = from_pretrained(tmp_path / "vim", num_classes=2)
+    assert fine.head.weight.shape == (2, 16)
+    torch.testing.assert_close(fine.blocks[0].mixer.in_proj.weight, src.blocks[0].mixer.in_proj.weight)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "weights.pth").write_bytes(b"\x00not a checkpoint" * 4)
+    with pytest.raises(ValueError, match="weights.pth: expected a torch checkpoint"):
+        from_pretrained(tmp_path / "bad")
