@@ -431,6 +431,18 @@ def _vim_config(model) -> dict:
                 global_pool=model.global_pool, norm_eps=model.norm.eps, dynamic_img_size=model.dynamic_img_size)
 
 
+def _aum_config(model) -> dict:
+    """AudioMamba's constructor arguments, read back from its front end and backbone."""
+    fe, bb = model.frontend, model.backbone
+    vim = _vim_config(bb)
+    return dict(num_classes=model.num_classes, sample_rate=fe.sample_rate, n_mels=fe.n_mels, frames=fe.frames,
+                n_fft=fe.mel.n_fft, win_length=fe.mel.win_length, hop_length=fe.hop_length,
+                freq_mask=fe.freq_masking.mask_param if fe.freq_masking is not None else 0,
+                time_mask=fe.time_masking.mask_param if fe.time_masking is not None else 0,
+                patch_size=vim["patch_size"], stride=vim["stride"], embed_dim=vim["embed_dim"], depth=vim["depth"],
+                d_state=vim["d_state"], global_pool=vim["global_pool"])
+
+
 def _hf_layout(model) -> str | None:
     """'mamba', 'falcon_mamba', 'jamba' when transformers has a class for this CausalLM, else None."""
     c = model.config
@@ -547,7 +559,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, tokeniz
     transformers' layout, so ``MambaForCausalLM`` / ``FalconMambaForCausalLM`` / ``JambaForCausalLM``
     ``.from_pretrained(dir)`` load it with the same logits; config.json also carries the zoo's own config
     (under "mambazoo") so that ``mambazoo.from_pretrained(dir)`` rebuilds it exactly. Other models (MoE-Mamba,
-    Vim, AuM) are written with the zoo's names. A tokenizer with ``save_pretrained`` is saved beside it."""
+    Vim, AuM) are written with the zoo's names and their constructor arguments. A tokenizer with ``save_pretrained`` is saved beside it."""
     from safetensors.torch import save_file
 
     from mambazoo.lm import CausalLM
@@ -579,7 +591,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, tokeniz
         if isinstance(model, VisionMamba):
             zoo = {"family": "vim", "config": _vim_config(model)}
         elif isinstance(model, AudioMamba):
-            raise ValueError("save_pretrained: AudioMamba export is not supported yet; use torch.save(model.state_dict())")
+            zoo = {"family": "aum", "config": _aum_config(model)}
         else:
             raise ValueError(f"save_pretrained: expected a mambazoo CausalLM or VisionMamba, got {type(model).__name__}")
         cfg = {"model_type": "mambazoo", "mambazoo": zoo}

@@ -348,3 +348,17 @@ def test_exported_vim_with_a_new_head_and_an_unreadable_pth(tmp_path):
     (tmp_path / "bad" / "weights.pth").write_bytes(b"\x00not a checkpoint" * 4)
     with pytest.raises(ValueError, match="weights.pth: expected a torch checkpoint"):
         from_pretrained(tmp_path / "bad")
+
+
+def test_audio_mamba_round_trip(tmp_path):
+    pytest.importorskip("torchaudio")
+    from mambazoo.audio.model import AudioMamba
+
+    m = AudioMamba(num_classes=3, n_mels=16, frames=32, n_fft=64, win_length=48, hop_length=16, freq_mask=4,
+                   time_mask=0, patch_size=8, embed_dim=16, depth=2, d_state=4).eval()
+    save_pretrained(m, tmp_path / "aum")
+    back = from_pretrained(tmp_path / "aum")
+    assert back.frontend.mel.win_length == 48 and back.frontend.freq_masking.mask_param == 4
+    wave = torch.randn(2, 500)
+    with torch.no_grad():
+        torch.testing.assert_close(back(wave), m(wave))
