@@ -1,7 +1,6 @@
 """`mambazoo generate`: --model NAME_OR_PATH streams text through the model's tokenizer; --checkpoint reads
 Lightning checkpoints with weights_only=True (a malicious pickle runs nothing); every bad input is one line."""
 
-import math
 import os
 
 import pytest
