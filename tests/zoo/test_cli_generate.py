@@ -113,3 +113,21 @@ def test_max_new_tokens_beyond_memory(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "jamba"), "--prompt", "1,2",
                  "--max_new_tokens", str(10**12)]) == 2
     assert "GiB" in capsys.readouterr().err
+
+
+def test_generate_model_hub_id_offline(text_model, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--tiny-org--lm" / "snapshots" / ("d" * 40)
+    snap.mkdir(parents=True)
+    for f in text_model.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (cache / "models--tiny-org--lm" / "refs").mkdir()
+    (cache / "models--tiny-org--lm" / "refs" / "v1").write_text("d" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # where huggingface_hub looks by default
+    assert main(["generate", "--model", "tiny-org/lm", "--revision", "v1", "--prompt", "w3", "--max_new_tokens", "3",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("w3")
+    assert main(["generate", "--model", "tiny-org/lm", "--prompt", "w3"]) == 2  # no 'main' ref cached
+    assert "tiny-org/lm: not in the local Hub cache" in capsys.readouterr().err
