@@ -59,8 +59,7 @@ def hf_jamba():
     cfg = transformers.JambaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, num_experts=4,
                                    num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
-                                   expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4,
-                                   use_mamba_kernels=False)
+                                   expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4)
     return _randomize(transformers.JambaForCausalLM(cfg)).eval()
 
 
