@@ -361,3 +361,10 @@ def test_audio_mamba_round_trip(tmp_path):
     wave = torch.randn(2, 500)
     with torch.no_grad():
         torch.testing.assert_close(back(wave), m(wave))
+
+
+def test_loaded_model_keeps_tied_head_and_parameter_flags(tmp_path):
+    hf_mamba().save_pretrained(tmp_path)
+    m = from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert m.lm_head.weight is m.embedding.weight  # still tied: fine-tuning updates one matrix
+    assert m.layers[0].mixer.fwd.A_log._no_weight_decay  # the task's weight-decay split still sees it
