@@ -4,6 +4,8 @@
     mambazoo.list_models() -> list[str]                      every registered name
     mambazoo.describe_model(name) -> str
     mambazoo.register_model(name, description)               decorator for a builder
+    mambazoo.from_pretrained(hub_id_or_path, revision=None)  pretrained weights (Hub or folder), see mambazoo.hub
+    mambazoo.save_pretrained(model, dir)                     config.json + model.safetensors (transformers-readable)
 
 The repository's folders install into this one namespace: ``zoo/`` is ``mambazoo`` itself (the registry,
 one sub-package per variant, ``mambazoo.tasks``, ``mambazoo.data``, the CLI), ``core/`` is ``mambazoo.core``
@@ -29,9 +31,13 @@ _LAZY = {
     "describe_model": "mambazoo.registry",
     "list_models": "mambazoo.registry",
     "register_model": "mambazoo.registry",
+    "from_pretrained": "mambazoo.hub",
+    "save_pretrained": "mambazoo.hub",
+    "load_tokenizer": "mambazoo.hub",
 }
 
-__all__ = ["create_model", "describe_model", "list_models", "register_model", "__version__"]
+__all__ = ["create_model", "describe_model", "list_models", "register_model", "from_pretrained", "save_pretrained",
+           "load_tokenizer", "__version__"]
 
 
 def __getattr__(name: str):

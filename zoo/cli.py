@@ -203,10 +203,10 @@ def cmd_list(args: list[str]) -> None:
 
 
 def load_task(checkpoint: str, map_location="cpu"):
-    """A CausalLMTask from a checkpoint file, or from NAME -> runs/NAME/checkpoints/last.ckpt."""
-    import torch
-
+    """A CausalLMTask from a checkpoint file, or from NAME -> runs/NAME/checkpoints/last.ckpt. The file is read
+    with weights_only=True: a checkpoint holding pickled code is refused (ValueError naming it), not run."""
     from mambazoo.tasks import CausalLMTask
+    from mambazoo.textgen import torch_load_safely
 
     p = Path(checkpoint)
     if not p.is_file():
@@ -215,48 +215,99 @@ def load_task(checkpoint: str, map_location="cpu"):
             raise FileNotFoundError(f"checkpoint {checkpoint!r} not found (nor {guess}); train one with "
                                     f"`mambazoo fit --config {checkpoint}`")
         p = guess
-    ckpt = torch.load(p, map_location=map_location, weights_only=False)
-    hp = dict(ckpt.get("hyper_parameters", {}))
+    ckpt = torch_load_safely(p, map_location)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{p}: expected a Lightning checkpoint (a dict with 'state_dict' and 'hyper_parameters')")
+    hp = dict(ckpt.get("hyper_parameters") or {})
     if "model" not in hp or "bytes_per_token" not in hp:
         raise ValueError(f"{p} is not a checkpoint of a language-model task (CausalLMTask)")
     import inspect
 
     known = inspect.signature(CausalLMTask.__init__).parameters
     task = CausalLMTask(**{k: v for k, v in hp.items() if k in known})
-    task.load_state_dict(ckpt["state_dict"])
+    try:
+        task.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{p}: the weights do not fit the model its hyper-parameters name "
+                         f"({str(e).splitlines()[0]})") from e
     return task.eval(), p
 
 
 def cmd_generate(args: list[str]) -> None:
+    """``mambazoo generate (--model NAME_OR_PATH | --checkpoint CKPT) --prompt TEXT``: new tokens are printed as
+    they come (text with the model's tokenizer, else comma-separated ids)."""
     import argparse
+    import math
 
     import torch
 
-    from mambazoo.tasks.lm import sample
+    from mambazoo.generation import stream_generate
+    from mambazoo.textgen import TextOut, device_from_arg, prompt_ids
 
-    ap = argparse.ArgumentParser(prog="mambazoo generate", description="sample from a trained language model")
-    ap.add_argument("--checkpoint", required=True, help="a .ckpt file, or a config NAME (runs/NAME/checkpoints/last.ckpt)")
-    ap.add_argument("--prompt", default="", help="text (byte models), or comma-separated token ids")
+    ap = argparse.ArgumentParser(prog="mambazoo generate", description="sample from a language model")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a Hub repo id (org/name), a zoo name with known weights, or a local folder")
+    src.add_argument("--checkpoint", help="a .ckpt file, or a config NAME (runs/NAME/checkpoints/last.ckpt)")
+    ap.add_argument("--revision", default=None, help="branch, tag or commit of the Hub repo (with --model)")
+    ap.add_argument("--prompt", default="", help="text (models with a tokenizer), or comma-separated token ids")
     ap.add_argument("--max_new_tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     ap.add_argument("--top_k", type=int, default=None)
     ap.add_argument("--top_p", type=float, default=None)
+    ap.add_argument("--repetition_penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(args)
+    if not math.isfinite(a.temperature) or a.temperature < 0:
+        raise ValueError(f"--temperature: expected a finite number >= 0 (0 = greedy), got {a.temperature}")
+    if a.max_new_tokens < 0:
+        raise ValueError(f"--max_new_tokens: expected an int >= 0, got {a.max_new_tokens}")
+    device = device_from_arg(a.device)
     torch.manual_seed(a.seed)
-    task, path = load_task(a.checkpoint)
-    task = task.to(a.device)
-    if task.codec is not None:
-        ids = task.codec.encode(a.prompt)
+    if a.model is not None:
+        from mambazoo.hub import from_pretrained
+
+        model = from_pretrained(a.model, a.revision)
+        tokenizer = getattr(model, "tokenizer", None)
     else:
-        ids = [int(t) for t in a.prompt.split(",") if t.strip()]
+        task, _ = load_task(a.checkpoint)
+        model = task.model
+        tokenizer = None
+        if task.codec is not None:
+            from mambazoo.mambabyte.tokenizer import ByteTokenizer
+
+            tokenizer = ByteTokenizer()
+    if not hasattr(model, "generate"):
+        raise ValueError(f"{a.model or a.checkpoint}: not a language model ({type(model).__name__}); generate "
+                         "needs one")
+    model = model.to(device).eval()
+    ids = prompt_ids(a.prompt, tokenizer)
     if not ids:
-        ids = [ord("\n")] if task.codec is not None else [0]
-    x = torch.tensor([ids], dtype=torch.long, device=a.device)
-    out = sample(task.model, x, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)[0].tolist()
-    new = out[len(ids):]
-    print(a.prompt + task.codec.decode(new) if task.codec is not None else ",".join(map(str, out)))
+        bos = getattr(tokenizer, "bos_token_id", None)
+        ids = [bos] if bos is not None else [ord("\n")] if tokenizer is not None and model.config.vocab_size == 256 else [0]
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = sys.stdout
+    if tokenizer is not None:
+        out.write(a.prompt if tokenizer.__class__.__name__ != "ByteTokenizer" else
+                  os.fsencode(a.prompt).decode("utf-8", errors="replace"))
+        out.flush()
+        printer = TextOut(tokenizer, out)
+    else:
+        out.write(",".join(map(str, ids)))
+        out.flush()
+    for tok in stream_generate(model, x, a.max_new_tokens, a.temperature, a.top_k, a.top_p, eos,
+                               repetition_penalty=a.repetition_penalty):
+        t = int(tok[0])
+        if tokenizer is not None:
+            printer.put(t)
+        else:
+            out.write(f",{t}")
+            out.flush()
+    if tokenizer is not None:
+        printer.end()
+    else:
+        out.write("\n")
 
 
 # -- entry point ---------------------------------------------------------------------------------

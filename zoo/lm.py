@@ -216,9 +216,15 @@ class CausalLM(nn.Module):
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids: expected at least one token, got shape {tuple(input_ids.shape)}")
         if check_range and input_ids.device.type != "meta":
+            V = self.config.vocab_size
+            if torch.compiler.is_compiling():
+                # traced (torch.compile / torch.export): an assert inside the graph, no host sync, no graph break
+                torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(),
+                                    f"input_ids: expected ids in [0, {V})")
+                return
             lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"input_ids: expected ids in [0, {self.config.vocab_size}), got min {lo}, max {hi}")
+            if lo < 0 or hi >= V:
+                raise ValueError(f"input_ids: expected ids in [0, {V}), got min {lo}, max {hi}")
 
     # -- forward -------------------------------------------------------------------------------
     def forward_hidden(self, input_ids: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
@@ -311,14 +317,22 @@ class CausalLM(nn.Module):
             return torch.zeros((), device=self.embedding.weight.device)
         return torch.stack([l.float() for l in losses]).sum()
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos: int | None = None,
-                 streamer=None, cuda_graph: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prompt (batch, L) -> (batch, L + n) ids; see ``mambazoo.generation.generate``."""
+    def generate(self, input_ids=None, max_new_tokens: int = 20, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos=None,
+                 streamer=None, cuda_graph: bool = True, generator: torch.Generator | None = None, **kwargs):
+        """Prompt (batch, L) -> (batch, L + n) ids, or text -> text with ``self.tokenizer``; transformers'
+        keywords (attention_mask, eos_token_id, repetition_penalty, do_sample, min_new_tokens, ...) too: see
+        ``mambazoo.generation.generate``."""
         from mambazoo.generation import generate
 
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos=eos, streamer=streamer, cuda_graph=cuda_graph, generator=generator)
+                        eos=eos, streamer=streamer, cuda_graph=cuda_graph, generator=generator, **kwargs)
+
+    def save_pretrained(self, save_directory, tokenizer=None):
+        """config.json + model.safetensors that transformers reads where it can: ``mambazoo.hub.save_pretrained``."""
+        from mambazoo.hub import save_pretrained
+
+        return save_pretrained(self, save_directory, tokenizer)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count (tied weights once)."""

@@ -60,9 +60,18 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}{hint}")
 
 
-def create_model(name: str, **overrides) -> nn.Module:
+def create_model(name: str, pretrained: bool = False, **overrides) -> nn.Module:
     """Build a registered model; keyword overrides replace fields of its config.
 
+    ``pretrained=True`` loads the weights of the name's Hub repo (``mambazoo.hub.KNOWN_REPOS``) through
+    ``mambazoo.from_pretrained``; the overrides then apply to the pretrained config (e.g. ``num_classes``).
     Works under ``with torch.device("meta")``: the largest configs can be inspected without memory."""
     _check_name(name)
+    if pretrained:
+        from mambazoo.hub import KNOWN_REPOS, from_pretrained
+
+        if name not in KNOWN_REPOS:
+            raise ValueError(f"create_model({name!r}, pretrained=True): no pretrained weights are known for this "
+                             f"name; known: {', '.join(sorted(k for k in KNOWN_REPOS if k in _BUILDERS))}")
+        return from_pretrained(name, **overrides)
     return _BUILDERS[name](**overrides)

@@ -47,6 +47,37 @@ class AudioMamba(nn.Module):
 
         load_weights(self, path, fresh=("backbone.head.weight", "backbone.head.bias"))
 
+    # -- timm conventions (the backbone's, with the parameter names under backbone.) ------------------
+    @property
+    def feature_info(self) -> list[dict]:
+        return [{**f, "module": f"backbone.{f['module']}"} for f in self.backbone.feature_info]
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block (see VisionMamba.set_grad_checkpointing)."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for timm's layer-wise LR decay: the front end and embeddings, block i, the final norm."""
+        return dict(stem=r"^frontend|^backbone\.(cls_token|pos_embed|patch_embed)",
+                    blocks=[(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm", (99999,))])
+
+    def forward_intermediates(self, wave: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              sample_rate: int | None = None):
+        """wave (batch, samples) -> the blocks' outputs as (batch, embed_dim, mel patches, time patches) maps
+        (see VisionMamba.forward_intermediates)."""
+        return self.backbone.forward_intermediates(self.spectrogram(wave, sample_rate), indices, norm, stop_early,
+                                                   output_fmt, intermediates_only)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices``; returns the kept indices."""
+        take = self.backbone.prune_intermediate_layers(indices, prune_norm, prune_head)
+        if prune_head:
+            self.num_classes = 0
+        return take
+
     def spectrogram(self, wave: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
         """wave (batch, samples) -> (batch, 1, n_mels, frames); masked in training mode."""
         return self.frontend(wave, sample_rate)

@@ -8,11 +8,15 @@ import torch
 
 
 class ByteTokenizer:
-    """text or bytes <-> byte ids. encode never fails (str is UTF-8 encoded, bytes pass through);
-    decode returns str with invalid UTF-8 replaced (errors="replace") or the exact bytes with
-    ``decode_bytes``, so ``decode_bytes(encode(b)) == b`` for any bytes b."""
+    """The one byte tokenizer of the zoo (it replaces the tasks' former ByteCodec): text or bytes <-> byte ids
+    0..255. encode never fails (str is UTF-8 encoded, lone surrogates kept; bytes pass through); decode returns
+    str with invalid UTF-8 replaced (errors="replace") or the exact bytes with ``decode_bytes``, so
+    ``decode_bytes(encode(b)) == b`` for any bytes b; an id outside 0..255 raises ValueError. Has the attributes
+    generation reads from transformers' tokenizers (no eos / pad token: bytes have none)."""
 
     vocab_size = 256
+    eos_token_id = None
+    pad_token_id = None
 
     def encode(self, data: str | bytes | bytearray) -> list[int]:
         if isinstance(data, str):
@@ -40,8 +44,13 @@ class ByteTokenizer:
     def decode_bytes(self, ids) -> bytes:
         return bytes(self._ids(ids))
 
-    def decode(self, ids, errors: str = "replace") -> str:
+    def decode(self, ids, errors: str = "replace", skip_special_tokens: bool = False) -> str:
+        """ids (n,) -> str; skip_special_tokens is accepted for transformers' signature (bytes have none)."""
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+
+# The name the Lightning tasks used for the same thing.
+ByteCodec = ByteTokenizer
 
 
 def bits_per_byte(loss_nats: float | torch.Tensor) -> float | torch.Tensor:

@@ -132,6 +132,9 @@ class VisionMamba(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
         self.register_load_state_dict_pre_hook(_convert_official_keys)
+        self.grad_checkpointing = False
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_embed.stride[0])
+                             for i in range(depth)]
 
     # -- initialization ---------------------------------------------------------------------------
     def init_weights(self) -> None:
@@ -208,7 +211,7 @@ class VisionMamba(nn.Module):
         pe = self._pos_for(grid)
         cls = (self.cls_token + pe[:, :1]).expand(x.shape[0], -1, -1)
         mid = x.shape[1] // 2
-        if not torch.is_grad_enabled():  # one pass: the two halves added into place around the class token
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # one pass: halves added in place
             dtype = torch.promote_types(x.dtype, pe.dtype)
             out = x.new_empty(x.shape[0], x.shape[1] + 1, x.shape[2], dtype=dtype)
             torch.add(x[:, :mid], pe[:, 1:mid + 1], out=out[:, :mid])
@@ -244,7 +247,7 @@ class VisionMamba(nn.Module):
             x = residual + hidden if residual is not None else hidden.float()
             return self.norm(x) if norm else x
         for blk in self.blocks:
-            x = blk(x)
+            x = self._run_block(blk, x)
         return self.norm(x) if norm else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,6 +288,72 @@ class VisionMamba(nn.Module):
         out[:, mid] = (self.cls_token[0, 0] + pos[0, 0]).float()
         return out
 
+    def save_pretrained(self, save_directory) -> "os.PathLike":
+        """config.json + model.safetensors that ``mambazoo.from_pretrained(dir)`` rebuilds (mambazoo.hub.save_pretrained)."""
+        from mambazoo.hub import save_pretrained
+
+        return save_pretrained(self, save_directory)
+
+    # -- timm conventions: checkpointing, layer groups, intermediate features ---------------------
+    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One block, through activation checkpointing when it is on and autograd records (training)."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (timm's switch)."""
+        self.grad_checkpointing = bool(enable)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth for timm's layer-wise LR decay: the embeddings first, block i, the final
+        norm last (the head is left out, as timm's own ViT does)."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API. x (batch, in_chans, H, W) -> the outputs of the blocks in ``indices`` (an int n:
+        the last n; a list: those blocks; default all), each (batch, embed_dim, gh, gw) (NCHW) or
+        (batch, gh*gw, embed_dim) (NLC), class token removed; with ``norm`` each through the final norm. Returns
+        that list, or (final normed tokens (batch, 1 + gh*gw, dim), list) unless ``intermediates_only``."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt: expected 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = _take_indices(len(self.blocks), indices)
+        self.patch_embed.check_image(x)
+        grid = self.patch_embed.grid_for(x.shape[2:])
+        if tuple(x.shape[2:]) != self.patch_embed.img_size and not self.dynamic_img_size:
+            raise ValueError(f"image: expected {self.patch_embed.img_size} pixels, got {tuple(x.shape[2:])}")
+        x = self.pos_drop(self._pos_embed(self.patch_embed(x), grid))
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        mid = grid[0] * grid[1] // 2
+        out = []
+        for i, blk in enumerate(blocks):
+            x = self._run_block(blk, x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                y = torch.cat([y[:, :mid], y[:, mid + 1:]], dim=1)
+                if output_fmt == "NCHW":
+                    y = y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                out.append(y)
+        if intermediates_only:
+            return out
+        return self.norm(x), out
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm / head); returns the kept indices."""
+        take, max_index = _take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (batch, 1 + num_patches, dim) -> logits (batch, num_classes), or the pooled
         features (batch, dim) when ``pre_logits``."""
@@ -298,6 +367,21 @@ class VisionMamba(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _take_indices(n: int, indices) -> tuple[list[int], int]:
+    """timm's out_indices: None = all n blocks, an int k = the last k, a list = those (negative from the end)."""
+    if indices is None:
+        indices = n
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices: expected 1..{n} (the last k blocks), got {indices}")
+        take = list(range(n - indices, n))
+    else:
+        take = [n + i if i < 0 else i for i in indices]
+        if not take or any(not 0 <= i < n for i in take):
+            raise ValueError(f"indices: expected block indices in [-{n}, {n}), got {list(indices)}")
+    return take, max(take)
 
 
 def _convert_official_keys(module, state_dict, prefix, *_):

@@ -1,15 +1,20 @@
 """timm entry points: ``timm.create_model('vim_tiny_patch16_224', num_classes=..., in_chans=...,
 img_size=...)`` after ``import mambazoo.vim``.
 
-No weights are hosted: ``pretrained=True`` needs a local file (safetensors or a torch / Lightning
-checkpoint), given as ``pretrained_cfg_overlay=dict(file='vim_tiny.safetensors', num_classes=10)``
-where num_classes is the file's (timm drops the head when it differs from the model's). Position
-embeddings are resampled to ``img_size``; 3-channel patch weights are adapted to ``in_chans``.
-The official hustvl/Vim checkpoints are converted on the way in (``mambazoo.vim.convert``), here and with
-``checkpoint_path=``."""
+``pretrained=True`` downloads the official ImageNet-1k weights of hustvl/Vim from the Hugging Face Hub
+(``vim_tiny_patch16_224.in1k`` = hustvl/Vim-tiny-midclstok, vim_t_midclstok_76p1acc.pth; small and base
+likewise: ``timm.list_models('vim*', pretrained=True)``), through timm's own hf_hub_id / hf_hub_filename
+path (huggingface_hub's cache, ``HF_HUB_OFFLINE``, ``cache_dir=``), converted on the way in by
+``checkpoint_filter_fn``. A local file instead: ``pretrained_cfg_overlay=dict(file='vim_tiny.safetensors',
+num_classes=10)`` where num_classes is the file's (timm drops the head when it differs from the model's).
+Position embeddings are resampled to ``img_size``; 3-channel patch weights are adapted to ``in_chans``.
+``features_only=True`` (with ``out_indices``) returns block outputs as (batch, dim, gh, gw) maps."""
 
 from __future__ import annotations
 
+import argparse
+
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -27,12 +32,27 @@ def _cfg(**kwargs) -> dict:
     )
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in TIMM_NAMES})
+# The official checkpoints (hustvl/Vim on the Hub): repo and file per architecture.
+HUB_WEIGHTS = {
+    "vim_tiny_patch16_224": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"),
+    "vim_small_patch16_224": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
+    "vim_base_patch16_224": ("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth"),
+}
+
+default_cfgs = generate_default_cfgs({
+    f"{name}.in1k": _cfg(hf_hub_id=HUB_WEIGHTS[name][0], hf_hub_filename=HUB_WEIGHTS[name][1])
+    for name in TIMM_NAMES
+})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
     args = {**VIM_CONFIGS[TIMM_NAMES[variant]], **kwargs}
-    return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args)
+    out_indices = args.pop("out_indices", 3)
+    # the official files are DeiT training checkpoints: an argparse.Namespace ('args') beside the tensors, which
+    # timm's torch.load(weights_only=True) refuses unless allowed; nothing else is
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                    feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 
 
 @register_model
