@@ -34,6 +34,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
             raise
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """Reads through the project's safe reader (``mambazoo.weights_io``): never executes pickled code,
+        and a file that is not a checkpoint gets one line naming it and what it holds."""
+        from mambazoo.weights_io import describe_object, load_file
+
+        ckpt = load_file(path, map_location=map_location if map_location is not None else "cpu")
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            from mambazoo.errors import WeightsFileError
+
+            raise WeightsFileError(f"{path}: expected a Lightning checkpoint (.ckpt written by `mambazoo fit`), "
+                                   f"found {describe_object(ckpt)}")
+        return ckpt
+
 
 class LastCheckpoint(ModelCheckpoint):
     """Writes only ``last.ckpt`` (overwritten atomically through the trainer's checkpoint IO):

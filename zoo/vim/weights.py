@@ -25,15 +25,9 @@ FORMATS = ("auto", "zoo", "official")
 def _load_file(path: str | Path):
     """What a .safetensors file or a torch checkpoint holds, on the CPU, never executing pickled code
     (an ``argparse.Namespace``, which DeiT-style training scripts save under 'args', is allowed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from mambazoo.weights_io import load_file
 
-        return load_file(str(path))
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_file(path, allowed_globals=(argparse.Namespace,))
 
 
 def to_zoo_layout(checkpoint, source: str = "the checkpoint", format: str = "auto",
