@@ -23,6 +23,8 @@ class SplitDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers: expected an int >= 0, got {num_workers}")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_set = self.val_set = self.test_set = None
 
@@ -33,6 +35,8 @@ class SplitDataModule(L.LightningDataModule):
         train)``, ``self.train_dir``."""
         if self.train_set is not None:
             return
+        if not 0 <= self.val_split < 1:
+            raise ValueError(f"val_split: expected a fraction in [0, 1), got {self.val_split!r}")
         if "val" in self.split_dirs:
             self.train_set = self._folder(self.train_dir, True)
             self.val_set = self._folder(self.split_dirs["val"], False)
