@@ -202,3 +202,55 @@ def test_empty_yaml_config(tmp_path, capsys):
     empty.write_text("")
     assert main(["fit", "--config", str(empty)]) == 2
     assert f"{empty}: an empty config" in capsys.readouterr().err
+
+
+# -- Lightning conventions (issue 22) -----------------------------------------------------------------
+def test_default_root_dir_is_the_run_folder(tmp_path, text_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "elsewhere"
+    assert main(["fit", "--config", "mambabyte-tiny", *FAST, *data(text_file), "--trainer.max_steps", "2",
+                 "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(root)]) == 0
+    assert (root / "checkpoints" / "last.ckpt").is_file() and (root / "logs" / "version_0" / "metrics.csv").is_file()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_users_own_model_checkpoint_works_beside_the_runs(tmp_path, text_file):
+    mine = tmp_path / "mine"
+    assert fit(tmp_path / "run", text_file, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+               "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=val/loss",
+               f"--trainer.callbacks.dirpath={mine}", "--trainer.callbacks.save_top_k=2") == 0
+    assert len(list(mine.glob("*.ckpt"))) == 2
+    assert last_step(tmp_path / "run") == 4
+
+
+def test_optimizer_from_the_command_line_keeps_the_decay_split(tmp_path, text_file, capsys):
+    assert fit(tmp_path, text_file, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+               "--optimizer", "AdamW", "--optimizer.init_args.lr", "0.002", "--optimizer.init_args.weight_decay", "0.05",
+               "--lr_scheduler", "StepLR", "--lr_scheduler.init_args.step_size", "1") == 0
+    out = capsys.readouterr().out
+    assert "--optimizer AdamW replaces the task's AdamW" in out and "--lr_scheduler StepLR replaces" in out
+    groups = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(len(g["params"]) > 0 for g in groups)
+
+
+def test_curves_show_the_whole_run_after_a_resume_on_separate_axes(tmp_path):
+    from mambazoo.tasks.checkpointing import curve_panels, plot_curves, read_run_metrics
+
+    def write(path, rows):
+        path.parent.mkdir(parents=True)
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, ["epoch", "step", "train/loss", "val/loss", "val/bpb", "val/acc"])
+            w.writeheader()
+            w.writerows(rows)
+
+    v0, v1 = tmp_path / "version_0" / "metrics.csv", tmp_path / "version_1" / "metrics.csv"
+    write(v0, [{"step": s, "train/loss": 5 - s * 0.1} for s in range(6)] + [{"step": 3, "val/loss": 4.5, "val/acc": 0.2}])
+    write(v1, [{"step": s, "train/loss": 4 - s * 0.1} for s in range(4, 9)] + [{"step": 7, "val/bpb": 6.0, "val/acc": 0.3}])
+    s = read_run_metrics([v0, v1])
+    assert [st for st, _ in s["train/loss"]] == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # steps 4-5 of the first start were redone
+    assert s["train/loss"][4][1] == pytest.approx(3.6)
+    assert s["val/acc"] == [(3, 0.2), (7, 0.3)]
+    assert curve_panels(s) == [("loss (nats)", ["train/loss", "val/loss"]), ("bits per byte", ["val/bpb"]),
+                               ("accuracy", ["val/acc"])]
+    assert plot_curves([v0, v1], tmp_path / "curves.png").stat().st_size > 1000

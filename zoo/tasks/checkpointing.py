@@ -202,6 +202,19 @@ def _version_key(p: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+def _is_val(key: str) -> bool:
+    return key.split("/")[0].startswith("val")
+
+
+def curve_panels(series: dict) -> list[tuple[str, list[str]]]:
+    """The axes of curves.png as (y label, metric names): loss in nats (train and val), validation bits per
+    byte, validation accuracies (0..1); each quantity on its own axes, empty ones left out."""
+    panels = [("loss (nats)", [k for k in ("train/loss", "val/loss") if k in series]),
+              ("bits per byte", [k for k in series if _is_val(k) and k.endswith("/bpb")]),
+              ("accuracy", [k for k in series if _is_val(k) and k.rsplit("/", 1)[-1] in ("acc", "acc_top5", "seq_acc")])]
+    return [p for p in panels if p[1]] or [("loss (nats)", [])]
+
+
 def plot_curves(metrics_csv, out_png: str | os.PathLike, title: str = "") -> Path:
     """Loss (train and val, nats), validation bits per byte, and validation accuracies, each on its own axes,
     against the step. ``metrics_csv``: one metrics.csv, or a list of them (a resumed run, see
@@ -213,16 +226,12 @@ def plot_curves(metrics_csv, out_png: str | os.PathLike, title: str = "") -> Pat
 
     paths = [metrics_csv] if isinstance(metrics_csv, (str, os.PathLike)) else list(metrics_csv)
     s = read_run_metrics(paths)
-    is_val = (lambda k: k.split("/")[0].startswith("val"))
-    panels = [("loss (nats)", [k for k in ("train/loss", "val/loss") if k in s]),
-              ("bits per byte", [k for k in s if is_val(k) and k.endswith("/bpb")]),
-              ("accuracy", [k for k in s if is_val(k) and (k.endswith("/acc") or k.endswith("acc5") or k.endswith("_acc"))])]
-    panels = [p for p in panels if p[1]] or [("loss (nats)", [])]
+    panels = curve_panels(s)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 4), squeeze=False)
     for ax, (ylabel, keys) in zip(axes[0], panels):
         for key in keys:
             steps, vals = zip(*sorted(s[key]))
-            val = is_val(key)
+            val = _is_val(key)
             ax.plot(steps, vals, label=key, marker="o" if val else None, lw=2 if val else 1,
                     markersize=4 if len(steps) > 20 else 6)
         ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.grid(alpha=0.3)
