@@ -7,6 +7,27 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 
+def drop_unreadable(files: list, readable, what: str) -> list:
+    """The entries of ``files`` ((path, label) pairs) whose path ``readable(path)`` accepts; the others are
+    left out and named in one printed line (a corrupt or empty file then costs one sample, not the run)."""
+    good, bad = [], []
+    for entry in files:
+        (good if readable(entry[0]) else bad).append(entry)
+    if bad:
+        shown = ", ".join(str(p) for p, _ in bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        print(f"skipped {len(bad)} file(s) that are not readable {what}: {shown}", flush=True)
+    if not good:
+        raise ValueError(f"none of the {len(files)} files is a readable {what} (e.g. {files[0][0] if files else '-'})")
+    return good
+
+
+def check_classes(folder, classes: list[str]) -> None:
+    """ValueError unless there are at least two class sub-folders (one class leaves nothing to tell apart)."""
+    if len(classes) < 2:
+        raise ValueError(f"{folder}: one class sub-folder ({classes[0]!r}); classification needs at least 2 "
+                         f"classes, each a sub-folder {folder}/<class>/")
+
+
 def split_indices(n: int, n_val: int, seed: int) -> tuple[list[int], list[int]]:
     """A fixed random split of range(n): (train indices, val indices)."""
     if not 0 <= n_val < n:
