@@ -10,9 +10,20 @@ MAMBAZOO_TRACEBACK=1 for the traceback.
 
 fit / validate / test are Lightning's CLI (LightningCLI): every key of the YAML can be overridden on
 the command line (``--trainer.max_steps 100``, ``--model.init_args.lr 1e-3``), multi-GPU through
-``--trainer.devices`` / ``--trainer.strategy ddp|fsdp``. A run writes to runs/NAME (``--run_dir``):
-CSV and TensorBoard logs, checkpoints/last.ckpt and the best one (written atomically), curves.png.
-``--ckpt_path last`` resumes the run exactly.
+``--trainer.devices`` / ``--trainer.strategy ddp|fsdp``. A run writes to its run folder (``--run_dir``, else
+``--trainer.default_root_dir``, else runs/NAME): CSV and TensorBoard logs, checkpoints/last.ckpt and the best
+one (written atomically), curves.png. last.ckpt always holds the latest step: it is written after each
+validation, every ``--checkpoint_every_n_steps``, and whenever training stops (the end, max_time, early
+stopping, SIGTERM, an exception). ``fit`` into a folder that holds checkpoints is refused unless it resumes
+(``--ckpt_path last``) or starts over (``--overwrite true``).
+
+Resuming (``--ckpt_path last`` or a path) is exact: weights, optimizer and schedule position come from
+the checkpoint (the streamed text and synthetic data also resume their batch order), and so do the
+task's settings, except those given on the command line, which are applied (``--model.init_args.lr 1e-5`` reaches the optimizer); each difference is printed. A longer
+``--trainer.max_steps`` keeps the schedule's length (the learning rate stays at its minimum) unless
+``--model.init_args.schedule_steps`` stretches it. A checkpoint of another model, or a command line that
+changes the architecture, is refused. ``--optimizer`` / ``--lr_scheduler`` replace the task's AdamW /
+schedule and keep its weight-decay split (decay on matrices only).
 """
 
 from __future__ import annotations

@@ -254,3 +254,17 @@ def test_curves_show_the_whole_run_after_a_resume_on_separate_axes(tmp_path):
     assert curve_panels(s) == [("loss (nats)", ["train/loss", "val/loss"]), ("bits per byte", ["val/bpb"]),
                                ("accuracy", ["val/acc"])]
     assert plot_curves([v0, v1], tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(model="vim-tiny", num_classes=1), "num_classes: expected an int >= 2"),
+    (dict(model="vim-tiny", num_classes=3, label_smoothing=1.0), "label_smoothing in [0, 1)"),
+    (dict(model="vim-tiny", num_classes=3, lr=0.0), "lr: expected a finite number > 0"),
+    (dict(model="vim-tiny", num_classes=3, betas=(0.9, 1.5)), "betas: expected two numbers in [0, 1)"),
+])
+def test_task_arguments_are_checked(kwargs, message):
+    from mambazoo.tasks import ClassificationTask
+
+    with pytest.raises(ValueError) as e:
+        ClassificationTask(model_kwargs={"depth": 1, "embed_dim": 32}, **kwargs)
+    assert message in str(e.value)
