@@ -268,3 +268,27 @@ def test_task_arguments_are_checked(kwargs, message):
     with pytest.raises(ValueError) as e:
         ClassificationTask(model_kwargs={"depth": 1, "embed_dim": 32}, **kwargs)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["random", "json", "malicious", "weights-only"])
+def test_bad_ckpt_path_is_one_line_naming_the_file(tmp_path, text_file, capsys, kind):
+    path = tmp_path / "bad.ckpt"
+    marker = tmp_path / "PWNED"
+    if kind == "random":
+        path.write_bytes(bytes(range(7, 256)) * 3)
+    elif kind == "json":
+        path.write_text('{"not": "a checkpoint"}')
+    elif kind == "malicious":
+        class Payload:
+            def __reduce__(self):
+                return (open, (str(marker), "w"))
+
+        torch.save({"state_dict": {}, "x": Payload()}, path)
+    else:
+        torch.save({"w": torch.zeros(2)}, path)
+    assert fit(tmp_path / "run", text_file, "--trainer.max_steps", "2", "--ckpt_path", str(path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mambazoo: error: ") and str(path) in err
+    assert {"random": "unrecognised data", "json": "JSON", "malicious": "refused",
+            "weights-only": "expected a Lightning checkpoint"}[kind] in err
+    assert not marker.exists()

@@ -178,3 +178,27 @@ def test_saved_files_get_the_users_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "c.ckpt").stat().st_mode & 0o777 == 0o644
+
+
+def test_timm_checkpoint_path_goes_through_the_safe_reader(tmp_path):
+    timm = pytest.importorskip("timm")
+    import mambazoo.vim  # noqa: F401  (registers the models)
+
+    kw = dict(num_classes=3, img_size=32, depth=1, embed_dim=32)
+    src = timm.create_model("vim_tiny_patch16_224", **kw).eval()
+    good = tmp_path / "vim.pt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in src.state_dict().items()}}, good)
+    m = timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(good), **kw).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), src(x))
+    for kind in ("empty", "truncated-torch", "random", "json"):
+        path, found = make_bad(kind, tmp_path)
+        with pytest.raises(ValueError) as e:
+            timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(path), **kw)
+        assert str(path) in str(e.value) and found in str(e.value)
+    marker = tmp_path / "PWNED"
+    torch.save({"x": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsFileError, match="refused"):
+        timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(tmp_path / "evil.pth"), **kw)
+    assert not marker.exists()
