@@ -292,3 +292,20 @@ def test_bad_ckpt_path_is_one_line_naming_the_file(tmp_path, text_file, capsys, 
     assert {"random": "unrecognised data", "json": "JSON", "malicious": "refused",
             "weights-only": "expected a Lightning checkpoint"}[kind] in err
     assert not marker.exists()
+
+
+def test_last_checkpoint_follows_every_validation_even_without_improvement(tmp_path, text_file, monkeypatch):
+    seen = {}
+    real = CausalLMTask.training_step
+
+    def spy(self, batch, batch_idx):
+        if self.global_step in (3, 5):  # what a SIGKILL here would leave
+            seen[self.global_step] = last_step(tmp_path)
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(CausalLMTask, "training_step", spy)
+    # mode max on a falling loss: only the first validation is a "best"
+    assert fit(tmp_path, text_file, "--trainer.max_steps", "6", "--trainer.val_check_interval", "2",
+               "--monitor_mode", "max") == 0
+    assert seen == {3: 2, 5: 4}
+    assert [p.name for p in (tmp_path / "checkpoints").glob("best-*.ckpt")] == ["best-step2.ckpt"]

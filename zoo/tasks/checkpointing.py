@@ -134,6 +134,13 @@ class ZooCheckpoint(ModelCheckpoint):
         if n and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):
             self.write_last(trainer)
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)  # the best checkpoint (and last.ckpt when it saved one)
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.write_last(trainer)  # also after a validation that did not improve the monitor
+
     def on_train_end(self, trainer, pl_module) -> None:
         self.write_last(trainer)  # the final weights, whatever stopped training
 
