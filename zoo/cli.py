@@ -121,6 +121,18 @@ def _explicit_keys(argv: list[str], prefixes: tuple[str, ...] = ("--model.init_a
     return keys - {"class_path", "init_args"}
 
 
+def _resolve_class(path: str):
+    """The class a class_path names ('mambazoo.tasks.CausalLMTask' and 'mambazoo.tasks.lm.CausalLMTask' are one),
+    or the string itself when it cannot be imported."""
+    import importlib
+
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
+
+
 def _same(a, b) -> bool:
     norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
     return norm(a) == norm(b)
@@ -218,7 +230,7 @@ def _make_cli_class():
             if not hp or model_cfg is None or not hasattr(model_cfg, "init_args"):
                 return
             current = dict(vars(model_cfg.init_args)) if not isinstance(model_cfg.init_args, dict) else dict(model_cfg.init_args)
-            if class_path and class_path != model_cfg.class_path:
+            if class_path and _resolve_class(class_path) is not _resolve_class(model_cfg.class_path):
                 raise ValueError(f"--ckpt_path {path}: a {class_path} checkpoint, but the config builds a "
                                  f"{model_cfg.class_path}; use the config that trained it")
             if "model" in hp and "model" in current and hp["model"] != current["model"]:

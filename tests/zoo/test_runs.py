@@ -309,3 +309,10 @@ def test_last_checkpoint_follows_every_validation_even_without_improvement(tmp_p
                "--monitor_mode", "max") == 0
     assert seen == {3: 2, 5: 4}
     assert [p.name for p in (tmp_path / "checkpoints").glob("best-*.ckpt")] == ["best-step2.ckpt"]
+
+
+def test_class_paths_naming_one_class_are_one_task():
+    from mambazoo.cli import _resolve_class
+
+    assert _resolve_class("mambazoo.tasks.CausalLMTask") is _resolve_class("mambazoo.tasks.lm.CausalLMTask")
+    assert _resolve_class("mambazoo.tasks.CausalLMTask") is not _resolve_class("mambazoo.tasks.ClassificationTask")
