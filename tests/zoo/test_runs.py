@@ -316,3 +316,14 @@ def test_class_paths_naming_one_class_are_one_task():
 
     assert _resolve_class("mambazoo.tasks.CausalLMTask") is _resolve_class("mambazoo.tasks.lm.CausalLMTask")
     assert _resolve_class("mambazoo.tasks.CausalLMTask") is not _resolve_class("mambazoo.tasks.ClassificationTask")
+
+
+def test_classification_batches_of_the_wrong_kind_are_named():
+    from mambazoo.tasks import ClassificationTask
+
+    task = ClassificationTask(model="vim-tiny", num_classes=3, model_kwargs={"depth": 1, "embed_dim": 32, "img_size": 32})
+    imgs, labels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match=r"inputs: expected float tensors .* got torch.uint8 \(2, 3, 32, 32\)"):
+        task.validation_step((imgs, labels), 0)
+    with pytest.raises(ValueError, match="labels: expected integer class indices"):
+        task.validation_step((imgs.float(), labels.float()), 0)
