@@ -285,6 +285,7 @@ def test_wav_folder_without_splits_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="make_spoken_digits"):
         WavFolderDataModule(str(tmp_path / "missing"))
     (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "b").mkdir(parents=True)  # two classes (one is refused on its own, see tests/zoo)
     with pytest.raises(ValueError, match="no .wav files"):
         WavFolderDataModule(str(tmp_path / "empty"), num_workers=0).setup()
     (tmp_path / "bad" / "a").mkdir(parents=True)

@@ -10,9 +10,20 @@ MAMBAZOO_TRACEBACK=1 for the traceback.
 
 fit / validate / test are Lightning's CLI (LightningCLI): every key of the YAML can be overridden on
 the command line (``--trainer.max_steps 100``, ``--model.init_args.lr 1e-3``), multi-GPU through
-``--trainer.devices`` / ``--trainer.strategy ddp|fsdp``. A run writes to runs/NAME (``--run_dir``):
-CSV and TensorBoard logs, checkpoints/last.ckpt and the best one (written atomically), curves.png.
-``--ckpt_path last`` resumes the run exactly.
+``--trainer.devices`` / ``--trainer.strategy ddp|fsdp``. A run writes to its run folder (``--run_dir``, else
+``--trainer.default_root_dir``, else runs/NAME): CSV and TensorBoard logs, checkpoints/last.ckpt and the best
+one (written atomically), curves.png. last.ckpt always holds the latest step: it is written after each
+validation, every ``--checkpoint_every_n_steps``, and whenever training stops (the end, max_time, early
+stopping, SIGTERM, an exception). ``fit`` into a folder that holds checkpoints is refused unless it resumes
+(``--ckpt_path last``) or starts over (``--overwrite true``).
+
+Resuming (``--ckpt_path last`` or a path) is exact: weights, optimizer and schedule position come from
+the checkpoint (the streamed text and synthetic data also resume their batch order), and so do the
+task's settings, except those given on the command line, which are applied (``--model.init_args.lr 1e-5`` reaches the optimizer); each difference is printed. A longer
+``--trainer.max_steps`` keeps the schedule's length (the learning rate stays at its minimum) unless
+``--model.init_args.schedule_steps`` stretches it. A checkpoint of another model, or a command line that
+changes the architecture, is refused. ``--optimizer`` / ``--lr_scheduler`` replace the task's AdamW /
+schedule and keep its weight-decay split (decay on matrices only).
 """
 
 from __future__ import annotations
@@ -85,38 +96,172 @@ def _rewrite_configs(args: list[str]) -> tuple[list[str], str | None]:
             out.append(a)
             i += 1
             continue
+        if not path.read_text().strip() or path.read_text().strip() in ("---", "{}", "null", "~"):
+            raise ValueError(f"{path}: an empty config; expected YAML with at least model: and data: sections "
+                             "(see `mambazoo list` and configs/*.yaml)")
         out += ["--config", str(path)]
         first = first or path.stem
     return out, first
 
 
 # -- the Lightning CLI ---------------------------------------------------------------------------
+# model settings that define the architecture: a checkpoint's are kept on resume, and a command line that
+# changes them is refused (everything else given on the command line is applied on resume)
+ARCHITECTURE_KEYS = ("model", "model_kwargs", "num_classes", "tokenizer", "bytes_per_token")
+
+
+def _explicit_keys(argv: list[str], prefixes: tuple[str, ...] = ("--model.init_args.", "--model.")) -> set[str]:
+    """Names of the model settings given on the command line (``--model.init_args.lr 1e-5`` -> 'lr')."""
+    keys = set()
+    for a in argv:
+        for p in prefixes:
+            if a.startswith(p):
+                keys.add(a[len(p):].split("=", 1)[0].split(".", 1)[0])
+                break
+    return keys - {"class_path", "init_args"}
+
+
+def _resolve_class(path: str):
+    """The class a class_path names ('mambazoo.tasks.CausalLMTask' and 'mambazoo.tasks.lm.CausalLMTask' are one),
+    or the string itself when it cannot be imported."""
+    import importlib
+
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
+
+
+def _same(a, b) -> bool:
+    norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+    return norm(a) == norm(b)
+
+
 def _make_cli_class():
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger
 
-    from mambazoo.tasks.checkpointing import AtomicCheckpointIO, CurvesPNG, LastCheckpoint
+    from mambazoo.tasks.checkpointing import AtomicCheckpointIO, CurvesPNG, ZooCheckpoint, remove_orphan_temporaries
 
     class ZooCLI(LightningCLI):
         """LightningCLI with the zoo's run folder, loggers, checkpoints and curves."""
 
         run_name = "run"
+        argv: list[str] = []
 
         def add_arguments_to_parser(self, parser) -> None:
-            parser.add_argument("--run_dir", type=str, default=f"runs/{self.run_name}",
-                                help="logs, checkpoints and curves.png go here")
+            parser.add_argument("--run_dir", type=str | None, default=None,
+                                help="logs, checkpoints and curves.png go here (default: --trainer.default_root_dir "
+                                     f"when given, else runs/{self.run_name})")
             parser.add_argument("--monitor", type=str, default="val/loss", help="metric that picks the best checkpoint")
             parser.add_argument("--monitor_mode", type=str, default="min", help="min or max")
             parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=None,
-                                help="also save last.ckpt every N steps (default: after each validation)")
+                                help="also save last.ckpt every N steps (default: after each validation and at the end)")
             parser.add_argument("--test_after_fit", type=bool, default=False, help="run the test set on the best checkpoint")
             parser.add_argument("--threads", type=int | None, default=None,
                                 help="torch CPU threads (1 is fastest for tiny models on a busy 2-core CPU)")
+            parser.add_argument("--overwrite", type=bool, default=False,
+                                help="fit: start over in a run folder that already holds checkpoints (deletes them)")
 
+        # -- the run folder, resuming --------------------------------------------------------------
+        def _run_dir(self, cfg) -> Path:
+            """--run_dir, else --trainer.default_root_dir, else runs/NAME."""
+            root = (cfg.get("trainer") or {}).get("default_root_dir")
+            return Path(cfg.get("run_dir") or root or f"runs/{self.run_name}")
+
+        def _parse_ckpt_path(self) -> None:
+            """Before the classes are built: check the run folder and decide what ``--ckpt_path`` restores.
+
+            fit into a folder with checkpoints needs ``--ckpt_path last`` (resume) or ``--overwrite true``;
+            ``--ckpt_path last`` needs a last.ckpt. A checkpoint's task settings are restored (an exact resume),
+            except those given on the command line, which are applied (``ZooTask.apply_resume_overrides``);
+            a checkpoint of another model, or a command line that changes the architecture, is refused."""
+            sub = self.config.get("subcommand")
+            if not sub:
+                return
+            cfg = self.config[sub]
+            ckpt_path = cfg.get("ckpt_path")
+            ckpt_dir = self._run_dir(cfg) / "checkpoints"
+            if sub == "fit":
+                for f in remove_orphan_temporaries(ckpt_dir):
+                    print(f"removed {f} (left by a save that was killed)", flush=True)
+                self._check_run_folder(cfg, ckpt_dir, ckpt_path)
+            if ckpt_path == "last" and sub == "fit":
+                last = ckpt_dir / "last.ckpt"
+                if not last.is_file():
+                    raise ValueError(f"--ckpt_path last: nothing to resume, {last} does not exist; drop --ckpt_path "
+                                     "to start a new run, or give the path of a checkpoint")
+                ckpt_path = cfg["ckpt_path"] = str(last)
+            if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+                return
+            if not Path(ckpt_path).is_file():
+                raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file (expected a .ckpt written by "
+                                        "`mambazoo fit`, or 'last' to resume the run in --run_dir)")
+            self._merge_checkpoint_settings(sub, cfg, Path(ckpt_path))
+
+        def _check_run_folder(self, cfg, ckpt_dir: Path, ckpt_path) -> None:
+            existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+            if not existing or ckpt_path:
+                return
+            if cfg.get("overwrite"):
+                for f in existing:
+                    f.unlink()
+                print(f"--overwrite: deleted {len(existing)} checkpoint(s) of the previous run in {ckpt_dir}", flush=True)
+                return
+            from mambazoo.errors import RunExistsError
+
+            raise RunExistsError(
+                f"{ckpt_dir} already holds checkpoints ({', '.join(f.name for f in existing[:4])}): resume that run "
+                "with --ckpt_path last, or start over with another --run_dir or with --overwrite true (deletes them)")
+
+        def _merge_checkpoint_settings(self, sub: str, cfg, path: Path) -> None:
+            from mambazoo.errors import WeightsFileError
+            from mambazoo.weights_io import describe_object, load_file
+
+            ckpt = load_file(path)
+            if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+                raise WeightsFileError(f"--ckpt_path {path}: expected a Lightning checkpoint (.ckpt written by "
+                                       f"`mambazoo fit`), found {describe_object(ckpt)}")
+            hp = dict(ckpt.get("hyper_parameters") or {})
+            hp.pop("_instantiator", None)
+            class_path = hp.pop("_class_path", None)
+            model_cfg = cfg.get("model")
+            if not hp or model_cfg is None or not hasattr(model_cfg, "init_args"):
+                return
+            current = dict(vars(model_cfg.init_args)) if not isinstance(model_cfg.init_args, dict) else dict(model_cfg.init_args)
+            if class_path and _resolve_class(class_path) is not _resolve_class(model_cfg.class_path):
+                raise ValueError(f"--ckpt_path {path}: a {class_path} checkpoint, but the config builds a "
+                                 f"{model_cfg.class_path}; use the config that trained it")
+            if "model" in hp and "model" in current and hp["model"] != current["model"]:
+                raise ValueError(f"--ckpt_path {path}: a checkpoint of {hp['model']!r}, but the config builds "
+                                 f"{current['model']!r}; use --config {hp['model']} (or the config that trained it)")
+            explicit, merged, notes = _explicit_keys(self.argv), {}, []
+            for k, v in hp.items():
+                if k not in current:
+                    continue
+                new = current[k]
+                if k in explicit and not _same(new, v):
+                    if k in ARCHITECTURE_KEYS:
+                        raise ValueError(f"--model.init_args.{k}: {path} was trained with {v!r}, and the "
+                                         f"architecture cannot change on resume (got {new!r})")
+                    merged[k] = new
+                else:
+                    merged[k] = v
+                    if not _same(new, v) and k not in ARCHITECTURE_KEYS:
+                        notes.append(f"resume: {k} stays {v!r} as in the checkpoint (the config says {new!r}; "
+                                     f"--model.init_args.{k} on the command line changes it)")
+            self.config = self.parser.parse_object(
+                {sub: {"model": {"class_path": model_cfg.class_path, "init_args": merged}}}, self.config)
+            for line in notes:
+                print(line, flush=True)
+
+        # -- classes -------------------------------------------------------------------------------
         def before_instantiate_classes(self) -> None:
             threads = self._cfg()["threads"]
-            if threads:
+            if threads is not None:
+                if threads < 1:
+                    raise ValueError(f"--threads: expected a positive int, got {threads}")
                 import torch
 
                 torch.set_num_threads(threads)
@@ -126,8 +271,8 @@ def _make_cli_class():
 
         def instantiate_trainer(self, **kwargs):
             cfg = self._cfg()
-            run_dir = Path(cfg["run_dir"])
             trainer_cfg = dict(self._get(self.config_init, "trainer", default={}))
+            run_dir = self._run_dir({"run_dir": cfg["run_dir"], "trainer": trainer_cfg})
             if trainer_cfg.get("logger") in (None, True):
                 loggers = [CSVLogger(run_dir, name="logs")]
                 try:
@@ -143,14 +288,48 @@ def _make_cli_class():
             plugins = trainer_cfg.get("plugins") or []
             plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
             trainer_cfg["plugins"] = plugins + [AtomicCheckpointIO()]
-            ckpt_dir = run_dir / "checkpoints"
-            # last.ckpt (after each validation and every N steps), and the best one by the monitor
-            self.last_ckpt = LastCheckpoint(ckpt_dir, every_n_train_steps=cfg["checkpoint_every_n_steps"])
-            self.best_ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step}", monitor=cfg["monitor"],
-                                             mode=cfg["monitor_mode"], save_top_k=1, auto_insert_metric_name=False)
-            ours = [self.last_ckpt, self.best_ckpt, CurvesPNG(run_dir / "curves.png", title=run_dir.name)]
+            # one ModelCheckpoint: the best by the monitor, and last.ckpt after each validation, every N steps
+            # and whenever training stops; a user's own ModelCheckpoint (--trainer.callbacks) runs beside it
+            self.ckpt = ZooCheckpoint(run_dir / "checkpoints", monitor=cfg["monitor"], mode=cfg["monitor_mode"],
+                                      every_n_train_steps=cfg["checkpoint_every_n_steps"])
+            ours = [self.ckpt, CurvesPNG(run_dir / "curves.png", title=run_dir.name, logs_dir=run_dir / "logs")]
             extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
             return self._instantiate_trainer({**trainer_cfg, **kwargs}, extra + ours)
+
+        def _add_configure_optimizers_method_to_model(self, subcommand) -> None:
+            """``--optimizer`` / ``--lr_scheduler`` replace the task's AdamW / warmup-cosine schedule, keeping the
+            weight-decay split (``mambazoo.tasks.optim``): decay (the optimizer's weight_decay) on matrices only."""
+            import types
+
+            from lightning.pytorch.cli import instantiate_class
+
+            from mambazoo.tasks.optim import param_groups
+
+            opt_init = self._get(self.config_init, "optimizer", default=None)
+            sched_init = self._get(self.config_init, "lr_scheduler", default=None)
+            if not opt_init and not sched_init:
+                return
+            model, cli = self.model, self
+            builtin = type(model).configure_optimizers
+
+            def configure_optimizers(module):
+                if opt_init:
+                    wd = (opt_init.get("init_args") or {}).get("weight_decay", 0.0)
+                    opt = instantiate_class(param_groups(module.model, wd), opt_init)
+                    print(f"--optimizer {opt_init['class_path'].rsplit('.', 1)[-1]} replaces the task's AdamW "
+                          f"(--model.init_args lr / weight_decay / betas are not used) and its warmup + cosine "
+                          f"schedule ({'see --lr_scheduler' if sched_init else 'a constant learning rate now'}); "
+                          f"weight decay {wd} on matrices only, as the task's", flush=True)
+                else:
+                    opt = builtin(module)["optimizer"]
+                if not sched_init:
+                    return opt if opt_init else builtin(module)
+                sched = instantiate_class(opt, sched_init)
+                print(f"--lr_scheduler {sched_init['class_path'].rsplit('.', 1)[-1]} replaces the task's warmup + "
+                      "cosine schedule (stepped once per epoch, Lightning's default)", flush=True)
+                return cli.configure_optimizers(module, opt, sched)
+
+            model.configure_optimizers = types.MethodType(configure_optimizers, model)
 
         def before_fit(self) -> None:
             self._t0 = time.time()
@@ -162,10 +341,10 @@ def _make_cli_class():
                          if k.split("/")[0].startswith("val") and v.numel() == 1}
                 print(f"fit done in {time.time() - self._t0:.1f} s, {trainer.global_step} steps; "
                       + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
-                      + f"\ncheckpoints: last {self.last_ckpt.last_model_path or '-'}, best {self.best_ckpt.best_model_path or '-'}",
-                      flush=True)
+                      + f"\ncheckpoints: last {self.ckpt.last_model_path or '-'} (step {self.ckpt.last_step}), "
+                      + f"best {self.ckpt.best_model_path or '-'}", flush=True)
             if self._cfg()["test_after_fit"]:
-                best = self.best_ckpt.best_model_path or self.last_ckpt.last_model_path
+                best = self.ckpt.best_model_path or self.ckpt.last_model_path
                 trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
     return ZooCLI
@@ -181,6 +360,7 @@ def run_lightning(args: list[str]) -> None:
     args, name = _rewrite_configs(args)
     cls = _make_cli_class()
     cls.run_name = name or "run"
+    cls.argv = list(args)
     # The arguments go in as the command line (LightningCLI warns when given both `args` and one).
     argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "mambazoo"] + args
     try:
@@ -330,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"mambazoo: {e}", file=sys.stderr)
         return 1
+    except SystemExit as e:
+        if type(e).__name__ != "SIGTERMException":  # Lightning's, raised at the step after a SIGTERM
+            raise
+        print("mambazoo: stopped by SIGTERM; last.ckpt holds the last completed step: resume with --ckpt_path last",
+              file=sys.stderr)
+        return 143
     except BrokenPipeError:  # the reader went away (`mambazoo list | head`): not an error
         sys.stderr.close()
         return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from mambazoo.lm import CausalLM, LMConfig
+from mambazoo.weights_io import json_or_none, require_safetensors, umask_mode
 
 _MIXER = {"conv1d.weight": "fwd.conv1d.weight", "conv1d.bias": "fwd.conv1d.bias", "x_proj.weight": "fwd.x_proj.weight",
           "dt_proj.weight": "fwd.dt_proj.weight", "dt_proj.bias": "fwd.dt_proj.bias", "A_log": "fwd.A_log",
@@ -36,13 +37,10 @@ _MIXER = {"conv1d.weight": "fwd.conv1d.weight", "conv1d.bias": "fwd.conv1d.bias"
 
 # -- reading files -------------------------------------------------------------------------------
 def _read_one(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """{name: tensor} of one weights file, through the project's safe reader (``mambazoo.weights_io``)."""
+    from mambazoo.weights_io import read_state_dict as read_weights
 
-        return load_file(str(path))
-    if path.suffix in (".bin", ".pt", ".pth"):
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    raise ValueError(f"{path}: expected a .safetensors or .bin file")
+    return read_weights(path)
 
 
 def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -51,15 +49,17 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if not p.exists():
         raise ValueError(f"{p}: no such file or folder (weights are read from local files only)")
     if p.is_file():
-        cfg = p.parent / "config.json"
-        return _read_one(p), (json.loads(cfg.read_text()) if cfg.exists() else None)
-    cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").exists() else None
+        return _read_one(p), json_or_none(p.parent / "config.json")
+    cfg = json_or_none(p / "config.json")
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (p / name).exists():
             return _read_one(p / name), cfg
         index = p / f"{name}.index.json"
         if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = (json_or_none(index) or {}).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: expected a shard index with a 'weight_map', found none")
+            files = sorted(set(weight_map.values()))
             sd = {}
             for f in files:
                 sd.update(_read_one(p / f))
@@ -67,8 +67,8 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     raise ValueError(f"{p}: expected model.safetensors, pytorch_model.bin or a sharded *.index.json in the folder")
 
 
-def detect_format(sd: dict) -> str:
-    """'mamba_ssm', 'hf_mamba', 'hf_jamba' or 'mambazoo' from the key names."""
+def detect_format(sd: dict, source: str = "state dict") -> str:
+    """'mamba_ssm', 'hf_mamba', 'hf_jamba' or 'mambazoo' from the key names (``source`` names the file in errors)."""
     if "backbone.embedding.weight" in sd:
         return "mamba_ssm"
     if "backbone.embeddings.weight" in sd:
@@ -77,7 +77,7 @@ def detect_format(sd: dict) -> str:
         return "hf_jamba"
     if "embedding.weight" in sd:
         return "mambazoo"
-    raise ValueError("state dict: expected keys of mamba_ssm (backbone.embedding.*), transformers Mamba "
+    raise ValueError(f"{source}: expected keys of mamba_ssm (backbone.embedding.*), transformers Mamba "
                      f"(backbone.embeddings.*) or Jamba (model.embed_tokens.*); got e.g. {sorted(sd)[:5]}")
 
 
@@ -86,8 +86,13 @@ def mamba_config_from_state_dict(sd: dict, config: dict | None = None, **overrid
     """Infer the LMConfig of a pure-Mamba state dict (either naming); ``config`` (config.json) may give
     the true vocabulary size and the norm epsilon."""
     emb = sd.get("backbone.embedding.weight", sd.get("backbone.embeddings.weight"))
-    layers = {int(m.group(1)) for k in sd if (m := re.match(r"backbone\.layers\.(\d+)\.", k))}
     pre = "backbone.layers.0.mixer."
+    needed = [pre + k for k in ("in_proj.weight", "A_log", "conv1d.weight", "dt_proj.weight")]
+    if emb is None or any(k not in sd for k in needed):
+        missing = [k for k in ["backbone.embedding(s).weight"] * (emb is None) + needed if k not in sd]
+        raise ValueError(f"state dict: a partial Mamba state dict, missing {missing} (expected a complete "
+                         "mamba_ssm / transformers MambaForCausalLM state dict)")
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"backbone\.layers\.(\d+)\.", k))}
     d_model = emb.shape[1]
     d_inner = sd[pre + "in_proj.weight"].shape[0] // 2
     config = config or {}
@@ -213,7 +218,7 @@ def load_into(model: CausalLM, sd: dict) -> CausalLM:
 def load_pretrained(source: str | os.PathLike, **overrides) -> CausalLM:
     """A CausalLM from local mamba_ssm / transformers Mamba / transformers Jamba / mambazoo weights."""
     sd, cfg = read_state_dict(source)
-    fmt = detect_format(sd)
+    fmt = detect_format(sd, str(source))
     if fmt == "mambazoo":
         return load_checkpoint(source)
     if fmt == "hf_jamba":
@@ -244,6 +249,7 @@ def save_checkpoint(model: CausalLM, path: str | os.PathLike, metadata: dict | N
     os.close(fd)
     try:
         save_file(sd, tmp, metadata=meta)
+        os.chmod(tmp, umask_mode())  # the user's normal permissions, not mkstemp's 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -260,6 +266,7 @@ def load_checkpoint(path: str | os.PathLike, device=None) -> CausalLM:
         path = path / "model.safetensors"
     if not path.exists():
         raise ValueError(f"{path}: no such checkpoint")
+    require_safetensors(path, "a mambazoo checkpoint (.safetensors written by save_checkpoint)")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "mambazoo" or "config" not in meta:

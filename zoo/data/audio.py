@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mambazoo.audio.frontend import torchaudio_module
-from mambazoo.data.base import SplitDataModule
+from mambazoo.data.base import SplitDataModule, check_classes, drop_unreadable
 
 _DIGITS_HINT = ("for the spoken-digits set run `sudo apt-get install espeak-ng` and "
                 "`python scripts/make_spoken_digits.py --root data/spoken_digits`")
@@ -29,7 +29,10 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
             rate, channels, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
             raw = w.readframes(n)
     except (wave.Error, EOFError) as e:
-        raise ValueError(f"{path}: not a PCM WAV file ({e}); convert it, e.g. `ffmpeg -i in -c:a pcm_s16le out.wav`")
+        raise ValueError(f"{path}: not a PCM WAV file ({e or 'empty file'}); convert it, e.g. "
+                         "`ffmpeg -i in -c:a pcm_s16le out.wav`") from None
+    if n == 0 or not raw:
+        raise ValueError(f"{path}: a WAV file with no audio frames")
     if width == 1:
         x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
     elif width == 2:
@@ -44,6 +47,15 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
         raise ValueError(f"{path}: {8 * width}-bit samples are not supported")
     x = x.reshape(-1, channels).mean(axis=1)
     return torch.from_numpy(x.copy()), rate
+
+
+def _has_frames(path: Path) -> bool:
+    """Whether the file is a PCM WAV holding at least one frame (its header only)."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            return w.getnframes() > 0 and w.getsampwidth() in (1, 2, 3, 4)
+    except (wave.Error, EOFError, OSError):
+        return False
 
 
 def fit_length(x: torch.Tensor, length: int, offset: int | None = None) -> torch.Tensor:
@@ -63,7 +75,8 @@ class WavFolder(Dataset):
     In training (``augment``) the clip is placed / cut at a random offset and scaled by a random
     gain in [0.7, 1.3]; otherwise it is centred."""
 
-    def __init__(self, root: Path, classes: list[str], sample_rate: int, clip_samples: int, augment: bool):
+    def __init__(self, root: Path, classes: list[str], sample_rate: int, clip_samples: int, augment: bool,
+                 checked: dict | None = None):
         self.files: list[tuple[Path, int]] = []
         for label, name in enumerate(classes):
             folder = root / name
@@ -71,6 +84,10 @@ class WavFolder(Dataset):
                 self.files += [(p, label) for p in sorted(folder.glob("*.wav")) + sorted(folder.glob("*.WAV"))]
         if not self.files:
             raise ValueError(f"{root}: no .wav files under {root}/<label>/; {_DIGITS_HINT}")
+        checked = {} if checked is None else checked  # root -> readable files, shared by a folder's views
+        if str(root) not in checked:
+            checked[str(root)] = drop_unreadable(self.files, _has_frames, "PCM WAV files with audio")
+        self.files = list(checked[str(root)])
         self.sample_rate, self.clip_samples, self.augment = sample_rate, clip_samples, augment
         self._resamplers: dict[int, object] = {}
 
@@ -122,13 +139,16 @@ class WavFolderDataModule(SplitDataModule):
         if not self.classes:
             raise ValueError(f"{self.train_dir}: no label sub-folders (expected {self.train_dir}/<label>/*.wav); "
                              f"{_DIGITS_HINT}")
+        check_classes(self.train_dir, self.classes)
         self.num_classes = len(self.classes)
         self.sample_rate, self.clip_seconds = sample_rate, clip_seconds
         self.clip_samples = int(round(clip_seconds * sample_rate))
         self.val_split, self.augment, self.seed = val_split, augment, seed
+        self._checked: dict = {}
 
     def _folder(self, path: Path, train: bool) -> WavFolder:
-        return WavFolder(path, self.classes, self.sample_rate, self.clip_samples, augment=train and self.augment)
+        return WavFolder(path, self.classes, self.sample_rate, self.clip_samples, augment=train and self.augment,
+                         checked=self._checked)
 
     def setup(self, stage: str | None = None) -> None:
         self._setup_folders()

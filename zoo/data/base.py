@@ -7,6 +7,27 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 
+def drop_unreadable(files: list, readable, what: str) -> list:
+    """The entries of ``files`` ((path, label) pairs) whose path ``readable(path)`` accepts; the others are
+    left out and named in one printed line (a corrupt or empty file then costs one sample, not the run)."""
+    good, bad = [], []
+    for entry in files:
+        (good if readable(entry[0]) else bad).append(entry)
+    if bad:
+        shown = ", ".join(str(p) for p, _ in bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        print(f"skipped {len(bad)} file(s) that are not readable {what}: {shown}", flush=True)
+    if not good:
+        raise ValueError(f"none of the {len(files)} files is a readable {what} (e.g. {files[0][0] if files else '-'})")
+    return good
+
+
+def check_classes(folder, classes: list[str]) -> None:
+    """ValueError unless there are at least two class sub-folders (one class leaves nothing to tell apart)."""
+    if len(classes) < 2:
+        raise ValueError(f"{folder}: one class sub-folder ({classes[0]!r}); classification needs at least 2 "
+                         f"classes, each a sub-folder {folder}/<class>/")
+
+
 def split_indices(n: int, n_val: int, seed: int) -> tuple[list[int], list[int]]:
     """A fixed random split of range(n): (train indices, val indices)."""
     if not 0 <= n_val < n:
@@ -23,6 +44,8 @@ class SplitDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers: expected an int >= 0, got {num_workers}")
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_set = self.val_set = self.test_set = None
 
@@ -33,6 +56,8 @@ class SplitDataModule(L.LightningDataModule):
         train)``, ``self.train_dir``."""
         if self.train_set is not None:
             return
+        if not 0 <= self.val_split < 1:
+            raise ValueError(f"val_split: expected a fraction in [0, 1), got {self.val_split!r}")
         if "val" in self.split_dirs:
             self.train_set = self._folder(self.train_dir, True)
             self.val_set = self._folder(self.split_dirs["val"], False)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from mambazoo.data.base import SplitDataModule, split_indices
+from mambazoo.data.base import SplitDataModule, check_classes, drop_unreadable, split_indices
 from torchvision.transforms import v2 as T
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -209,8 +209,9 @@ class ImageFolderDataModule(SplitDataModule):
 
     def __init__(self, root: str, img_size: int = 224, batch_size: int = 64, num_workers: int = 2,
                  val_split: float = 0.1, augment: bool = True, crop_pct: float = 0.875,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, seed: int = 0):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, seed: int = 0, check_files: bool = True):
         super().__init__(batch_size, num_workers)
+        self.check_files, self._checked = check_files, {}
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist: expected root/<class>/<image> "
@@ -220,6 +221,10 @@ class ImageFolderDataModule(SplitDataModule):
         self.classes = sorted(d.name for d in self.train_dir.iterdir() if d.is_dir())
         if not self.classes:
             raise ValueError(f"{self.train_dir}: no class sub-folders (expected {self.train_dir}/<class>/<image>)")
+        check_classes(self.train_dir, self.classes)
+        if not (isinstance(img_size, int) and img_size > 0) or not 0 < crop_pct <= 1:
+            raise ValueError(f"img_size, crop_pct: expected a positive int and a number in (0, 1], got {img_size}, "
+                             f"{crop_pct}")
         self.num_classes = len(self.classes)
         self.img_size, self.val_split, self.augment, self.crop_pct = img_size, val_split, augment, crop_pct
         self.mean, self.std, self.seed = tuple(mean), tuple(std), seed
@@ -239,6 +244,12 @@ class ImageFolderDataModule(SplitDataModule):
         ds = ImageFolder(str(path), transform=self._transform(train), loader=_rgb_loader)
         if ds.classes != self.classes:
             raise ValueError(f"{path}: classes {ds.classes} differ from the training classes {self.classes}")
+        if self.check_files:
+            key = str(path)
+            if key not in self._checked:  # the train and eval views of one folder are checked once
+                self._checked[key] = drop_unreadable(ds.samples, _is_image, "images")
+            ds.samples = ds.imgs = list(self._checked[key])
+            ds.targets = [label for _, label in ds.samples]
         return ds
 
     def setup(self, stage: str | None = None) -> None:
@@ -246,7 +257,22 @@ class ImageFolderDataModule(SplitDataModule):
 
 
 def _rgb_loader(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _is_image(path: str) -> bool:
+    """Whether PIL recognises the file as an image (its header; cheap, the pixels are not decoded)."""
     from PIL import Image
 
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018
+        return True
+    except Exception:  # noqa: BLE001  (any failure: not an image we can read)
+        return False

@@ -60,6 +60,13 @@ def resolve_files(path: str | os.PathLike | None) -> list[Path]:
     return files
 
 
+def check_fraction(name: str, value: float) -> None:
+    """ValueError unless 0 < value < 1 (a held-out fraction: none or all of the data leaves nothing to train or
+    to validate on)."""
+    if not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name}: expected a number in (0, 1), got {value!r}")
+
+
 def _is_val(path: Path, val_fraction: float) -> bool:
     h = int.from_bytes(hashlib.sha1(str(path).encode()).digest()[:4], "little")
     return (h % 10_000) < val_fraction * 10_000
@@ -69,6 +76,7 @@ def load_byte_corpus(path=None, val_fraction: float = 0.02, max_bytes: int | Non
     """(train bytes, validation bytes) as uint8 arrays. Several files: split by a hash of each
     path relative to their common folder (the same split wherever the corpus is installed; at
     least one file each side); one file: the last ``val_fraction`` of it is validation."""
+    check_fraction("val_fraction", val_fraction)
     files = resolve_files(path)
     if len(files) == 1:
         data = np.frombuffer(files[0].read_bytes(), dtype=np.uint8)
@@ -133,6 +141,11 @@ class _WindowDataModule(pl.LightningDataModule):
         super().__init__()
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size: expected positive ints, got {seq_len}, {batch_size}")
+        for name, v in (("val_batch_size", val_batch_size), ("val_max_windows", val_max_windows)):
+            if v is not None and v < 1:
+                raise ValueError(f"{name}: expected a positive int or null, got {v}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers: expected an int >= 0, got {num_workers}")
         self.seq_len, self.batch_size, self.seed, self.num_workers = seq_len, batch_size, seed, num_workers
         self.val_batch_size = val_batch_size or batch_size
         self.val_max_windows = val_max_windows
@@ -169,6 +182,9 @@ class ByteDataModule(_WindowDataModule):
                  val_batch_size: int | None = None, val_fraction: float = 0.02, val_max_windows: int | None = 64,
                  max_bytes: int | None = None, seed: int = 0, num_workers: int = 0):
         super().__init__(seq_len, batch_size, val_batch_size, val_max_windows, seed, num_workers)
+        check_fraction("val_fraction", val_fraction)
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes: expected a positive int or null, got {max_bytes}")
         self.path, self.val_fraction, self.max_bytes = path, val_fraction, max_bytes
 
     def setup(self, stage: str | None = None) -> None:
@@ -206,6 +222,7 @@ class TokenFileDataModule(_WindowDataModule):
                  batch_size: int = 32, val_batch_size: int | None = None, val_fraction: float = 0.01,
                  val_max_windows: int | None = 64, seed: int = 0, num_workers: int = 0):
         super().__init__(seq_len, batch_size, val_batch_size, val_max_windows, seed, num_workers)
+        check_fraction("val_fraction", val_fraction)
         self.train_path, self.val_path, self.dtype, self.val_fraction = train_path, val_path, dtype, val_fraction
 
     def setup(self, stage: str | None = None) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from mambazoo.errors import NonFiniteLossError  # noqa: F401  (raised here; re-exported by mambazoo.tasks)
 from mambazoo.registry import create_model
-from mambazoo.tasks.optim import build_optimizer
+from mambazoo.tasks.optim import CosineWithWarmup, build_optimizer, check_optim_args
 
 
 class ZooTask(pl.LightningModule):
@@ -42,6 +42,7 @@ class ZooTask(pl.LightningModule):
         self._window_unit = "samples"
         self._pending_guard = None  # (step, host flag, CUDA event) of the device-side non-finite guard
         self._guard_buffers = None  # (pinned host flag, CUDA event) reused by every step's guard
+        check_optim_args(lr, weight_decay, betas, warmup_steps, min_lr_ratio, schedule_steps)
         if not isinstance(compile, (bool, str)):
             raise ValueError(f"compile: expected true, false or a torch.compile backend name, got {compile!r}")
         self._compile = compile
@@ -132,6 +133,63 @@ class ZooTask(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.world_size > 1:
             _throttle_distributed_checks(self.trainer, max(1, self.trainer.log_every_n_steps))
+
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:
+            for line in self.apply_resume_overrides():
+                if self.trainer.global_rank == 0:
+                    print(line, flush=True)
+
+    def apply_resume_overrides(self) -> list[str]:
+        """After a checkpoint restored the optimizer and schedule: what resuming means here.
+
+        The checkpoint's optimizer state and schedule position are kept. Settings that differ from what the
+        checkpoint was trained with (given on the command line, so ``hparams`` hold them) are applied to the
+        optimizer's parameter groups and the schedule, never dropped: lr (the schedule's base), weight_decay
+        (the decayed group), betas, warmup_steps, min_lr_ratio, schedule_steps. A longer run (max_steps raised)
+        keeps the schedule's length unless ``schedule_steps`` asks otherwise: the learning rate then stays
+        at its minimum after the old end instead of jumping back up. Returns one line per change."""
+        hp, lines = self.hparams, []
+        for config in self.trainer.lr_scheduler_configs:
+            sched, opt = config.scheduler, config.scheduler.optimizer
+            fns = getattr(sched, "lr_lambdas", None)
+            if not fns or not all(isinstance(f, CosineWithWarmup) for f in fns):
+                continue  # not the task's schedule (a --lr_scheduler of the user's) or an old checkpoint
+            step, before = sched.last_epoch, [g["lr"] for g in opt.param_groups]
+            old_warmup, old_total, old_min = fns[0].settings()
+            new_total = hp.schedule_steps or old_total
+            if (hp.warmup_steps, new_total, hp.min_lr_ratio) != (old_warmup, old_total, old_min):
+                for f in fns:
+                    f.warmup_steps, f.total_steps, f.min_ratio = int(hp.warmup_steps), int(new_total), float(hp.min_lr_ratio)
+                lines.append(f"resume: schedule warmup {old_warmup} -> {hp.warmup_steps}, length {old_total} -> "
+                             f"{new_total}, min_lr_ratio {old_min} -> {hp.min_lr_ratio}")
+            max_steps = self.trainer.max_steps
+            if not hp.schedule_steps and max_steps and max_steps > 0 and max_steps != old_total:
+                lines.append(f"resume: the cosine schedule keeps its length of {old_total} steps (max_steps is now "
+                             f"{max_steps}; the learning rate stays at its minimum after step {old_total}); pass "
+                             f"--model.init_args.schedule_steps {max_steps} to stretch it instead (the learning rate "
+                             f"at step {step} then becomes {hp.lr * cosine_at(step, hp.warmup_steps, max_steps, hp.min_lr_ratio):.3g})")
+            if any(b != hp.lr for b in sched.base_lrs):
+                lines.append(f"resume: lr {sched.base_lrs[0]:g} -> {hp.lr:g} (applied to the optimizer)")
+                sched.base_lrs = [float(hp.lr)] * len(sched.base_lrs)
+                for g in opt.param_groups:
+                    g["initial_lr"] = float(hp.lr)
+            decayed = [g for g in opt.param_groups if g["weight_decay"] > 0]
+            if decayed and decayed[0]["weight_decay"] != hp.weight_decay:
+                lines.append(f"resume: weight_decay {decayed[0]['weight_decay']:g} -> {hp.weight_decay:g} (the decayed group)")
+                for g in decayed:
+                    g["weight_decay"] = float(hp.weight_decay)
+            if tuple(opt.param_groups[0]["betas"]) != tuple(hp.betas):
+                lines.append(f"resume: betas {tuple(opt.param_groups[0]['betas'])} -> {tuple(hp.betas)}")
+                for g in opt.param_groups:
+                    g["betas"] = tuple(float(b) for b in hp.betas)
+            factors = [f(step) for f in fns]
+            for g, base, k in zip(opt.param_groups, sched.base_lrs, factors):
+                g["lr"] = base * k
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
+            if before != sched._last_lr and lines:
+                lines.append(f"resume: learning rate at step {step}: {before[0]:.3g} -> {sched._last_lr[0]:.3g}")
+        return lines
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         for opt in self.trainer.optimizers:
@@ -298,6 +356,11 @@ def _host_value(value: torch.Tensor | float) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to("cpu")
     return torch.tensor(value, dtype=_log_dtype())
+
+
+def cosine_at(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """The schedule's multiplier at ``step`` (``mambazoo.tasks.optim.cosine_with_warmup``)."""
+    return CosineWithWarmup(warmup_steps, total_steps, min_ratio)(step)
 
 
 def lr_of(trainer: pl.Trainer) -> float:

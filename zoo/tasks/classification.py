@@ -37,6 +37,20 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float, cutmix_alpha
     return x, y, y[perm], lam
 
 
+def _check_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) with float inputs and integer labels (b,), else ValueError naming what came (raw uint8
+    images, say, which the data module's transform normalizes). Dtypes and shapes only: no device sync."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError(f"batch: expected (inputs, labels), got {type(batch).__name__}")
+    x, y = batch
+    if not x.is_floating_point():
+        raise ValueError(f"inputs: expected float tensors (normalized images or waveforms), got {x.dtype} "
+                         f"{tuple(x.shape)}; raw uint8 images need the data module's normalization")
+    if y.is_floating_point() or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"labels: expected integer class indices ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+    return x, y
+
+
 class ClassificationTask(ZooTask):
     """Class logits from ``create_model(model, num_classes=num_classes, **model_kwargs)``;
     batches are (inputs, labels (b,) long). Cross-entropy with ``label_smoothing``; mixup / cutmix
@@ -47,6 +61,11 @@ class ClassificationTask(ZooTask):
                  warmup_steps: int = 100, min_lr_ratio: float = 0.01, schedule_steps: int | None = None,
                  label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  mix_prob: float = 1.0, compile: bool | str = False):
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes: expected an int >= 2 (a classifier tells classes apart), got {num_classes!r}")
+        if not 0 <= label_smoothing < 1 or not 0 <= mix_prob <= 1 or mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ValueError(f"label_smoothing in [0, 1), mix_prob in [0, 1], mixup_alpha and cutmix_alpha >= 0: got "
+                             f"{label_smoothing}, {mix_prob}, {mixup_alpha}, {cutmix_alpha}")
         super().__init__(model, {"num_classes": num_classes, **(model_kwargs or {})}, lr, weight_decay, betas,
                          warmup_steps, min_lr_ratio, schedule_steps, compile=compile)
         self.save_hyperparameters()
@@ -67,7 +86,7 @@ class ClassificationTask(ZooTask):
         return self.model(x)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = _check_batch(batch)
         hp = self.hparams
         if (hp.mixup_alpha > 0 or hp.cutmix_alpha > 0) and torch.rand(1).item() < hp.mix_prob:
             x, ya, yb, lam = mix_batch(x, y, hp.mixup_alpha, hp.cutmix_alpha)
@@ -84,7 +103,7 @@ class ClassificationTask(ZooTask):
         return loss
 
     def _eval_step(self, stage, batch):
-        x, y = batch
+        x, y = _check_batch(batch)
         logits = self.model(x).float()
         getattr(self, f"{stage}_loss").update(F.cross_entropy(logits, y), weight=y.shape[0])
         getattr(self, f"{stage}_top1").update(logits, y)

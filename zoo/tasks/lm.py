@@ -95,6 +95,12 @@ class CausalLMTask(ZooTask):
                  bytes_per_token: float | None = None, tokenizer: str | None = None,
                  sample_prompt: str | None = None, sample_tokens: int = 200, sample_temperature: float = 0.8,
                  sample_top_k: int | None = None, compile: bool | str = False):
+        if aux_loss_weight < 0 or (bytes_per_token is not None and not bytes_per_token > 0) or sample_tokens < 0:
+            raise ValueError(f"aux_loss_weight >= 0, bytes_per_token > 0 or null, sample_tokens >= 0: got "
+                             f"{aux_loss_weight}, {bytes_per_token}, {sample_tokens}")
+        if not (sample_temperature >= 0) or (sample_top_k is not None and sample_top_k < 1):
+            raise ValueError(f"sample_temperature >= 0 and sample_top_k >= 1 or null: got {sample_temperature}, "
+                             f"{sample_top_k}")
         super().__init__(model, model_kwargs, lr, weight_decay, betas, warmup_steps, min_lr_ratio, schedule_steps,
                          compile=compile)
         self.save_hyperparameters()
@@ -192,7 +198,7 @@ class CausalLMTask(ZooTask):
 
     def on_fit_end(self):
         hp = self.hparams
-        if hp.sample_prompt is None or self.codec is None or self.global_rank != 0:
+        if hp.sample_prompt is None or not hp.sample_tokens or self.codec is None or self.global_rank != 0:
             return
         if _is_fsdp(self.trainer):  # the weights are sharded across ranks here: sample from the checkpoint
             print("\n(no sample under FSDP: the weights are sharded; run `mambazoo generate --checkpoint ...`)",

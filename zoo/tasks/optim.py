@@ -67,6 +67,38 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class CosineWithWarmup:
+    """``cosine_with_warmup`` as a LambdaLR multiplier object: unlike a lambda, its settings are saved in the
+    scheduler's state (a checkpoint), so a resumed run knows the schedule it was trained with."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
+        self.warmup_steps, self.total_steps, self.min_ratio = int(warmup_steps), int(total_steps), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        return cosine_with_warmup(step, self.warmup_steps, self.total_steps, self.min_ratio)
+
+    def settings(self) -> tuple[int, int, float]:
+        return self.warmup_steps, self.total_steps, self.min_ratio
+
+
+def check_optim_args(lr: float, weight_decay: float, betas, warmup_steps: int, min_lr_ratio: float,
+                     schedule_steps: int | None = None) -> None:
+    """ValueError naming the first setting out of range (a zero learning rate would train nothing)."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr: expected a finite number > 0, got {lr!r} (0 would train nothing)")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay!r}")
+    betas = tuple(betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio: expected a number in [0, 1], got {min_lr_ratio!r}")
+    if schedule_steps is not None and schedule_steps < 1:
+        raise ValueError(f"schedule_steps: expected a positive int or null, got {schedule_steps!r}")
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95),
                     warmup_steps: int = 100, total_steps: int = 1000, min_lr_ratio: float = 0.1,
                     fused: bool = False):
@@ -77,6 +109,5 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
                          "set --trainer.max_steps (or the task's schedule_steps)")
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=fused or None)
     total = int(total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_with_warmup(s, warmup_steps, total, min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineWithWarmup(warmup_steps, total, min_lr_ratio))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -25,15 +25,9 @@ FORMATS = ("auto", "zoo", "official")
 def _load_file(path: str | Path):
     """What a .safetensors file or a torch checkpoint holds, on the CPU, never executing pickled code
     (an ``argparse.Namespace``, which DeiT-style training scripts save under 'args', is allowed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from mambazoo.weights_io import load_file
 
-        return load_file(str(path))
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_file(path, allowed_globals=(argparse.Namespace,))
 
 
 def to_zoo_layout(checkpoint, source: str = "the checkpoint", format: str = "auto",
@@ -143,3 +137,30 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True, src_gr
     bad = {m.split(":")[0] for m in mismatched}
     model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in bad}, strict=False)
     return report
+
+
+def _route_timm_checkpoint_path() -> None:
+    """``timm.create_model(name, checkpoint_path=P)`` reads P with timm's own reader (raw tracebacks on a bad file,
+    no official-layout conversion, no position-embedding resampling). For the zoo's Vision Mamba models only, P
+    goes through ``load_weights`` instead (the project's safe reader, ``mambazoo.weights_io``); every other
+    model keeps timm's path. Installed once, when this module is imported (``import mambazoo.vim``)."""
+    try:
+        import timm.models._factory as factory
+    except ImportError:  # a timm without that module: its own reader stays
+        return
+    original = getattr(factory, "load_checkpoint", None)
+    if original is None or getattr(original, "_mambazoo", False):
+        return
+
+    def load_checkpoint(model, checkpoint_path, *args, **kwargs):
+        from mambazoo.vim.model import VisionMamba
+
+        if not isinstance(model, VisionMamba) or args or kwargs:
+            return original(model, checkpoint_path, *args, **kwargs)
+        return load_weights(model, checkpoint_path)
+
+    load_checkpoint._mambazoo = True
+    factory.load_checkpoint = load_checkpoint
+
+
+_route_timm_checkpoint_path()
