@@ -386,7 +386,7 @@ def load_task(checkpoint: str, map_location="cpu"):
     """A CausalLMTask from a checkpoint file, or from NAME -> runs/NAME/checkpoints/last.ckpt. The file is read
     with weights_only=True: a checkpoint holding pickled code is refused (ValueError naming it), not run."""
     from mambazoo.tasks import CausalLMTask
-    from mambazoo.textgen import torch_load_safely
+    from mambazoo.weights_io import load_file
 
     p = Path(checkpoint)
     if not p.is_file():
@@ -395,7 +395,7 @@ def load_task(checkpoint: str, map_location="cpu"):
             raise FileNotFoundError(f"checkpoint {checkpoint!r} not found (nor {guess}); train one with "
                                     f"`mambazoo fit --config {checkpoint}`")
         p = guess
-    ckpt = torch_load_safely(p, map_location)
+    ckpt = load_file(p, map_location)  # weights_only: never runs pickled code
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{p}: expected a Lightning checkpoint (a dict with 'state_dict' and 'hyper_parameters')")
     hp = dict(ckpt.get("hyper_parameters") or {})

@@ -53,6 +53,9 @@ def describe_model(name: str) -> str:
 
 
 def _check_name(name: str) -> None:
+    if not isinstance(name, str):
+        raise ValueError(f"model name: expected a registered name (a str, see mambazoo.list_models()), "
+                         f"got {type(name).__name__} {name!r}")
     _load_variants()
     if name not in _BUILDERS:
         close = difflib.get_close_matches(name, list(_BUILDERS), n=5, cutoff=0.4)

@@ -1,40 +1,8 @@
-"""Helpers of ``mambazoo generate``: reading a checkpoint without running pickled code, the --device and
---prompt arguments, and printing tokens as text as they come."""
+"""Helpers of ``mambazoo generate``: the --device and --prompt arguments, and printing tokens as text as they come."""
 
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path
-
-
-def torch_load_safely(p: Path, map_location="cpu"):
-    """torch.load with weights_only=True: tensors and plain containers only, never pickled code. Every failure
-    is a ValueError naming the file and what was expected."""
-    import pickle
-
-    import torch
-
-    size = p.stat().st_size
-    if size == 0:
-        raise ValueError(f"{p}: the file is empty; expected a Lightning checkpoint (.ckpt)")
-    try:
-        return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        lines = [ln.strip() for ln in msg.replace("WeightsUnpickler error:", "\n").splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if ln.startswith(("Unsupported", "Trying", "invalid", "Unknown"))),
-                      lines[-1] if lines else type(e).__name__)
-        if "GLOBAL" in msg:
-            name = re.search(r"GLOBAL (\S+)", msg)
-            raise ValueError(f"{p}: refused to load: the file holds pickled code or objects "
-                             f"({name.group(1) if name else 'a global'}), which could run when loaded; a checkpoint "
-                             "written by mambazoo holds tensors and plain values only, so this is not one") from e
-        raise ValueError(f"{p}: expected a Lightning checkpoint (.ckpt, a torch zip file); could not read it "
-                         f"({detail})") from e
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
-        raise ValueError(f"{p}: expected a Lightning checkpoint (.ckpt, a torch zip file); could not read it "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'truncated or not a checkpoint'})") from e
 
 
 def device_from_arg(name: str):
@@ -54,7 +22,6 @@ def device_from_arg(name: str):
 def prompt_ids(prompt: str, tokenizer) -> list[int]:
     """--prompt -> token ids: through the tokenizer (bytes: the argument's exact bytes, even when they are not
     UTF-8), else comma-separated ids."""
-    import os
 
     from mambazoo.mambabyte.tokenizer import ByteTokenizer
 

@@ -83,3 +83,16 @@ def test_image_folder_ranges(tmp_path, kwargs, message):
     with pytest.raises(ValueError) as e:
         ImageFolderDataModule(str(tmp_path), **{"img_size": 8, "num_workers": 0, **kwargs}).setup()
     assert message in str(e.value)
+
+
+def test_model_boundary_inputs_are_named():
+    """create_model(None), a negative class count and uint8 images each give a ValueError naming them."""
+    import mambazoo
+
+    with pytest.raises(ValueError, match="model name: expected a registered name"):
+        mambazoo.create_model(None)
+    with pytest.raises(ValueError, match="num_classes: expected an int >= 0"):
+        mambazoo.create_model("vim-tiny", depth=1, num_classes=-1)
+    vim = mambazoo.create_model("vim-tiny", depth=1, embed_dim=16, img_size=32, num_classes=3)
+    with pytest.raises(ValueError, match="expected a float tensor.*uint8"):
+        vim(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

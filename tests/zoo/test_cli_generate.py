@@ -82,7 +82,7 @@ def test_bad_checkpoint_files(tmp_path, capsys, content):
     p.write_bytes(content)
     assert main(["generate", "--checkpoint", str(p), "--prompt", "a"]) == 2
     err = capsys.readouterr().err
-    assert str(p) in err and "expected a Lightning checkpoint" in err
+    assert str(p) in err and "expected a .safetensors file or a torch checkpoint" in err
 
 
 def test_text_prompt_to_a_token_id_model(tmp_path, capsys):

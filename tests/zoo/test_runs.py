@@ -327,3 +327,26 @@ def test_classification_batches_of_the_wrong_kind_are_named():
         task.validation_step((imgs, labels), 0)
     with pytest.raises(ValueError, match="labels: expected integer class indices"):
         task.validation_step((imgs.float(), labels.float()), 0)
+
+
+def test_fit_starts_from_pretrained_weights_and_a_resume_does_not(tmp_path, text_file, capsys):
+    """--model.init_args.pretrained FOLDER: the first step starts from those weights; a resumed fit keeps the
+    checkpoint's weights (the pretrained folder may be gone by then)."""
+    import mambazoo
+    from mambazoo.hub import save_pretrained
+
+    source = mambazoo.create_model("mambabyte-tiny", **json.loads(TINY))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.5)  # far from a fresh init, so a copy is unmistakable
+    save_pretrained(source, tmp_path / "pre")
+    args = ["--model.init_args.pretrained", str(tmp_path / "pre"), "--model.init_args.lr", "1e-12",
+            "--model.init_args.warmup_steps", "0"]
+    assert fit(tmp_path / "run", text_file, "--trainer.max_steps", "1", *args) == 0
+    assert f"weights from {tmp_path / 'pre'}" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, p in source.state_dict().items():  # lr 1e-12: one step leaves the copied weights as they were
+        torch.testing.assert_close(ckpt["state_dict"][f"model.{name}"], p, atol=1e-6, rtol=0)
+    (tmp_path / "pre" / "model.safetensors").unlink()
+    assert fit(tmp_path / "run", text_file, "--trainer.max_steps", "2", "--ckpt_path", "last", *args) == 0
+    assert "weights from" not in capsys.readouterr().out

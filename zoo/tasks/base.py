@@ -27,15 +27,21 @@ class ZooTask(pl.LightningModule):
     inductor mode name) adds CUDA graphs, which also remove the per-launch CPU cost; any other string names
     a torch.compile backend ('eager', 'aot_eager' to debug). The first steps are slower while it
     compiles; checkpoints keep the plain parameter names.
+    pretrained: a Hub repo id, zoo name or folder (``mambazoo.from_pretrained``) whose weights start a fresh
+    fit (fine-tuning); a classifier head or vocabulary of another size stays freshly initialized. A resumed
+    fit (``--ckpt_path``) takes its weights from the checkpoint instead.
     """
 
     def __init__(self, model: str, model_kwargs: dict | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, schedule_steps: int | None = None,
-                 compile: bool | str = False):
+                 compile: bool | str = False, pretrained: str | None = None):
         super().__init__()
         self.model_name = model
         self.model = create_model(model, **(model_kwargs or {}))
+        if pretrained is not None and (not isinstance(pretrained, str) or not pretrained):
+            raise ValueError(f"pretrained: expected a Hub repo id, zoo name or folder, got {pretrained!r}")
+        self._pretrained = pretrained
         self._train_logs: dict[str, tuple[torch.Tensor | float, bool]] = {}  # this step's (value, prog_bar)
         self._window_start: float | None = None  # throughput window: its start (perf_counter) and items since
         self._window_items = 0
@@ -131,6 +137,13 @@ class ZooTask(pl.LightningModule):
         return self._guard_buffers
 
     def on_fit_start(self) -> None:
+        if self._pretrained and not self.trainer.ckpt_path:
+            from mambazoo.hub import load_pretrained_into
+
+            fresh = load_pretrained_into(self.model, self._pretrained)["fresh"]
+            if self.trainer.global_rank == 0:
+                kept = f"; freshly initialized: {', '.join(fresh)}" if fresh else ""
+                print(f"weights from {self._pretrained}{kept}", flush=True)
         if self.trainer.world_size > 1:
             _throttle_distributed_checks(self.trainer, max(1, self.trainer.log_every_n_steps))
 

@@ -60,14 +60,14 @@ class ClassificationTask(ZooTask):
                  lr: float = 1e-3, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_steps: int = 100, min_lr_ratio: float = 0.01, schedule_steps: int | None = None,
                  label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 mix_prob: float = 1.0, compile: bool | str = False):
+                 mix_prob: float = 1.0, compile: bool | str = False, pretrained: str | None = None):
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes: expected an int >= 2 (a classifier tells classes apart), got {num_classes!r}")
         if not 0 <= label_smoothing < 1 or not 0 <= mix_prob <= 1 or mixup_alpha < 0 or cutmix_alpha < 0:
             raise ValueError(f"label_smoothing in [0, 1), mix_prob in [0, 1], mixup_alpha and cutmix_alpha >= 0: got "
                              f"{label_smoothing}, {mix_prob}, {mixup_alpha}, {cutmix_alpha}")
         super().__init__(model, {"num_classes": num_classes, **(model_kwargs or {})}, lr, weight_decay, betas,
-                         warmup_steps, min_lr_ratio, schedule_steps, compile=compile)
+                         warmup_steps, min_lr_ratio, schedule_steps, compile=compile, pretrained=pretrained)
         self.save_hyperparameters()
         k = min(5, num_classes)
         for stage in ("val", "test"):

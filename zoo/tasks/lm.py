@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambazoo.mambabyte.tokenizer import ByteTokenizer
 from mambazoo.tasks.base import ZooTask, _is_fsdp, lr_of
 from mambazoo.tasks.metrics import IGNORE_INDEX, SequenceMetrics
 
@@ -40,24 +41,12 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(f"batch: expected a (batch, L+1) tensor or an (inputs, targets) pair, got {type(batch).__name__}")
 
 
-class ByteCodec:
-    """UTF-8 bytes as token ids 0..255."""
-
-    @staticmethod
-    def encode(text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    @staticmethod
-    def decode(ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-
 def get_codec(tokenizer: str | None):
-    """'bytes' -> ByteCodec; None -> no text codec (prompts and outputs are token ids)."""
+    """'bytes' -> ByteTokenizer; None -> no text codec (prompts and outputs are token ids)."""
     if tokenizer is None:
         return None
     if tokenizer == "bytes":
-        return ByteCodec()
+        return ByteTokenizer()
     raise ValueError(f"tokenizer: expected 'bytes' or None, got {tokenizer!r}")
 
 
@@ -94,7 +83,7 @@ class CausalLMTask(ZooTask):
                  min_lr_ratio: float = 0.1, schedule_steps: int | None = None, aux_loss_weight: float = 1.0,
                  bytes_per_token: float | None = None, tokenizer: str | None = None,
                  sample_prompt: str | None = None, sample_tokens: int = 200, sample_temperature: float = 0.8,
-                 sample_top_k: int | None = None, compile: bool | str = False):
+                 sample_top_k: int | None = None, compile: bool | str = False, pretrained: str | None = None):
         if aux_loss_weight < 0 or (bytes_per_token is not None and not bytes_per_token > 0) or sample_tokens < 0:
             raise ValueError(f"aux_loss_weight >= 0, bytes_per_token > 0 or null, sample_tokens >= 0: got "
                              f"{aux_loss_weight}, {bytes_per_token}, {sample_tokens}")
@@ -102,7 +91,7 @@ class CausalLMTask(ZooTask):
             raise ValueError(f"sample_temperature >= 0 and sample_top_k >= 1 or null: got {sample_temperature}, "
                              f"{sample_top_k}")
         super().__init__(model, model_kwargs, lr, weight_decay, betas, warmup_steps, min_lr_ratio, schedule_steps,
-                         compile=compile)
+                         compile=compile, pretrained=pretrained)
         self.save_hyperparameters()
         self.codec = get_codec(tokenizer)
         self.eval_metrics = nn.ModuleDict()

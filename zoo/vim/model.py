@@ -65,6 +65,10 @@ class PatchEmbed(nn.Module):
 
     def check_image(self, x: torch.Tensor) -> None:
         """ValueError unless x is (batch, in_chans, H, W) with room for one patch."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"image: expected a float tensor (batch, channels, H, W), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"image: expected a float tensor (e.g. uint8 / 255, normalized), got {x.dtype}")
         if x.dim() != 4:
             raise ValueError(f"image: expected (batch, channels, H, W), got a {x.dim()}-d tensor {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
@@ -112,6 +116,8 @@ class VisionMamba(nn.Module):
             raise ValueError(f"global_pool: expected 'token', 'avg' or '', got {global_pool!r}")
         if depth < 1 or embed_dim < 1:
             raise ValueError(f"depth, embed_dim: expected positive ints, got {depth}, {embed_dim}")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes: expected an int >= 0 (0: no head, features), got {num_classes!r}")
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
