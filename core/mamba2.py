@@ -15,7 +15,7 @@ from torch import nn
 from mambazoo.core.cache import MambaState
 from mambazoo.core.decode import conv_step_ref
 from mambazoo.core.mamba import dt_bias_init
-from mambazoo.core.ssd import INF, ssd, ssd_step_ref
+from mambazoo.core.ssd import INF, ssd, ssd_step
 
 __all__ = ["GatedRMSNorm", "Mamba2", "causal_conv1d_packed"]
 
@@ -158,7 +158,7 @@ class Mamba2(nn.Module):
         xc = conv_step_ref(state.conv, xbc, self.conv1d.weight, self.conv1d.bias)
         xs, B, C = xc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         b = x.shape[0]
-        y = ssd_step_ref(state.ssm, xs.reshape(b, self.nheads, self.headdim), dt, -torch.exp(self.A_log.float()),
+        y = ssd_step(state.ssm, xs.reshape(b, self.nheads, self.headdim), dt, -torch.exp(self.A_log.float()),
                          B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state),
                          D=self._D(), dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
         return self.out_proj(self.norm(y.reshape(b, self.d_inner), z))

@@ -20,7 +20,8 @@ seq_idx (batch, L) integer; cu_seqlens (n_seq + 1,) integer offsets of packed se
 ``ssd_chunked`` computes the same function chunk by chunk: inside a chunk of Q tokens the quadratic
 ("attention-like") form y = (C B^T o decay) (dt x), across chunks the recurrence on the chunk-end states.
 Only decays exp(<= 0) are formed, so it is stable. It is what CPU training uses. ``ssd`` dispatches (see
-``ssd_backend``). ``ssd_step_ref`` advances a state by one token (decoding).
+``ssd_backend``: the one place that chooses between the Triton kernels and the references). ``ssd_step_ref``
+advances a state by one token (decoding); ``ssd_step`` dispatches it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "ssd_backend",
     "ssd_chunked",
     "ssd_ref",
+    "ssd_step",
     "ssd_step_ref",
     "check_ssd_step_inputs",
 ]
@@ -252,6 +254,17 @@ def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_
 
         return ssd_triton(x, dt, A, B, C, chunk_size=chunk_size, **kw)
     return ssd_chunked(x, dt, A, B, C, chunk_size=min(chunk_size, 64), **kw)
+
+
+def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, INF)):
+    """One token on the backend ``ssd_backend`` picks (the Triton kernel only without autograd: it has no
+    backward); arguments and return as ``ssd_step_ref``."""
+    if ssd_backend(x.device) == "triton" and not torch.is_grad_enabled() and state.is_contiguous():
+        from mambazoo.kernels.ssd import ssd_step_triton
+
+        return ssd_step_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                               dt_limit=dt_limit)
+    return ssd_step_ref(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
 
 
 def check_ssd_step_inputs(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):
