@@ -5,10 +5,9 @@
     ssd_step_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0, inf))
 
 Both call ops registered with torch.library (``torch.ops.mambazoo.ssd_fwd`` / ``ssd_bwd`` / ``ssd_step``) with
-fake implementations, so torch.compile traces them without graph breaks. The forward and the step are Triton
-(kernels/ssd/chunked.py). The backward (``ssd_bwd``) is, as of 2026-12-05, the chunked PyTorch reference
-differentiated by autograd from the saved inputs (recomputation; nothing but the inputs is kept for it); a
-Triton backward is still to be written.
+fake implementations, so torch.compile traces them without graph breaks. The forward and the step are in
+kernels/ssd/chunked.py; the backward (kernels/ssd/backward.py) recomputes the chunk states from the inputs,
+which are all the forward saves.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from torch import Tensor
 
 import mambazoo.kernels  # noqa: F401  (applies the interpreter shims before any launch)
 from mambazoo.kernels._host import next_power_of_2
+from mambazoo.kernels.ssd.backward import ssd_backward
 from mambazoo.kernels.ssd.chunked import ssd_forward, ssd_step_launch
 
 __all__ = ["ssd_triton", "ssd_step_triton", "kernel_chunk_size"]
@@ -53,30 +53,11 @@ def ssd_bwd(dy: Optional[Tensor], dfinal: Optional[Tensor], x: Tensor, dt: Tenso
             D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
             seq_idx: Optional[Tensor], chunk_size: int, dt_softplus: bool, dt_min: float,
             dt_max: float) -> list[Tensor]:
-    """[dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states] (an empty tensor for each absent input), by
-    recomputing the chunked reference under autograd."""
-    from mambazoo.core.ssd import ssd_chunked
-
-    named = [x, dt, A, B, C, D, z, dt_bias, initial_states]
-    idx = [i for i, t in enumerate(named) if t is not None]
-
-    def forward(*present):  # the chunked reference as a function of the present inputs
-        full = list(named)
-        for i, t in zip(idx, present):
-            full[i] = t
-        return ssd_chunked(*full[:5], chunk_size=chunk_size, D=full[5], z=full[6], dt_bias=full[7],
-                           dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max), initial_states=full[8],
-                           seq_idx=seq_idx, return_final_states=True)
-
-    # torch.func.vjp: autograd is switched off inside a custom op's implementation; functorch's transform
-    # records its own graph regardless
-    (y, final), vjp = torch.func.vjp(forward, *[named[i] for i in idx])
-    grads = vjp((dy if dy is not None else torch.zeros_like(y),
-                 dfinal if dfinal is not None else torch.zeros_like(final)))
-    result = [x.new_empty(0) for _ in named]
-    for i, gr in zip(idx, grads):
-        result[i] = gr.to(named[i].dtype)
-    return result
+    """[dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states] (an empty tensor for each absent input);
+    see mambazoo.kernels.ssd.backward."""
+    grads = ssd_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size,
+                         dt_softplus, dt_min, dt_max)
+    return [gr if gr is not None else x.new_empty(0) for gr in grads]
 
 
 @ssd_bwd.register_fake

@@ -63,22 +63,50 @@ def test_forward_half_inputs(dtype):
     assert rel(y, y_ref) < 2e-2 and rel(s, s_ref) < 2e-2
 
 
-def test_gradients_through_the_op_equal_the_oracle():
-    inp = inputs(L=9)
+@pytest.mark.parametrize("case", ["one-chunk", "chunks", "packed", "limits"])
+def test_backward_kernels_equal_the_oracle(case):
+    L = 9 if case == "one-chunk" else 37
+    inp = inputs(L=L, d_hp=case == "limits")
+    kw = dict(dt_softplus=True, return_final_states=True)
+    if case == "packed":
+        seq = torch.zeros(2, L, dtype=torch.int32)
+        seq[:, 3:] = 1
+        seq[:, 16:] = 2  # a boundary on a chunk edge
+        seq[:, 20:] = 3
+        kw["seq_idx"] = seq
+    if case == "limits":
+        kw["dt_limit"] = (0.003, 0.05)
+        inp["z"] = None
+        inp["initial_states"] = None
     for v in inp.values():
-        v.requires_grad_(True)
-    y, s = ssd_triton(**inp, chunk_size=16, dt_softplus=True, return_final_states=True)
-    y_ref, s_ref = ssd_ref(**inp, dt_softplus=True, return_final_states=True)
+        if v is not None:
+            v.requires_grad_(True)
+    y, s = ssd_triton(**inp, chunk_size=16, **kw)
+    y_ref, s_ref = ssd_ref(**inp, **kw)
     wy, ws = torch.randn_like(y), torch.randn_like(s)
-    names = list(inp)
+    names = [k for k, v in inp.items() if v is not None]
     g = torch.autograd.grad((y * wy).sum() + (s * ws).sum(), [inp[k] for k in names])
     g_ref = torch.autograd.grad((y_ref * wy).sum() + (s_ref * ws).sum(), [inp[k] for k in names])
     for k, a, b in zip(names, g, g_ref):
         assert rel(a, b) < 1e-4, k
-    # only y used: the final state's gradient is absent, not an error
-    gx = torch.autograd.grad(ssd_triton(**inp, chunk_size=16, dt_softplus=True).sum(), inp["x"])[0]
-    gx_ref = torch.autograd.grad(ssd_ref(**inp, dt_softplus=True).sum(), inp["x"])[0]
-    assert rel(gx, gx_ref) < 1e-4
+    if case == "chunks":  # only y used: the final state's gradient is absent, not an error
+        gx = torch.autograd.grad(ssd_triton(**inp, chunk_size=16, dt_softplus=True).sum(), inp["x"])[0]
+        gx_ref = torch.autograd.grad(ssd_ref(**inp, dt_softplus=True).sum(), inp["x"])[0]
+        assert rel(gx, gx_ref) < 1e-4
+
+
+def test_backward_half_inputs():
+    inp = inputs(L=20, dtype=torch.bfloat16)
+    for v in inp.values():
+        v.requires_grad_(True)
+    y = ssd_triton(**inp, chunk_size=16, dt_softplus=True)
+    ref = {k: v.detach().float().requires_grad_(True) for k, v in inp.items()}
+    y_ref = ssd_ref(**ref, dt_softplus=True)
+    w = torch.randn(y.shape)
+    g = torch.autograd.grad((y.float() * w).sum(), list(inp.values()))
+    g_ref = torch.autograd.grad((y_ref * w).sum(), list(ref.values()))
+    for k, a, b in zip(inp, g, g_ref):
+        assert a.dtype == inp[k].dtype and rel(a, b) < 3e-2, k
 
 
 @pytest.mark.parametrize("d_hp", [False, True])
