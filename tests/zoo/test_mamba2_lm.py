@@ -153,19 +153,42 @@ def test_convert_rejects_other_models(tmp_path):
         load_mamba2(tmp_path)
 
 
+FAST = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.max_time", "null", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
+
+
+def _fit(run_dir, config, *extra):
+    from mambazoo.cli import main
+
+    return main(["fit", "--config", config, "--run_dir", str(run_dir), *FAST, *extra])
+
+
 def test_tiny_config_fits_through_the_cli(tmp_path):
     import os
     from pathlib import Path
 
-    from mambazoo.cli import main
-
     text = tmp_path / "corpus.py"
     text.write_bytes(Path(os.__file__).read_bytes()[:20000])
-    args = ["fit", "--config", "mamba2-tiny", "--run_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu",
-            "--trainer.devices", "1", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
-            "false", "--trainer.max_time", "null", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-            "--data.init_args.path", str(text), "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2",
-            "--data.init_args.val_max_windows", "2", "--model.init_args.sample_tokens", "4"]
-    assert main(args) == 0
+    assert _fit(tmp_path / "run", "mamba2-tiny", "--data.init_args.path", str(text), "--data.init_args.seq_len",
+                "16", "--data.init_args.batch_size", "2", "--data.init_args.val_max_windows", "2",
+                "--model.init_args.sample_tokens", "4") == 0
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["hyper_parameters"]["model"] == "mamba2-tiny" and ckpt["global_step"] == 2
+
+
+@pytest.mark.parametrize("config,seq_len", [("selective-copy-mamba2", 24), ("induction-heads-mamba2", 24),
+                                            ("mqar-mamba2-hybrid", 48)])
+def test_synthetic_mamba2_configs_fit(tmp_path, config, seq_len):
+    vocab = 512 if config.startswith("mqar") else 16
+    kw = {"vocab_size": vocab, "n_layer": 2, "d_model": 16, "d_state": 4, "headdim": 8}
+    if config.startswith("mqar"):
+        kw.update(layout="MA", n_heads=2, n_kv_heads=2)
+    extra = ["--data.init_args.seq_len", str(seq_len), "--data.init_args.batch_size", "2",
+             "--data.init_args.eval_samples", "2", "--model.init_args.model_kwargs", json.dumps(kw)]
+    if config.startswith("induction"):
+        extra += ["--data.init_args.test_lengths", "[24, 96]", "--test_after_fit", "true"]
+    assert _fit(tmp_path, config, *extra) == 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    hp = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
+    assert hp["model"] == "mamba2-tiny"
