@@ -188,43 +188,48 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, z=None, dt_bias=No
                                         dt_limit)
     if cu_seqlens is not None:
         seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, L)
-    Q = chunk_size
+    Q, r = chunk_size, h // g  # r heads per group share B and C: C_i . B_j is formed once per group
     pad = (-L) % Q
     nc = (L + pad) // Q
     dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit)
-    xf, Bh, Ch = x.float(), _per_head(B, h), _per_head(C, h)
+    xf, Bf, Cf = x.float(), B.float(), C.float()
     if pad:
         dtp = F.pad(dtp, (0, 0, 0, pad))
-        xf, Bh, Ch = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bh, Ch))
-    xc = xf.view(b, nc, Q, h, p)
-    Bc, Cc = Bh.view(b, nc, Q, h, n), Ch.view(b, nc, Q, h, n)
-    dtc = dtp.view(b, nc, Q, h)
-    if seq_idx is None:
-        sc = torch.zeros(b, nc, Q, dtype=torch.long, device=x.device)
-    else:
+        xf, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bf, Cf))
+    xc = xf.view(b, nc, Q, g, r, p)
+    Bc, Cc = Bf.view(b, nc, Q, g, n), Cf.view(b, nc, Q, g, n)
+    dtc = dtp.view(b, nc, Q, g, r)
+    a_cum = torch.cumsum(dtc * A.float().view(g, r), dim=2)  # (b, nc, Q, g, r)
+    same = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()  # causal pairs (i >= j) ...
+    if seq_idx is not None:  # ... of one sequence
         s = seq_idx.long()
         if pad:
             s = torch.cat([s, s[:, -1:].expand(b, pad)], dim=1)
         sc = s.view(b, nc, Q)
-    a_cum = torch.cumsum(dtc * A.float(), dim=2)  # (b, nc, Q, h)
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    same = (sc[..., :, None] == sc[..., None, :]) & causal  # (b, nc, Q_i, Q_j)
-    seg = a_cum[:, :, :, None, :] - a_cum[:, :, None, :, :]  # (b, nc, Q_i, Q_j, h)
-    decay = torch.exp(torch.where(same[..., None], seg, -INF))
-    scores = torch.einsum("bcihn,bcjhn->bcijh", Cc, Bc) * decay
-    y = torch.einsum("bcijh,bcjhp->bcihp", scores, dtc[..., None] * xc)
+        same = (sc[..., :, None] == sc[..., None, :]) & same  # (b, nc, Q_i, Q_j)
+    else:
+        same = same.expand(b, nc, Q, Q)
+    seg = a_cum[:, :, :, None] - a_cum[:, :, None, :]  # (b, nc, Q_i, Q_j, g, r)
+    decay = torch.exp(torch.where(same[..., None, None], seg, -INF))
+    scores = torch.einsum("bcign,bcjgn->bcijg", Cc, Bc)[..., None] * decay
+    y = torch.einsum("bcijgr,bcjgrp->bcigrp", scores, dtc[..., None] * xc)
     # each chunk's own contribution to its end state
-    to_end = torch.where(same[:, :, -1, :, None], a_cum[:, :, -1:, :] - a_cum, -INF)  # (b, nc, Q, h)
-    chunk_states = torch.einsum("bcjh,bcjhp,bcjhn->bchpn", torch.exp(to_end) * dtc, xc, Bc)
+    to_end = torch.where(same[:, :, -1, :, None, None], a_cum[:, :, -1:] - a_cum, -INF)  # (b, nc, Q, g, r)
+    chunk_states = torch.einsum("bcjgrp,bcjgn->bcgrpn", (torch.exp(to_end) * dtc)[..., None] * xc, Bc)
     # the carry: token i of chunk c sees the previous chunk's end state if it continues that sequence
-    prev = torch.cat([sc[:, :1, 0], sc[:, :-1, -1]], dim=1)  # (b, nc): the sequence of the carried state
-    carry = torch.exp(a_cum) * (sc == prev[..., None]).float()[..., None]  # (b, nc, Q, h)
+    carry = torch.exp(a_cum)  # (b, nc, Q, g, r)
+    if seq_idx is not None:
+        prev = torch.cat([sc[:, :1, 0], sc[:, :-1, -1]], dim=1)  # (b, nc): the sequence of the carried state
+        carry = carry * (sc == prev[..., None]).float()[..., None, None]
     S = x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_states is None else initial_states.float()
+    S = S.view(b, g, r, p, n)
     before = []
-    for c in range(nc):
+    # unbind once: indexing inside the loop would make autograd write a full-size zero gradient per chunk
+    for dec, own in zip(carry[:, :, -1, :, :, None, None].unbind(1), chunk_states.unbind(1)):
         before.append(S)
-        S = carry[:, c, -1, :, None, None] * S + chunk_states[:, c]
-    y = y + torch.einsum("bcihn,bchpn,bcih->bcihp", Cc, torch.stack(before, dim=1), carry)
+        S = dec * S + own
+    y = y + torch.einsum("bcign,bcgrpn->bcigrp", Cc, torch.stack(before, dim=1)) * carry[..., None]
+    S = S.reshape(b, h, p, n)
     y = _finish(y.reshape(b, nc * Q, h, p)[:, :L], x, D, z, x.dtype)
     return (y, S) if return_final_states else y
 
