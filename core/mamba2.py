@@ -66,6 +66,10 @@ class Mamba2(nn.Module):
     d_inner = expand * d_model = nheads * headdim; B and C have ngroups groups of d_state; the conv runs over
     conv_dim = d_inner + 2 * ngroups * d_state channels. Published init: A = -U[A_init_range] per head (stored as
     A_log), dt = logU[dt_min, dt_max] stored as the softplus-inverse bias dt_bias, D = 1.
+
+    bidirectional=True (for Vision Mamba / AuM, like Vim's "v2" Mamba-1 mixer): in_proj, the gated norm and
+    out_proj are shared; a second conv1d_b, dt_bias_b, A_b_log, D_b run the SSD over the reversed sequence; the two
+    SSD outputs are averaged before the gated norm. Not causal: no state, no step.
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
@@ -73,7 +77,7 @@ class Mamba2(nn.Module):
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
                  dt_limit: tuple[float, float] = (0.0, INF), conv_bias: bool = True, bias: bool = False,
                  chunk_size: int = 256, norm_eps: float = 1e-5, norm_before_gate: bool = False,
-                 layer_idx: int | None = None):
+                 bidirectional: bool = False, layer_idx: int | None = None):
         super().__init__()
         for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
                         ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
@@ -98,12 +102,39 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner if D_has_hdim else nheads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
+        self.bidirectional = bidirectional
+        if bidirectional:  # the reversed direction's own conv and SSD parameters, initialized alike
+            self.conv1d_b = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=conv_bias)
+            self.dt_bias_b = nn.Parameter(dt_bias_init(nheads, dt_min, dt_max, dt_init_floor))
+            self.A_b_log = nn.Parameter(torch.empty(nheads).uniform_(*A_init_range).log())
+            self.D_b = nn.Parameter(torch.ones(d_inner if D_has_hdim else nheads))
+            for p in (self.dt_bias_b, self.A_b_log, self.D_b):
+                p._no_weight_decay = True
         self.norm = GatedRMSNorm(d_inner, d_inner // ngroups, eps=norm_eps, norm_before_gate=norm_before_gate)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
 
-    def _D(self) -> torch.Tensor:
-        """D as the SSD takes it: (nheads,) or (nheads, headdim)."""
-        return self.D if self.D.shape[0] == self.nheads else self.D.view(self.nheads, self.headdim)
+    def _D(self, D: torch.Tensor | None = None) -> torch.Tensor:
+        """D (or the given D_b) as the SSD takes it: (nheads,) or (nheads, headdim)."""
+        D = self.D if D is None else D
+        return D if D.shape[0] == self.nheads else D.view(self.nheads, self.headdim)
+
+    def _conv_ssd(self, xbc, dt, conv1d, dt_bias, A_log, D, seq_idx=None, state=None):
+        """One direction: xbc (b, conv_dim, L), dt (b, L, h) -> SSD output (b, L, h, p) [, final state]."""
+        w = conv1d.weight
+        if state is not None:
+            xc = F.conv1d(torch.cat([state.conv[..., 1:].to(xbc.dtype), xbc], -1), w, conv1d.bias,
+                          groups=self.conv_dim)
+        elif seq_idx is not None:
+            xc = causal_conv1d_packed(xbc, w, conv1d.bias, seq_idx)
+        else:
+            xc = F.conv1d(F.pad(xbc, (self.d_conv - 1, 0)), w, conv1d.bias, groups=self.conv_dim)
+        xs, B, C = F.silu(xc).transpose(1, 2).split([self.d_inner, self.ngroups * self.d_state,
+                                                     self.ngroups * self.d_state], dim=-1)
+        return ssd(xs.unflatten(-1, (self.nheads, self.headdim)), dt, -torch.exp(A_log.float()),
+                   B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
+                   chunk_size=self.chunk_size, D=self._D(D), dt_bias=dt_bias, dt_softplus=True,
+                   dt_limit=self.dt_limit, initial_states=None if state is None else state.ssm, seq_idx=seq_idx,
+                   return_final_states=state is not None)
 
     def forward(self, x: torch.Tensor, state: MambaState | None = None, seq_idx: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -114,29 +145,20 @@ class Mamba2(nn.Module):
             raise ValueError(f"x: expected (batch, L, d_model={self.d_model}), got {tuple(x.shape)}")
         if state is not None and seq_idx is not None:
             raise ValueError("seq_idx: expected None when continuing from a state (one sequence per row)")
+        if state is not None and self.bidirectional:
+            raise ValueError("a bidirectional mixer is not causal: it has no recurrent state")
         b, L, _ = x.shape
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xbc = xbc.transpose(1, 2)  # (b, conv_dim, L)
-        w = self.conv1d.weight
-        if state is not None:
-            xc = F.conv1d(torch.cat([state.conv[..., 1:].to(xbc.dtype), xbc], -1), w, self.conv1d.bias,
-                          groups=self.conv_dim)
-            new_conv = torch.cat([state.conv.to(xbc.dtype), xbc], dim=-1)[..., -self.d_conv:]
-        elif seq_idx is not None:
-            xc = causal_conv1d_packed(xbc, w, self.conv1d.bias, seq_idx)
-        else:
-            xc = F.conv1d(F.pad(xbc, (self.d_conv - 1, 0)), w, self.conv1d.bias, groups=self.conv_dim)
-        xs, B, C = F.silu(xc).transpose(1, 2).split([self.d_inner, self.ngroups * self.d_state,
-                                                     self.ngroups * self.d_state], dim=-1)
-        out = ssd(xs.unflatten(-1, (self.nheads, self.headdim)), dt, -torch.exp(self.A_log.float()),
-                  B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
-                  chunk_size=self.chunk_size, D=self._D(), dt_bias=self.dt_bias, dt_softplus=True,
-                  dt_limit=self.dt_limit, initial_states=None if state is None else state.ssm, seq_idx=seq_idx,
-                  return_final_states=state is not None)
+        out = self._conv_ssd(xbc, dt, self.conv1d, self.dt_bias, self.A_log, None, seq_idx, state)
         if state is not None:
             out, last = out
-            state.conv.copy_(new_conv)
+            state.conv.copy_(torch.cat([state.conv.to(xbc.dtype), xbc], dim=-1)[..., -self.d_conv:])
             state.ssm.copy_(last)
+        if self.bidirectional:  # the reversed sequence through the second direction, flipped back, averaged
+            rev = self._conv_ssd(xbc.flip(-1), dt.flip(1), self.conv1d_b, self.dt_bias_b, self.A_b_log, self.D_b,
+                                 None if seq_idx is None else seq_idx.flip(1))
+            out = (out + rev.flip(1)) * 0.5
         y = self.norm(out.reshape(b, L, self.d_inner), z)
         return self.out_proj(y)
 
@@ -144,6 +166,8 @@ class Mamba2(nn.Module):
     def allocate_state(self, batch: int, device=None, dtype=None) -> MambaState:
         """Zero state for ``step``: conv (batch, conv_dim, d_conv) in ``dtype``, ssm (batch, nheads, headdim,
         d_state) fp32. Its size does not depend on the sequence length."""
+        if self.bidirectional:
+            raise ValueError("a bidirectional mixer is not causal: it cannot decode step by step")
         w = self.in_proj.weight
         device, dtype = device or w.device, dtype or w.dtype
         return MambaState(torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype),
@@ -152,6 +176,8 @@ class Mamba2(nn.Module):
 
     def step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token: x (batch, d_model) -> (batch, d_model); advances ``state`` in place (constant memory)."""
+        if self.bidirectional:
+            raise ValueError("a bidirectional mixer is not causal: it cannot decode step by step")
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected (batch, d_model={self.d_model}), got {tuple(x.shape)}")
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)

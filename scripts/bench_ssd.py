@@ -3,8 +3,7 @@
 CPU (the default without CUDA): core's chunked reference (mambazoo.core.ssd.ssd_chunked) against transformers'
 Mamba2 torch path (transformers.models.mamba2.modeling_mamba2.mamba2_chunk_scan), fp32, same inputs and chunk
 size, forward and forward+backward, median wall time of --reps runs after a warm-up (the two run alternately),
-with the two outputs'
-relative difference (they compute the same function):
+with the two outputs' relative difference (they compute the same function):
 
     python scripts/bench_ssd.py [--reps 7] [--threads 1]
 

@@ -132,3 +132,48 @@ def test_bf16_autocast_close_to_fp32():
         y16 = m(x)
     assert math.isfinite(y16.float().sum().item())
     assert ((y16.float() - y32).norm() / y32.norm()).item() < 3e-2
+
+
+def test_bidirectional_mirror_symmetry_and_non_causality():
+    m = mixer(bidirectional=True)
+    with torch.no_grad():
+        for p in (m.D, m.D_b, m.conv1d.bias, m.conv1d_b.bias):
+            p.normal_()
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    y = m(x)
+    # swapping the two directions' parameters and reversing the input reverses the output
+    mirror = mixer(bidirectional=True)
+    mirror.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        for a, b in (("conv1d", "conv1d_b"),):
+            getattr(mirror, a).load_state_dict(getattr(m, b).state_dict())
+            getattr(mirror, b).load_state_dict(getattr(m, a).state_dict())
+        for a, b in (("dt_bias", "dt_bias_b"), ("A_log", "A_b_log"), ("D", "D_b")):
+            getattr(mirror, a).copy_(getattr(m, b))
+            getattr(mirror, b).copy_(getattr(m, a))
+        torch.testing.assert_close(mirror(x.flip(1)).flip(1), y, rtol=1e-4, atol=1e-5)
+    # the first token sees the last one; the unidirectional mixer's does not
+    (g,) = torch.autograd.grad(y[:, 0].sum(), x)
+    assert g[:, -1].abs().max() > 0
+    with pytest.raises(ValueError, match="bidirectional mixer is not causal"):
+        m.allocate_state(1)
+    with pytest.raises(ValueError, match="bidirectional mixer is not causal"):
+        m.step(torch.randn(1, 16), None)
+
+
+def test_bidirectional_matches_hand_written_average():
+    m = mixer(bidirectional=True)
+    x = torch.randn(1, 7, 16)
+
+    def direction(xbc, dt, conv, bias, a_log, D):
+        xc = F.silu(F.conv1d(F.pad(xbc.transpose(1, 2), (3, 0)), conv.weight, conv.bias, groups=64)).transpose(1, 2)
+        xs, B, C = xc.split([32, 16, 16], -1)
+        return ssd_ref(xs.reshape(1, 7, 8, 4), dt, -a_log.exp(), B.reshape(1, 7, 2, 8), C.reshape(1, 7, 2, 8),
+                       D=D, dt_bias=bias, dt_softplus=True).reshape(1, 7, 32)
+
+    with torch.no_grad():
+        z, xbc, dt = m.in_proj(x).split([32, 64, 8], -1)
+        f = direction(xbc, dt, m.conv1d, m.dt_bias, m.A_log, m.D)
+        b = direction(xbc.flip(1), dt.flip(1), m.conv1d_b, m.dt_bias_b, m.A_b_log, m.D_b).flip(1)
+        want = m.out_proj(m.norm((f + b) / 2, z))
+        torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
