@@ -248,7 +248,11 @@ def ssd_backend(device: torch.device) -> str:
 
 def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_softplus=False,
         dt_limit=(0.0, INF), initial_states=None, seq_idx=None, cu_seqlens=None, return_final_states=False):
-    """The SSD layer on the backend ``ssd_backend`` picks; arguments and returns as ``ssd_chunked``."""
+    """The SSD layer on the backend ``ssd_backend`` picks; arguments and returns as ``ssd_chunked``.
+
+    chunk_size is the model's (the published 256). The result does not depend on it, only the cost does: the
+    chunked reference runs chunks of at most 64 tokens (its decay matrices take O(L * chunk) memory), the kernels
+    theirs (mambazoo.kernels.ssd.kernel_chunk_size)."""
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
               seq_idx=seq_idx, cu_seqlens=cu_seqlens, return_final_states=return_final_states)
     backend = ssd_backend(x.device)
