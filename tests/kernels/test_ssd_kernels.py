@@ -174,3 +174,19 @@ def test_compile_fullgraph_traces_the_mixer(monkeypatch):
     yc = compiled(x)
     (gxc,) = torch.autograd.grad(yc.square().sum(), x)
     assert rel(yc, y) < 1e-6 and rel(gxc, gx) < 1e-6
+
+
+def test_wide_heads_split_the_state_passes():
+    """headdim 80 > 64: the state passes run two row blocks per head (and the backward sums the decay's gradient
+    over them)."""
+    inp = inputs(b=1, L=20, h=2, p=80, g=1, n=4)
+    for v in inp.values():
+        v.requires_grad_(True)
+    y, s = ssd_triton(**inp, chunk_size=16, dt_softplus=True, return_final_states=True)
+    y_ref, s_ref = ssd_ref(**inp, dt_softplus=True, return_final_states=True)
+    assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
+    wy, ws = torch.randn_like(y), torch.randn_like(s)
+    g = torch.autograd.grad((y * wy).sum() + (s * ws).sum(), list(inp.values()))
+    g_ref = torch.autograd.grad((y_ref * wy).sum() + (s_ref * ws).sum(), list(inp.values()))
+    for k, a, b in zip(inp, g, g_ref):
+        assert rel(a, b) < 1e-4, k
