@@ -192,3 +192,15 @@ def test_synthetic_mamba2_configs_fit(tmp_path, config, seq_len):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     hp = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
     assert hp["model"] == "mamba2-tiny"
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from mambazoo.convert import load_checkpoint, save_checkpoint
+
+    m = create_model("mamba2-tiny", layout="M2A", n_heads=4).eval()
+    save_checkpoint(m, tmp_path / "m.safetensors")
+    back = load_checkpoint(tmp_path / "m.safetensors").eval()
+    assert back.config == m.config and back.config.mixer == "mamba2"
+    ids = torch.randint(0, 512, (1, 11))
+    with torch.no_grad():
+        assert torch.equal(back(ids), m(ids))
