@@ -30,6 +30,7 @@ from mambazoo.kernels.ssd.chunked import (
     _dt_and_decay,
     _limit,
     _state_pass_kernel,
+    dot_precision,
 )
 
 
@@ -38,7 +39,7 @@ def _dstate_kernel(dy_ptr, dt_ptr, bias_ptr, A_ptr, C_ptr, seq_ptr, out_ptr,
                    L, H, P, N, heads_per_group, n_chunks, dt_min, dt_max,
                    stride_db, stride_dl, stride_dh, stride_cb, stride_cl, stride_cg, stride_cn, stride_sb, stride_sl,
                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                   Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                   Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """out[c] = sum_i ce_i dy_i C_i^T (P, N); dy is contiguous (b, L, h, p) fp32."""
     pid_bh, c = tl.program_id(0), tl.program_id(1)
     b, hh = pid_bh // H, pid_bh % H
@@ -57,7 +58,7 @@ def _dstate_kernel(dy_ptr, dt_ptr, bias_ptr, A_ptr, C_ptr, seq_ptr, out_ptr,
                  mask=mask_q[:, None] & (offs_p[None, :] < P), other=0.0)
     Cv = tl.load(C_ptr + b * stride_cb + offs_q[:, None] * stride_cl + g * stride_cg + offs_n[None, :] * stride_cn,
                  mask=mask_q[:, None] & (offs_n[None, :] < N), other=0.0).to(tl.float32)
-    st = tl.dot(tl.trans(dy * ce[:, None]), Cv, input_precision="ieee")
+    st = tl.dot(tl.trans(dy * ce[:, None]), Cv, input_precision=PREC)
     tl.store(out_ptr + (pid_bh * n_chunks + c) * P * N + offs_p[:, None] * N + offs_n[None, :], st,
              mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
 
@@ -95,7 +96,7 @@ def _chunk_bwd_kernel(
     stride_xb, stride_xl, stride_xh, stride_xp, stride_db, stride_dl, stride_dh,
     stride_bb, stride_bl, stride_bg, stride_bn, stride_cb, stride_cl, stride_cg, stride_cn, stride_sb, stride_sl,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (batch * heads, chunks). Writes dx (b, L, h, p) fp32, dB / dC per head (b, L, h, N) fp32, d(dt) with
     respect to the processed dt (b, L, h) fp32 and sum_k dt_k d(dt_k A) per chunk (b * h, chunks)."""
@@ -137,21 +138,21 @@ def _chunk_bwd_kernel(
     S = tl.load(states_ptr + (pid_bh * n_chunks + c) * P * N + pn, mask=mpn, other=0.0)
     Gn = tl.load(gnext_ptr + (pid_bh * n_chunks + c) * P * N + pn, mask=mpn, other=0.0)
 
-    CBL = tl.dot(Cv, tl.trans(Bv), input_precision="ieee") * Lm  # (Q_i, Q_j)
-    dyx = tl.dot(dy, tl.trans(x), input_precision="ieee")  # (Q_i, Q_j): dy_i . x_j
+    CBL = tl.dot(Cv, tl.trans(Bv), input_precision=PREC) * Lm  # (Q_i, Q_j)
+    dyx = tl.dot(dy, tl.trans(x), input_precision=PREC)  # (Q_i, Q_j): dy_i . x_j
     # dx_j = dt_j sum_i CBL_ij dy_i + w_j G B_j
-    GB = tl.dot(Bv, tl.trans(Gn), input_precision="ieee")  # (Q, P): row j = G B_j
-    dx = dt[:, None] * tl.dot(tl.trans(CBL), dy, input_precision="ieee") + w[:, None] * GB
+    GB = tl.dot(Bv, tl.trans(Gn), input_precision=PREC)  # (Q, P): row j = G B_j
+    dx = dt[:, None] * tl.dot(tl.trans(CBL), dy, input_precision=PREC) + w[:, None] * GB
     # dC_i = sum_j Lij dt_j (dy_i . x_j) B_j + ce_i S^T dy_i ; dB_j = sum_i Lij dt_j (dy_i . x_j) C_i + w_j G^T x_j
     K = Lm * dt[None, :] * dyx
-    dC = tl.dot(K, Bv, input_precision="ieee") + ce[:, None] * tl.dot(dy, S, input_precision="ieee")
-    dB = tl.dot(tl.trans(K), Cv, input_precision="ieee") + w[:, None] * tl.dot(x, Gn, input_precision="ieee")
+    dC = tl.dot(K, Bv, input_precision=PREC) + ce[:, None] * tl.dot(dy, S, input_precision=PREC)
+    dB = tl.dot(tl.trans(K), Cv, input_precision=PREC) + w[:, None] * tl.dot(x, Gn, input_precision=PREC)
     # the processed dt, directly: sum_i CBL_ij (dy_i . x_j) + (w_j / dt_j) x_j . G B_j
     xGB = tl.sum(x * GB, axis=1)
     ddt = tl.sum(CBL * dyx, axis=0) + wd * xGB
     # the cumulative log decay a: pairs (+ for i, - for j), the carry, the chunk's own end state, a_end
     Pm = CBL * dyx * dt[None, :]
-    SC = tl.dot(Cv, tl.trans(S), input_precision="ieee")  # (Q, P): row i = S C_i
+    SC = tl.dot(Cv, tl.trans(S), input_precision=PREC)  # (Q, P): row i = S C_i
     T = ce * tl.sum(dy * SC, axis=1)
     R = w * xGB
     dacum = tl.sum(Pm, axis=1) - tl.sum(Pm, axis=0) + T - R
@@ -189,7 +190,8 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, se
     sstr = (seq.stride(0), seq.stride(1)) if seq_idx is not None else (0, 0)
     warps = 4 if x.is_cuda else 1
     common = dict(HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
-                  HAS_SEQ=seq_idx is not None, Q=Q, BLOCK_P=BP, BLOCK_N=BN, num_warps=warps)
+                  HAS_SEQ=seq_idx is not None, Q=Q, BLOCK_P=BP, BLOCK_N=BN, PREC=dot_precision(x),
+                  num_warps=warps)
     # 1. the states entering each chunk, as in the forward
     states = torch.empty(b * h, nc, p, n, device=dev, dtype=f32)
     decay = torch.empty(b * h, nc, device=dev, dtype=f32)

@@ -4,7 +4,8 @@ Layouts as mambazoo.core.ssd (its ``ssd_ref`` is the oracle): x, z, y (batch, L,
 (batch, L, heads); A, dt_bias (heads,); B, C (batch, L, groups, N); D (heads,) or (heads, headdim); states
 (batch, heads, headdim, N) fp32; seq_idx (batch, L) int.
 
-The forward is three launches, all arithmetic in fp32:
+The forward is three launches, all arithmetic in fp32 (GEMMs on TF32 tensor cores for half-precision inputs,
+``dot_precision``):
 1. ``_chunk_state_kernel``, grid (batch * heads, chunks): dt (+ bias, softplus, limits) and its in-chunk
    cumulative log decay, then the chunk's own end state sum_j exp(a_end - a_j) dt_j x_j B_j^T (a GEMM over the
    chunk's tokens) and the chunk's decay exp(a_end) (zero when a sequence starts inside the chunk).
@@ -25,6 +26,13 @@ import triton.language as tl
 from mambazoo.kernels._host import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """The in-kernel GEMMs' precision: exact fp32 ('ieee') for fp32 inputs; TF32 tensor cores for half-precision
+    inputs, whose 10-bit mantissa holds bf16 / fp16 values (7 / 10 bits) exactly, products summed in fp32. The
+    interpreter computes both in fp32."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -50,7 +58,7 @@ def _chunk_state_kernel(
     stride_xb, stride_xl, stride_xh, stride_xp, stride_db, stride_dl, stride_dh,
     stride_bb, stride_bl, stride_bg, stride_bn, stride_sb, stride_sl,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_bh, c = tl.program_id(0), tl.program_id(1)
     b, hh = pid_bh // H, pid_bh % H
@@ -74,7 +82,7 @@ def _chunk_state_kernel(
                 mask=mask_q[:, None] & (offs_p[None, :] < P), other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * stride_bb + offs_q[:, None] * stride_bl + g * stride_bg + offs_n[None, :] * stride_bn,
                  mask=mask_q[:, None] & (offs_n[None, :] < N), other=0.0).to(tl.float32)
-    st = tl.dot(tl.trans(x * w[:, None]), Bv, input_precision="ieee")  # (BLOCK_P, BLOCK_N)
+    st = tl.dot(tl.trans(x * w[:, None]), Bv, input_precision=PREC)  # (BLOCK_P, BLOCK_N)
     base = (pid_bh * n_chunks + c) * P * N
     tl.store(states_ptr + base + offs_p[:, None] * N + offs_n[None, :], st,
              mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
@@ -111,7 +119,7 @@ def _chunk_out_kernel(
     stride_zb, stride_zl, stride_zh, stride_zp, stride_sb, stride_sl,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_bh, c = tl.program_id(0), tl.program_id(1)
     b, hh = pid_bh // H, pid_bh % H
@@ -137,11 +145,11 @@ def _chunk_out_kernel(
         s_prev = tl.load(seq_ptr + b * stride_sb + tl.maximum(c * Q - 1, 0) * stride_sl)
         carry = tl.where(s == s_prev, carry, 0.0)
     seg = tl.where(valid, acum[:, None] - acum[None, :], float("-inf"))
-    M = tl.dot(Cv, tl.trans(Bv), input_precision="ieee") * tl.exp2(seg * LOG2E) * dt[None, :]
-    y = tl.dot(M, x, input_precision="ieee")
+    M = tl.dot(Cv, tl.trans(Bv), input_precision=PREC) * tl.exp2(seg * LOG2E) * dt[None, :]
+    y = tl.dot(M, x, input_precision=PREC)
     S = tl.load(states_ptr + (pid_bh * n_chunks + c) * P * N + offs_p[:, None] * N + offs_n[None, :],
                 mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_P, BLOCK_N): the entering state
-    y += tl.dot(Cv, tl.trans(S), input_precision="ieee") * carry[:, None]
+    y += tl.dot(Cv, tl.trans(S), input_precision=PREC) * carry[:, None]
     if HAS_D:
         if D_HDIM:
             Dv = tl.load(D_ptr + hh * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
@@ -179,7 +187,8 @@ def ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_si
     sstr = (seq.stride(0), seq.stride(1)) if seq_idx is not None else (0, 0)
     warps = 4 if x.is_cuda else 1
     common = dict(HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
-                  HAS_SEQ=seq_idx is not None, Q=Q, BLOCK_P=BP, BLOCK_N=BN, num_warps=warps)
+                  HAS_SEQ=seq_idx is not None, Q=Q, BLOCK_P=BP, BLOCK_N=BN, PREC=dot_precision(x),
+                  num_warps=warps)
     _chunk_state_kernel[(b * h, nc)](
         x, dt, dt_bias, A, B, seq, states, decay, L, h, p, n, h // g, nc, lo, hi,
         *x.stride(), *dt.stride(), *B.stride(), *sstr, **common)
