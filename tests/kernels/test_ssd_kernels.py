@@ -154,6 +154,13 @@ def test_mixer_on_the_kernels_equals_chunked(monkeypatch):
         m(x[:, :4], state)
         step = m.step(x[:, 4], state)
     assert rel(y, y_ref) < 1e-5 and rel(step, step_ref) < 1e-5 and rel(state.ssm, state_ref.ssm) < 1e-5
+    # the fused decode path (the conv-state kernel too), as on CUDA
+    monkeypatch.setenv("MAMBAZOO_SCAN", "triton")
+    with torch.no_grad():
+        state = m.allocate_state(1)
+        m(x[:, :4], state)
+        fused = m.step(x[:, 4], state)
+    assert rel(fused, step_ref) < 1e-5 and rel(state.conv, state_ref.conv) < 1e-6
 
 
 def test_kernel_chunk_size():
