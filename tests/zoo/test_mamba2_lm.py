@@ -141,6 +141,8 @@ def test_convert_mamba_ssm_layout(tmp_path):
     ids = torch.randint(3, 96, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+        want = hf.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        assert torch.equal(ours.generate(ids, 6, temperature=0.0, cuda_graph=False), want)
 
 
 def test_convert_rejects_other_models(tmp_path):
