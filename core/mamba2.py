@@ -52,7 +52,7 @@ def causal_conv1d_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """Causal depthwise conv1d of packed sequences: x (b, d, L), weight (d, 1, W), seq_idx (b, L) -> (b, d, L).
     Tap k of output t reads x[t - k] only when it belongs to the same sequence as t (zero otherwise), so each
     sequence is convolved as if it started from zero padding."""
-    W, L = weight.shape[-1], x.shape[-1]
+    W = weight.shape[-1]
     windows = F.pad(x, (W - 1, 0)).unfold(-1, W, 1)  # (b, d, L, W): window t holds x[t-W+1 .. t]
     s = F.pad(seq_idx.long(), (W - 1, 0), value=-1).unfold(-1, W, 1)  # (b, L, W)
     keep = (s == seq_idx.long()[..., None]).to(x.dtype)[:, None]

@@ -26,7 +26,6 @@ advances a state by one token (decoding); ``ssd_step`` dispatches it.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch

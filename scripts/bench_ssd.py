@@ -95,6 +95,15 @@ def cpu(args):
     return rows
 
 
+def copy_bandwidth(dev) -> float:
+    """Bytes read + written per second by a 256 MB device-to-device copy (triton.testing.do_bench median)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(1 << 28, device=dev, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (do_bench(lambda: dst.copy_(src)) * 1e-3)
+
+
 def gpu(args):
     from triton.testing import do_bench
 
@@ -110,10 +119,7 @@ def gpu(args):
     except ImportError:
         peer_step = None
     dev = "cuda"
-    src = torch.empty(1 << 28, device=dev, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() / (do_bench(lambda: dst.copy_(src)) * 1e-3)  # bytes read + written per second
-    del src, dst
+    bandwidth = copy_bandwidth(dev)
     rows = []
     for shape in GPU_SHAPES:
         b, L, h, p, n = shape
