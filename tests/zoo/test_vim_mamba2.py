@@ -22,3 +22,11 @@ def test_vim_with_mamba2_mixer_trains_and_uses_both_directions():
         torch.testing.assert_close(m(x), m(x))  # deterministic in eval
     with pytest.raises(ValueError, match="mixer: expected 'mamba' or 'mamba2'"):
         create_model("vim-tiny", mixer="mamba3", depth=1)
+
+
+def test_aum_with_mamba2_mixer():
+    m = create_model("aum-tiny", mixer="mamba2", depth=1, embed_dim=32, headdim=16, num_classes=5, n_mels=32,
+                     frames=32)
+    assert isinstance(m.backbone.blocks[0].mixer, Mamba2)
+    with torch.no_grad():
+        assert m.eval()(torch.randn(2, 16000 * 32 // 100)).shape == (2, 5)
