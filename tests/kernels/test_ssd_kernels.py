@@ -197,3 +197,11 @@ def test_wide_heads_split_the_state_passes():
     g_ref = torch.autograd.grad((y_ref * wy).sum() + (s_ref * ws).sum(), list(inp.values()))
     for k, a, b in zip(inp, g, g_ref):
         assert rel(a, b) < 1e-4, k
+
+
+def test_cu_seqlens_on_the_kernels():
+    inp = inputs(b=1, L=19)
+    cu = torch.tensor([0, 7, 8, 19])
+    y, s = ssd_triton(**inp, chunk_size=16, dt_softplus=True, cu_seqlens=cu, return_final_states=True)
+    y_ref, s_ref = ssd_ref(**inp, dt_softplus=True, cu_seqlens=cu, return_final_states=True)
+    assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
