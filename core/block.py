@@ -7,6 +7,7 @@ from torch import nn
 
 from mambazoo.core.decode import fused_decode_enabled
 from mambazoo.core.mamba import Mamba
+from mambazoo.core.mamba2 import Mamba2
 from mambazoo.core.norm import RMSNorm
 
 
@@ -19,7 +20,7 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """One residual block around a mixer (Mamba, bidirectional Mamba or attention) and an optional
+    """One residual block around a mixer (Mamba, bidirectional Mamba, Mamba-2 or attention) and an optional
     feed-forward (MLP or MoE). x (batch, L, d_model) fp32 -> (batch, L, d_model) fp32.
 
     The mixer's and the FFN's outputs (bf16 under autocast) are added to an fp32 residual stream.
@@ -117,6 +118,6 @@ class Block(nn.Module):
         """The dtype of the normed mixer input. The norm's output is fp32 (the residual's dtype); a
         Mamba mixer's first op, in_proj, casts it to the autocast dtype anyway, so the fused norm
         writes that dtype directly (the same rounding, one cast kernel fewer). Other mixers get fp32."""
-        if isinstance(self.mixer, Mamba) and torch.is_autocast_enabled(device.type):
+        if isinstance(self.mixer, (Mamba, Mamba2)) and torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
         return torch.float32

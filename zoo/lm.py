@@ -1,8 +1,8 @@
 """One causal language model for every language variant (Mamba LM, MambaByte, MoE-Mamba, Jamba).
 
 embedding -> n_layer x Block(mixer M|A, ffn none|mlp|moe) -> RMSNorm -> head (tied by default).
-The per-layer layout comes from the config: ``layout`` is a string of M (Mamba) / A (attention) of
-length n_layer (or built from ``attn_period``/``attn_offset``), ``ffn`` likewise a string of
+The per-layer layout comes from the config: ``layout`` is a string of M (the config's ``mixer``: Mamba or
+Mamba-2) / 2 (Mamba-2) / A (attention) of length n_layer (or built from ``attn_period``/``attn_offset``), ``ffn`` likewise a string of
 n (none) / d (dense MLP) / e (MoE experts) or built from ``moe_period``/``moe_offset``.
 """
 
@@ -20,11 +20,13 @@ from mambazoo.core.block import Block
 from mambazoo.core.cache import InferenceCache
 from mambazoo.core.decode import fused_decode_enabled
 from mambazoo.core.mamba import Mamba
+from mambazoo.core.mamba2 import Mamba2
 from mambazoo.core.mlp import MLP
 from mambazoo.core.moe import MoE
 from mambazoo.core.norm import RMSNorm
 
 FFN_CODES = {"n": "none", "d": "mlp", "e": "moe"}
+MIXERS = ("mamba", "mamba2")  # what the layout letter M builds; the letter 2 is always Mamba-2
 
 
 def periodic_layout(n_layer: int, period: int, offset: int, on: str, off: str) -> str:
@@ -57,6 +59,11 @@ class LMConfig:
     proj_bias: bool = False
     inner_norm: bool = False
     selective: bool = True  # False: the LTI (S4D-style) SSM in the same block, for the S4-vs-S6 comparison
+    # Mamba-2 (mixer: mamba2, or the layout letter 2): d_state, d_conv, expand, conv_bias, proj_bias as above
+    mixer: str = "mamba"
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
     # attention
     n_heads: int = 8
     n_kv_heads: int | None = None
@@ -84,11 +91,12 @@ class LMConfig:
     drop_path: float = 0.0
 
     def layer_layout(self) -> str:
-        """Mixer letter per layer (M|A), length n_layer."""
+        """Mixer letter per layer (M|2|A), length n_layer."""
         if self.layout:
             s = self.layout.upper()
-            if set(s) - set("MA"):
-                raise ValueError(f"layout: expected a string of M (Mamba) and A (attention), got {self.layout!r}")
+            if set(s) - set("MA2"):
+                raise ValueError(f"layout: expected a string of M (Mamba), 2 (Mamba-2) and A (attention), "
+                                 f"got {self.layout!r}")
             return (s * math.ceil(self.n_layer / len(s)))[: self.n_layer]
         if self.attn_period:
             return periodic_layout(self.n_layer, self.attn_period, self.attn_offset, "A", "M")
@@ -117,6 +125,8 @@ class LMConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer: expected one of {MIXERS}, got {self.mixer!r}")
         kinds = self.ffn_layout()
         if ("mlp" in kinds or ("moe" in kinds and self.d_expert is None)) and self.d_ffn < 1:
             raise ValueError("d_ffn: expected a positive hidden size when some layer has an MLP or MoE FFN")
@@ -163,7 +173,11 @@ class CausalLM(nn.Module):
 
     def _block(self, i: int, mixer_kind: str, ffn_kind: str) -> Block:
         c = self.config
-        if mixer_kind == "M":
+        if mixer_kind == "2" or (mixer_kind == "M" and c.mixer == "mamba2"):
+            mixer = Mamba2(c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, headdim=c.headdim,
+                           ngroups=c.ngroups, conv_bias=c.conv_bias, bias=c.proj_bias, chunk_size=c.chunk_size,
+                           norm_eps=c.norm_eps, layer_idx=i)
+        elif mixer_kind == "M":
             mixer = Mamba(c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, dt_rank=c.dt_rank,
                           conv_bias=c.conv_bias, bias=c.proj_bias, inner_norm=c.inner_norm,
                           selective=c.selective, norm_eps=c.norm_eps, layer_idx=i)
@@ -195,7 +209,8 @@ class CausalLM(nn.Module):
             return
         for block in self.layers:
             n_res = 2 if block.ffn is not None else 1
-            outs = [block.mixer.out_proj.weight if isinstance(block.mixer, Mamba) else block.mixer.o_proj.weight]
+            outs = [block.mixer.out_proj.weight if isinstance(block.mixer, (Mamba, Mamba2))
+                    else block.mixer.o_proj.weight]
             if block.ffn is not None:
                 r = block.ffn.residual_out()
                 outs.append(r.weight if isinstance(r, nn.Linear) else r)

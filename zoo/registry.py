@@ -10,7 +10,8 @@ from typing import Callable
 from torch import nn
 
 # Sub-packages that register models; each is imported on first use of the registry.
-VARIANT_PACKAGES = ("mambazoo.mamba", "mambazoo.mambabyte", "mambazoo.moe_mamba", "mambazoo.jamba", "mambazoo.vim", "mambazoo.audio")
+VARIANT_PACKAGES = ("mambazoo.mamba", "mambazoo.mambabyte", "mambazoo.moe_mamba", "mambazoo.jamba", "mambazoo.vim", "mambazoo.audio",
+                    "mambazoo.mamba2")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _DESCRIPTIONS: dict[str, str] = {}

@@ -102,6 +102,7 @@ class VisionMamba(nn.Module):
         img_size, patch_size, stride: the image and patch geometry (ints or (h, w) pairs);
             stride < patch_size gives overlapping patches (Vim's "stride 8" variants).
         embed_dim, depth: width and number of blocks; d_state, d_conv, expand: the mixer's.
+        mixer: 'mamba' (Vim's bidirectional Mamba) or 'mamba2' (bidirectional Mamba-2 with heads of headdim).
         global_pool: 'token' (the middle class token, Vim), 'avg' (mean of the patch tokens) or ''.
         drop_path_rate: stochastic depth, rising linearly from 0 to this value over the blocks.
         dynamic_img_size: accept other image sizes at run time, resampling the position embedding
@@ -110,7 +111,8 @@ class VisionMamba(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, stride=None, in_chans=3, num_classes=1000,
                  embed_dim=192, depth=24, d_state=16, d_conv=4, expand=2, global_pool="token",
-                 drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-5, dynamic_img_size=False):
+                 drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-5, dynamic_img_size=False, mixer="mamba",
+                 headdim=64):
         super().__init__()
         if global_pool not in ("token", "avg", ""):
             raise ValueError(f"global_pool: expected 'token', 'avg' or '', got {global_pool!r}")
@@ -127,11 +129,20 @@ class VisionMamba(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, 0 at the first block
+        if mixer not in ("mamba", "mamba2"):
+            raise ValueError(f"mixer: expected 'mamba' or 'mamba2', got {mixer!r}")
+
+        def make_mixer(i):  # mixer="mamba2": the bidirectional Mamba-2 mixer (mambazoo.core.mamba2.Mamba2)
+            if mixer == "mamba2":
+                from mambazoo.core.mamba2 import Mamba2
+
+                return Mamba2(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
+                              bidirectional=True, norm_eps=norm_eps, layer_idx=i)
+            return Mamba(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=True,
+                         norm_eps=norm_eps, layer_idx=i)
+
         self.blocks = nn.ModuleList(
-            Block(embed_dim, Mamba(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand,
-                                   bidirectional=True, norm_eps=norm_eps, layer_idx=i),
-                  norm_eps=norm_eps, drop_path=rates[i])
-            for i in range(depth)
+            Block(embed_dim, make_mixer(i), norm_eps=norm_eps, drop_path=rates[i]) for i in range(depth)
         )
         self.norm = RMSNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
