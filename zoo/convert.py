@@ -218,6 +218,10 @@ def load_into(model: CausalLM, sd: dict) -> CausalLM:
 def load_pretrained(source: str | os.PathLike, **overrides) -> CausalLM:
     """A CausalLM from local mamba_ssm / transformers Mamba / transformers Jamba / mambazoo weights."""
     sd, cfg = read_state_dict(source)
+    if any(k.endswith("layers.0.mixer.dt_bias") for k in sd):  # Mamba-2 (Mamba-1 keeps its bias in dt_proj)
+        from mambazoo.mamba2.convert import load_mamba2
+
+        return load_mamba2(source, **overrides)
     fmt = detect_format(sd, str(source))
     if fmt == "mambazoo":
         return load_checkpoint(source)

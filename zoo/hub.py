@@ -17,7 +17,8 @@ Downloads go through ``huggingface_hub`` (its cache, ``revision``, ``cache_dir``
 | official hustvl/Vim checkpoint           | a *.pth whose keys are layers.i.mixer.* | VisionMamba      |
 | mambazoo's own export                    | config.json with a "mambazoo" entry    | the model it describes |
 
-Mamba-2 checkpoints (model_type "mamba2") are refused with a ValueError until the zoo has that mixer.
+Mamba-2 checkpoints (transformers model_type "mamba2", or mamba_ssm with ssm_cfg.layer "Mamba2") load
+through mambazoo.mamba2.convert.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def detect_layout(path: Path) -> str:
-    """'mamba', 'falcon_mamba', 'jamba', 'mamba_ssm', 'vim_official', 'mambazoo' or 'mambazoo_checkpoint'
+    """'mamba', 'falcon_mamba', 'jamba', 'mamba_ssm', 'mamba2', 'vim_official', 'mambazoo' or 'mambazoo_checkpoint'
     for a folder or weights file (see the module docstring)."""
     folder = path if path.is_dir() else path.parent
     cfg = _read_json(folder / "config.json")
@@ -154,9 +155,10 @@ def detect_layout(path: Path) -> str:
         if mt in ("mamba", "falcon_mamba", "jamba"):
             return mt
         if mt == "mamba2":
-            raise ValueError(f"{path}: a Mamba-2 checkpoint (model_type 'mamba2'); mambazoo has no Mamba-2 LM yet")
+            return "mamba2"
         if "d_model" in cfg and "n_layer" in cfg:
-            return "mamba_ssm"
+            layer = (cfg.get("ssm_cfg") or {}).get("layer", "Mamba1")
+            return "mamba2" if layer == "Mamba2" else "mamba_ssm"
         if mt is not None:
             raise ValueError(f"{path}: config.json has model_type {mt!r}; expected mamba, falcon_mamba, jamba, "
                              "a mamba_ssm config (d_model, n_layer) or a mambazoo export")
@@ -369,6 +371,11 @@ def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None
     layout = detect_layout(path)
     if layout in ("mamba", "falcon_mamba", "jamba", "mamba_ssm"):
         model = _lm_from_transformers(path, layout, dtype, **overrides)
+    elif layout == "mamba2":  # transformers Mamba2 or mamba_ssm with ssm_cfg.layer Mamba2
+        from mambazoo.mamba2.convert import load_mamba2
+
+        model = load_mamba2(path, **overrides)
+        model = model.to(dtype) if dtype is not None else model
     elif layout == "vim_official":
         model = _vim_from_official(path, dtype, **overrides)
     elif layout == "mambazoo":

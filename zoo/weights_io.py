@@ -96,7 +96,7 @@ def _torch_load(path: Path, kind: str, map_location, allowed_globals) -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        m = re.search(r"Unsupported (global|operand|class)\W*(GLOBAL )?([\w.]*)", msg)
+        m = re.search(r"unsupported (global|operand|class)\W*(global )?([\w.]*)", msg, re.IGNORECASE)
         culprit = f"{m.group(1)} {m.group(3)}".strip() if m else None
         if culprit is not None:
             raise WeightsFileError(

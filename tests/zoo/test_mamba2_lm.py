@@ -206,3 +206,17 @@ def test_checkpoint_round_trip(tmp_path):
     ids = torch.randint(0, 512, (1, 11))
     with torch.no_grad():
         assert torch.equal(back(ids), m(ids))
+
+
+def test_from_pretrained_and_load_pretrained_recognise_mamba2(tmp_path):
+    """The hub loader and the local loader route a transformers Mamba2 folder to the Mamba-2 converter."""
+    import mambazoo
+    from mambazoo.convert import load_pretrained
+
+    hf = _hf_model(tie=True)
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(3, 96, (1, 13))
+    for ours in (mambazoo.from_pretrained(tmp_path, tokenizer=False), load_pretrained(tmp_path)):
+        assert ours.config.mixer == "mamba2"
+        with torch.no_grad():
+            torch.testing.assert_close(ours.eval()(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)

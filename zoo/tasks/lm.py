@@ -183,7 +183,9 @@ class CausalLMTask(ZooTask):
             out = sample(self.model, ids, max_new_tokens, temperature=temperature, top_k=top_k)
         finally:
             self.model.train(was_training)
-        return self.codec.decode(out[0, ids.shape[1]:].tolist())
+        new = out[0, ids.shape[1]:].tolist()
+        # a model whose vocabulary is wider than its tokenizer's (padded embeddings) can sample ids no text has
+        return self.codec.decode([i for i in new if i < self.codec.vocab_size])
 
     def on_fit_end(self):
         hp = self.hparams
