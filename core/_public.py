@@ -25,14 +25,10 @@ from mambazoo.core.ssm import (
     s4d_real,
     ssm_kernel,
 )
-from mambazoo.core.scan import (
-    check_scan_inputs,
-    scan_backend,
-    selective_scan,
-    selective_scan_chunked,
-    selective_scan_ref,
-    selective_state_update_ref,
-)
+from mambazoo.core.backend import Backend, describe_backend  # backend(...): import it from mambazoo.core.backend
+from mambazoo.core.dispatch import scan_backend, selective_scan
+from mambazoo.core.scan import selective_scan_chunked
+from mambazoo.core.scan_ref import check_scan_inputs, selective_scan_ref, selective_state_update_ref
 
 __all__ = [
     "A_INIT_KINDS",
@@ -54,12 +50,14 @@ __all__ = [
     "s4d_lin",
     "s4d_real",
     "ssm_kernel",
+    "Backend",
     "Block",
     "InferenceCache",
     "Mamba",
     "MambaState",
     "RMSNorm",
     "check_scan_inputs",
+    "describe_backend",
     "drop_path",
     "dt_bias_init",
     "s4d_real_a_log",

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mambazoo.core.scan import low_rank_delta, low_rank_dtype
+from mambazoo.kernels._args import low_rank_delta, low_rank_dtype
 from mambazoo.kernels._host import cdiv, interpreting, next_power_of_2
 from mambazoo.kernels.scan_infer import scan_bidir_infer_kernel, scan_fwd_infer_kernel
 from mambazoo.kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
@@ -24,12 +24,12 @@ from mambazoo.kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 # interpreter uses small tiles so that tests cross several tiles, chunks and stretches at tiny lengths.
 # fwd_stages: the forward's software pipeline depth (inputs of the next tiles copied ahead to shared memory).
 # bc_fp32: variable half-precision B / C handed to the kernels as fp32 copies (_bc_layout; without the copies
-# vim-tiny ran 844 / 568 images/s at 1024 / 1248 px instead of 867 / 583, H100, session 5).
+# vim-tiny ran 844 / 568 images/s at 1024 / 1248 px instead of 867 / 583, H100, 2026-11-23, commit 0fb5e55).
 # pair_reduce: the backward sums dB and dC over the channels together, starting with a lane shuffle in
 # inline PTX (GPU only; the interpreter runs the plain reductions).
 # bwd_tiles: when bwd_block_l / bwd_block_d are None, the backward takes the first (block_l, block_d) whose
 # programs fit in one wave (SMs x the warps per SM its registers allow), else the last.  Registers at sm_90:
-# (4, 8) 168 -> 12 warps per SM, (4, 16) 254 and (8, 8) 237 -> 8.  Measured on an H100 (session 3, ms):
+# (4, 8) 168 -> 12 warps per SM, (4, 16) 254 and (8, 8) 237 -> 8.  Measured on an H100 (2026-11-23, commit 9917001, ms):
 # (8, 1536, 2048) 1.50 / 1.51 / 1.64, (4, 4096, 4096) 4.99 / 3.21 / 3.37, (64, 384, 4097) 6.48 / 9.04 / 5.97,
 # (128, 384, 197) 0.81 / 0.87 / 0.76.  The backward is persistent: at most the programs that fit at once
 # (bwd_programs where bwd_block_l is given; the CPU's 3 makes the tests walk several work items per program).
@@ -42,11 +42,11 @@ CONFIG = {
                  bwd_tiles=((4, 8, 12), (4, 16, 8), (8, 8, 8)),
                  min_programs=3072, split_below=512, nsplit=0, pair_reduce=True, bc_fp32=True,
                  # (block_l, stages, softplus polynomial) of inference scans reading B/C pairs, per direction. H100,
-                 # vim-tiny (64, 384, 6085): forward 1.221 -> 1.164 ms, reverse + average 1.268 -> 1.176 (session 6)
+                 # vim-tiny (64, 384, 6085): forward 1.221 -> 1.164 ms, reverse + average 1.268 -> 1.176 (commit c716620)
                  inf_tiles=dict(fwd=(16, 4, True), rev=(16, 4, False)),
                  # the inference kernel for B/C pairs (kernels/scan_infer.py). H100, vim-tiny (64, 384, 4097 / 6085),
                  # forward / reverse + average: 0.700 / 0.723 / 1.031 / 1.066 ms against the general forward's
-                 # 0.792 / 0.801 / 1.168 / 1.176 (session 7, bench_scan.py --tune-infer)
+                 # 0.792 / 0.801 / 1.168 / 1.176 (commit 17fcc90, bench_scan.py --tune-infer)
                  infer=dict(block_d=16, block_l=16, stages=3, poly=True, tanh=True)),
     "cpu": dict(fwd_block_l=8, block_d=4, fwd_warps=1, fwd_stages=1, bwd_block_l=8, bwd_block_d=4, bwd_warps=1, chunk=16,
                 bwd_programs=3, min_programs=1, split_below=1, nsplit=0, bc_fp32=True,
@@ -289,7 +289,7 @@ def _rank_fits(dt: Tensor, dt_weight: Tensor) -> bool:
 def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg, dt_weight=None):
     """scan_forward for inference with B / C as bf16 or fp32 pairs (see scan_forward): kernels/scan_infer.py. With
     dt_weight (d, R), delta is low-rank dt (b, R, L); the kernel's product runs in the narrower dtype of the two (as
-    mambazoo.core.scan.low_rank_delta)."""
+    kernels/_args.py's low_rank_delta)."""
     batch, dim, L = u.shape
     N = A.shape[1]
     infer = cfg["infer"]
@@ -324,7 +324,7 @@ def scan_bidirectional_infer(u, delta, A, B, C, D, z, delta_bias, softplus: bool
     fit the one-direction inference kernel (B / C pairs of one dtype, no states, _infer_fits, _rank_fits) and share
     their layouts: u, delta and B with the same shapes, dtypes and strides. Each launch runs both directions' grids
     (vim-tiny at 1024 px: 2 x 1,536 one-warp programs where one direction leaves an H100 at ~12 of its 16 warps per
-    SM): 1.329 ms per layer against 1.416 for the forward then the reverse + average (H100, session 11,
+    SM): 1.329 ms per layer against 1.416 for the forward then the reverse + average (H100, commit ae85695,
     scripts/bench_scan.py --tune-bidir). y_out must not overlap the inputs."""
     cfg = _cfg(u[0].device)
     infer = cfg.get("infer")
@@ -416,7 +416,7 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
         qin = torch.stack(carries[::-1], dim=2).contiguous()
     scan_bwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, hs, dout, qin,
                           du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, None, None, scratch,
-                          *sizes, HAS_QIN=qin is not None, HAS_H0=has_h0, STATE_ONLY=False, ABLATE=cfg.get("ablate", 0), PAIR_REDUCE=cfg.get("pair_reduce", False),
+                          *sizes, HAS_QIN=qin is not None, HAS_H0=has_h0, STATE_ONLY=False, PAIR_REDUCE=cfg.get("pair_reduce", False),
                           **common)
     def empty():  # a distinct tensor each time: custom-op outputs may not alias one another
         return u.new_empty(0)

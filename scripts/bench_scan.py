@@ -10,7 +10,7 @@ gradients, several layouts), then times, median of triton.testing.do_bench, bf16
 z gate, delta bias and softplus: our kernel, mamba-ssm's CUDA kernel (``selective_scan_cuda``
 importable, else skipped) and core's chunked reference (forward, where it fits), with the peak
 memory of forward+backward and the two floors (bytes once over the measured copy bandwidth; one
-exp2 per (b, d, L, N) on the special-function units).  --probe instead times backward ablations, tile
+exp2 per (b, d, L, N) on the special-function units).  --probe instead times tile
 configurations, L splits and the reverse scan (the data behind kernels/ops.py's CONFIG).
 """
 
@@ -339,8 +339,9 @@ def floors(b, d, L, N, bw):
 
 
 def probe():
-    """Where the time goes: backward ablations (ABLATE bits skip work; results wrong, timing only), tile
-    configurations, L splits at Vim-like shapes, and the reverse scan.  Prints one line per point."""
+    """Where the time goes: tile configurations, L splits at Vim-like shapes, and the reverse scan.  Prints one line
+    per point. (The backward ablations, which needed an experiment-only switch in the production kernel, were removed
+    on 2026-12-05; they are at commit b71a621 and their findings in docs/kernel_notes.md.)"""
     base = dict(ops.CONFIG["cuda"])
     out = []
 
@@ -364,13 +365,6 @@ def probe():
         print(f"{tag:10s} {str(shape):24s} {kw}  fwd {tf:.3f}  bwd {tb:.3f} ms", flush=True)
 
     vim = (64, 384, 4097, 16)
-    print("== probe: backward ablations (1 no re-derivation, 2 no dB/dC, 4 dB/dC plain stores, "
-          "16 no dz) ==")
-    for shape in (SHAPES[0], vim):
-        for ab in (0, 1, 2, 4, 16):
-            ops.CONFIG["cuda"]["ablate"] = ab
-            record("ablate", shape, *timed(shape), ablate=ab)
-        reset()
     print("== probe: forward tiles (block_l, block_d, warps) ==")
     for shape in (SHAPES[0], SHAPES[1], SHAPES[3], vim):
         for bl, bd, w in ((8, 16, 1), (16, 8, 1), (8, 8, 1), (4, 16, 1), (8, 16, 2)):
@@ -528,7 +522,7 @@ def tune_infer(rep: int = 50):
 def tune_bidir(rep: int = 50):
     """Both directions of vim-tiny's inference scans (batch 64 at 1024 and 1248 px; low-rank dt, fp32 B / C pairs as
     the mixer hands them over; ungated, as with the gate in out_proj's kernel): the forward kernel then the reverse +
-    average (one direction per launch: MAMBAZOO_SCAN_BIDIR=0) against the two-direction kernel, for INFER_TILES' tile
+    average (one direction per launch: both_in_one=False) against the two-direction kernel, for INFER_TILES' tile
     and stage entries (the two-direction kernel takes ops.CONFIG["cuda"]["infer"] too); their outputs' difference
     (bf16: the forward half's average rounds the other direction's y first). Leaves ops.CONFIG unchanged."""
     keep = ops.CONFIG["cuda"].get("infer")
@@ -543,19 +537,18 @@ def tune_bidir(rep: int = 50):
         wdt = tuple(x["dt_weight"] for x in pair)
         y = torch.empty(64, L, 384, device=DEV, dtype=torch.bfloat16).transpose(1, 2)  # the mixer's (b, L, d) output
         run = lambda: selective_scan_bidirectional_triton(*args, out=y, dt_weight=wdt)  # noqa: E731
+        run_apart = lambda: selective_scan_bidirectional_triton(*args, out=y, dt_weight=wdt,  # noqa: E731
+                                                                both_in_one=False)
         for tile in tiles:
             ops.CONFIG["cuda"]["infer"] = tile
             with torch.no_grad():
-                os.environ["MAMBAZOO_SCAN_BIDIR"] = "0"
-                apart = run().clone()
-                t_apart = bench(run, rep=rep)
-                os.environ["MAMBAZOO_SCAN_BIDIR"] = "1"
+                apart = run_apart().clone()
+                t_apart = bench(run_apart, rep=rep)
                 diff = rel(run(), apart)
                 t_bidir = bench(run, rep=rep)
             rows.append(dict(L=L, tile=tile, apart=t_apart, bidir=t_bidir, rel_diff=diff))
             print(f"L={L} {tile}: one direction per launch {t_apart:.3f}  two-direction kernel {t_bidir:.3f} "
                   f"({t_apart / t_bidir:.3f}x); outputs differ by {diff:.1e}", flush=True)
-    os.environ.pop("MAMBAZOO_SCAN_BIDIR", None)
     ops.CONFIG["cuda"]["infer"] = keep
     return rows
 
@@ -868,8 +861,7 @@ def resources(configs=((8, 16, 1, "fwd"), (4, 8, 1, "bwd"), (4, 16, 1, "bwd"), (
             consts.update(STAGES=ops.CONFIG["cuda"]["fwd_stages"], K=ops.CONFIG["cuda"]["chunk"] // bl,
                           STORE_STATES=True, HAS_YO=False, yo_ptr=None, BC_PAIRS=False, SOFTPLUS_POLY=False)
         if kind == "bwd":
-            consts.update(HAS_QIN=False, PAIR_REDUCE=bool(ops.CONFIG["cuda"].get("pair_reduce")), PERSISTENT=False,
-                          ABLATE=0)
+            consts.update(HAS_QIN=False, PAIR_REDUCE=bool(ops.CONFIG["cuda"].get("pair_reduce")), PERSISTENT=False)
         consts.update({n: 1 for n in fn.arg_names if n.startswith("s") and n.endswith("l") and len(n) <= 5})
         consts["REVERSE"] = False
         sig = {n: "constexpr" if n in consts else ("*bf16" if n in bf16 else "*i32" if n == "seq_ptr" else
