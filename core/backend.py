@@ -49,7 +49,7 @@ class Backend:
     fused_decode: bool = switch(True, "MAMBAZOO_FUSED_DECODE", "fused decode step and residual add + RMSNorm at "
                                 "inference, where the scan resolves to triton")
     scan_bidir: bool = switch(True, "MAMBAZOO_SCAN_BIDIR", "both directions of a bidirectional inference scan in "
-                              "one kernel (kernels/scan_infer.py)")
+                              "one kernel (kernels/scan/infer.py)")
     conv_pair: bool = switch(True, "MAMBAZOO_CONV_PAIR", "both directions' conv1d of a bidirectional mixer in one "
                              "kernel at inference")
     fold_dt: bool = switch(True, "MAMBAZOO_FOLD_DT", "dt_proj folded into x_proj (one GEMM) at inference")

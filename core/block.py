@@ -70,8 +70,8 @@ class Block(nn.Module):
         The block's input is residual + hidden: residual (batch, d_model) fp32, or None for the first
         block (the input is then hidden alone); hidden (batch, d_model) is the previous block's last
         branch output, not yet added. Returns (hidden', residual') with residual' + hidden' equal to
-        ``step(residual + hidden)``. On the fused path (CUDA, see mambazoo.core.backend.fused_decode) each add + RMSNorm is
-        one kernel and ``residual`` is updated in place; elsewhere plain PyTorch, as ``step``.
+        ``step(residual + hidden)``. On the fused path (CUDA; mambazoo.core.backend.fused_decode) each add +
+        RMSNorm is one kernel and ``residual`` is updated in place; elsewhere plain PyTorch, as ``step``.
         """
         if fused_decode_enabled(hidden.device):
             normed, residual = add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps,

@@ -1,4 +1,4 @@
-"""PyTorch references of the one-token decode step's fused kernels (kernels/decode.py).
+"""PyTorch references of the one-token decode step's fused kernels (kernels/decode/).
 
 On CUDA a Mamba block's decode step is 7 launches: fused residual add + RMSNorm, in_proj, conv-state update,
 x_proj, dt_proj, state update (A = -exp(A_log) inside) and out_proj. The residual add is deferred to the next

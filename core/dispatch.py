@@ -3,10 +3,10 @@
 One function per op; each asks the backend once and calls either the kernel (imported on first use: Triton is
 optional) or the reference in core. Models call these and never read flags or import mambazoo.kernels.
 
-    selective_scan / selective_scan_bidirectional    full-sequence scans (kernels/ops.py | scan_ref, scan chunked)
-    causal_conv1d                                    the mixer's conv1d + SiLU (kernels/conv1d.py | conv_ref)
-    conv_step / ssm_step / add_rms_norm              the decode step (kernels/decode.py, state_update.py | decode, scan_ref)
-    patch_tokens                                     Vim's patch + position embedding (kernels/patch_embed.py)
+    selective_scan / selective_scan_bidirectional    full-sequence scans (kernels/scan/ | scan_ref, scan chunked)
+    causal_conv1d                                    the mixer's conv1d + SiLU (kernels/conv1d/ | conv_ref)
+    conv_step / ssm_step / add_rms_norm              the decode step (kernels/decode/ | core decode, scan_ref)
+    patch_tokens                                     Vim's patch + position embedding (kernels/patch_embed/)
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def selective_scan_bidirectional(u, delta, A, B, C, D=None, z=None, delta_bias=N
     delta_bias, dt_weight may be None for both); the backward direction scans from position L - 1 down to 0
     (selective_scan's reverse=True). z (batch, dim, L) or None gates both directions. out as selective_scan's.
     On the Triton backend, inference runs both directions together where the kernel takes them
-    (mambazoo.kernels.selective_scan_bidirectional_triton); elsewhere the forward scan, then the backward one averaging into
-    it, as two selective_scan calls (differentiable)."""
+    (mambazoo.kernels.selective_scan_bidirectional_triton); elsewhere the forward scan, then the backward one
+    averaging into it, as two selective_scan calls (differentiable)."""
     args = direction_pairs(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias, dt_weight=dt_weight)
     if scan_impl(args[0][0].device) == "triton":
         from mambazoo.kernels import selective_scan_bidirectional_triton
@@ -150,7 +150,7 @@ def ssm_step(ssm_state, x, delta, A_log, B, C, D, z, dt_bias, fused: bool) -> to
     Returns y (batch, d) in x's dtype. fused: one Triton kernel taking A_log, D and dt_bias as they are (no per-step
     cast or exp kernels); else the Triton step (scan 'triton') or the reference, from fp32 constants."""
     if fused:
-        from mambazoo.kernels.state_update import launch_state_update
+        from mambazoo.kernels.decode.state_update import launch_state_update
 
         return launch_state_update(ssm_state, x, delta, A_log, B, C, D, z, dt_bias, True, A_is_log=True)
     A = -torch.exp(A_log.float())
@@ -162,7 +162,7 @@ def ssm_step(ssm_state, x, delta, A_log, B, C, D, z, dt_bias, fused: bool) -> to
 
 
 def add_rms_norm(x, residual, weight, eps: float = 1e-5, out_dtype=None, **kw):
-    """The fused residual add + RMSNorm kernel (kernels/decode.py's add_rms_norm; oracle core.decode.add_rms_norm_ref):
+    """The fused residual add + RMSNorm kernel (kernels/decode/ops.py; oracle core.decode.add_rms_norm_ref):
     residual += x in fp32 (a new residual when None), returns (RMSNorm(residual) in out_dtype, residual). x, residual
     (rows, dim); weight (dim,). Callers take this path where fused_decode_enabled(device) holds."""
     from mambazoo.kernels.decode import add_rms_norm as kernel
@@ -171,7 +171,7 @@ def add_rms_norm(x, residual, weight, eps: float = 1e-5, out_dtype=None, **kw):
 
 
 def patch_tokens_fit(patch_size, stride, dim: int) -> bool:
-    """Whether the fused patch-embedding kernel takes this patch shape (kernels/patch_embed.py)."""
+    """Whether the fused patch-embedding kernel takes this patch shape (kernels/patch_embed/)."""
     from mambazoo.kernels.patch_embed import patch_tokens_fit as fit
 
     return fit(patch_size, stride, dim)
@@ -186,7 +186,7 @@ def fused_patch(x: torch.Tensor) -> bool:
 
 def patch_tokens(x, w_t, bias, pos, patch_size, mid):
     """Image x (batch, C, H, W) -> tokens (batch, 1 + patches, dim) with the position embedding added, row ``mid``
-    left for the class token (kernels/patch_embed.py's patch_tokens)."""
+    left for the class token (kernels/patch_embed/ops.py's patch_tokens)."""
     from mambazoo.kernels.patch_embed import patch_tokens as kernel
 
     return kernel(x, w_t, bias, pos, patch_size, mid)

@@ -71,7 +71,7 @@ def folded_ssm_inputs(direction, x: torch.Tensor):
 def _folded_weight(direction) -> torch.Tensor:
     """cat(W_dt W_x[:dt_rank], rows of B and C alternating): (d_inner + 2 N, d_inner), the product taken in fp32.
     One GEMM of the token stream instead of two (x_proj's output and dt_proj's (b, L, d_inner) result are memory
-    bound); B_n and C_n side by side let the scan load both with one 4-byte read (mambazoo.kernels.ops.bc_pairs)
+    bound); B_n and C_n side by side let the scan load both with one 4-byte read (mambazoo.kernels.scan.ops.bc_pairs)
     and skip their fp32 copies. Cached against the weights' versions."""
     def build(wx, wdt):
         return torch.cat([(wdt.float() @ wx[:direction.dt_rank].float()).to(wx.dtype), _bc_rows(direction, wx)])
@@ -134,7 +134,7 @@ def _low_rank_dt(mixer, xs: torch.Tensor) -> bool:
 
 
 def _gate_in_out_proj(mixer, x: torch.Tensor) -> bool:
-    """The gate in out_proj's kernel (kernels/gated_proj.py): in_proj makes only xs, the scans store y ungated (both
+    """The gate in out_proj's kernel (kernels/gated_proj/): in_proj makes only xs, the scans store y ungated (both
     directions share z, so silu(z) factors out of their mean), and out_proj forms z from the mixer's input rows on
     chip. Half-precision input (the autocast dtype) on the low-rank path. Backend gate_out_proj."""
     from mambazoo.kernels.gated_proj import gated_out_proj_fits

@@ -1,4 +1,4 @@
-"""Plain-PyTorch oracles of the fused projection kernels (kernels/gated_proj.py, kernels/patch_embed.py)."""
+"""Plain-PyTorch oracles of the fused projection kernels (kernels/gated_proj/ops.py, kernels/patch_embed/ops.py)."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from mambazoo.core.dispatch import selective_scan
+from mambazoo.core.scan_ref import _shape
 
 __all__ = [
     "discretize_zoh",
@@ -48,9 +49,6 @@ __all__ = [
     "hippo_legs_reconstruct",
 ]
 
-
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def _check_tensor(name: str, t, expected: str, ndim: int | None = None) -> None:

@@ -20,9 +20,9 @@ from mambazoo.kernels import _interpret
 _interpret.apply()
 
 from mambazoo.kernels._args import check_low_rank_delta, direction_pairs, low_rank_delta, shape_str as _shape
-from mambazoo.kernels import ops
-from mambazoo.kernels.ops import EagerScan, output_fits, scan_forward, scan_fwd
-from mambazoo.kernels.state_update import check_state_update, launch_state_update, state_update
+from mambazoo.kernels.scan import ops
+from mambazoo.kernels.scan.ops import EagerScan, output_fits, scan_forward, scan_fwd
+from mambazoo.kernels.decode.state_update import check_state_update, launch_state_update, state_update
 
 __all__ = ["selective_scan_triton", "selective_scan_bidirectional_triton", "selective_state_update"]
 
@@ -58,7 +58,8 @@ def _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, initial_state=None, seq_idx=None, reverse=False,
                           average_with=None, average_in_place=False, out=None, dt_weight=None):
-    """The selective scan (mambazoo.core.scan_ref.selective_scan_ref's function) as one fused Triton forward and a recomputing backward.
+    """The selective scan (mambazoo.core.scan_ref.selective_scan_ref's function) as one fused Triton forward and a
+    recomputing backward.
 
     u, delta, z (batch, dim, L); A (dim, N) fp32; B, C (batch, N, L) | (batch, G, N, L) | (dim, N);
     D, delta_bias (dim,); initial_state (batch, dim, N); seq_idx (batch, L) int: the state restarts
@@ -70,7 +71,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     less). out (batch, dim, L) in u's dtype, unit stride along dim or L, not overlapping the inputs: y is stored
     there (and out returned) where no gradient is recorded; elsewhere a new tensor is returned.
     dt_weight (dim, R): delta is low-rank dt (batch, R, L) and the scan runs on dt_weight @ dt; the inference kernel
-    forms it per tile (R a power of two >= 16, B / C pairs: kernels/scan_infer.py), other calls from a
+    forms it per tile (R a power of two >= 16, B / C pairs: kernels/scan/infer.py), other calls from a
     (batch, dim, L) product first. Returns y (batch, dim, L) in u's dtype and,
     with return_last_state, the final state (batch, dim, N) fp32; both are differentiable.
     """
@@ -111,9 +112,9 @@ def selective_scan_bidirectional_triton(u, delta, A, B, C, D=None, z=None, delta
     down to 0 (reverse=True). z (batch, dim, L) or None gates both (silu(z) y, per direction as selective_scan does).
     out as selective_scan_triton's. Inference (no gradient recorded, not compiling) on inputs the inference kernel
     takes per direction, with both directions laid out alike (the Vim mixer's B / C pair projections): both scans in
-    two launches of twice one direction's programs (kernels/scan_infer.py, scan_bidir_infer_kernel);
-    both_in_one=False turns that off (the backend's scan_bidir, for A/B timing). Elsewhere: the forward scan, then the backward one averaging
-    into it (differentiable)."""
+    two launches of twice one direction's programs (kernels/scan/infer.py, scan_bidir_infer_kernel);
+    both_in_one=False turns that off (the backend's scan_bidir, for A/B timing). Elsewhere: the forward scan, then the
+    backward one averaging into it (differentiable)."""
     u, delta, A, B, C, D, delta_bias, dt_weight = direction_pairs(u=u, delta=delta, A=A, B=B, C=C, D=D,
                                                                   delta_bias=delta_bias, dt_weight=dt_weight)
     for k in range(2):

@@ -6,7 +6,7 @@
 
 Modes (the switch is MAMBAZOO_FUSED_DECODE, read when the step is captured):
 - fused:   add + RMSNorm, conv-state update and the A_log state update as single Triton kernels
-           (core/decode.py, kernels/decode.py): about 7 launches per Mamba layer;
+           (core/decode.py, kernels/decode/): about 7 launches per Mamba layer;
 - unfused: the PyTorch decode step around the state-update kernel (the path before the fusion).
 
 Per (mode, batch): the step is captured once in a CUDA graph (torch.cuda.CUDAGraph) and timed as

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from mambazoo.core.scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
-from mambazoo.kernels import ops, selective_scan_bidirectional_triton, selective_scan_triton, selective_state_update
+from mambazoo.kernels import selective_scan_bidirectional_triton, selective_scan_triton, selective_state_update
+from mambazoo.kernels.scan import ops
 
 SHAPES = [(8, 1536, 2048, 16), (4, 4096, 4096, 16), (1, 1536, 65536, 16), (128, 384, 197, 16)]
 DEV = "cuda"
@@ -703,7 +704,7 @@ def tune_conv_pair(rep: int = 50):
     """Tiles (BLOCK_L, BLOCK_D, warps) of mambazoo.kernels.conv1d.causal_conv1d_pair (both directions' convs from one read) on
     the mixer's (b, L, 2d) in_proj view at vim-tiny's batch-64 shapes (1024 and 1248 px): ms per tile, checked against
     the first tile's outputs; prints the fastest in total and leaves the module's tile unchanged."""
-    from mambazoo.kernels import conv1d
+    from mambazoo.kernels.conv1d import ops as conv1d
 
     keep = (conv1d.PAIR_BLOCK_L, conv1d.PAIR_BLOCK_D, conv1d.PAIR_WARPS)
     data = {}
@@ -737,7 +738,7 @@ def tune_low_rank(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 3
     [B/C pairs | dt], 48 columns, the scan forming delta = W_dt dt per tile) and low rank with that GEMM's output in
     fp32 (the mixer's default). ms per piece and per layer."""
     from mambazoo.core.mamba import _pair_projection
-    from mambazoo.kernels import conv1d
+    from mambazoo.kernels.conv1d import ops as conv1d
 
     g = torch.Generator(device=DEV).manual_seed(5)
     rn = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
@@ -807,7 +808,7 @@ def tune_conv():
     """Forward tiles (BLOCK_L, BLOCK_D, warps) of mambazoo.kernels.conv1d on the mixer's (b, L, 2d) in_proj view at Vim's
     batch-64 shapes (both directions at 1248 px) and shape 1; prints ms per tile and keeps the fastest in total
     for the rest of this run. Results are checked against the first tile's output."""
-    from mambazoo.kernels import conv1d
+    from mambazoo.kernels.conv1d import ops as conv1d
 
     shapes = [(64, 384, 6085, False), (64, 384, 6085, True), (64, 384, 4097, False), (8, 1536, 2048, False)]
     data, ref, totals = {}, {}, {}
@@ -847,7 +848,7 @@ def resources(configs=((8, 16, 1, "fwd"), (4, 8, 1, "bwd"), (4, 16, 1, "bwd"), (
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mambazoo.kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
+    from mambazoo.kernels.scan.train import scan_bwd_kernel, scan_fwd_kernel
 
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     # B and C reach the kernels in fp32 (ops._bc_layout), the rest in bf16

@@ -14,10 +14,10 @@ from mambazoo.kernels.conv1d import causal_conv1d
                                                     (4, True, False, 45, 8), (2, True, True, 100, 1)])
 def test_forward_and_gradients_match_torch(W, bias, silu, L, dw_tiles, reverse, monkeypatch):
     """dw_tiles=1: every 32-step tile of the backward is its own program (dw / db added across programs)."""
-    import mambazoo.kernels.conv1d
+    import mambazoo.kernels.conv1d.ops
 
-    monkeypatch.setattr(mambazoo.kernels.conv1d, "DW_TILES", dw_tiles)
-    monkeypatch.setattr(mambazoo.kernels.conv1d, "FWD_BLOCK_D", 32)  # d = 70 crosses the forward's channel tiles too
+    monkeypatch.setattr(mambazoo.kernels.conv1d.ops, "DW_TILES", dw_tiles)
+    monkeypatch.setattr(mambazoo.kernels.conv1d.ops, "FWD_BLOCK_D", 32)  # d = 70 crosses the forward's channel tiles
     torch.manual_seed(0)
     b, d = 2, 70  # crosses channel and step tiles
     proj = torch.randn(b, L, 2 * d)  # an in_proj output: x is a strided (b, d, L) view of it
@@ -125,10 +125,10 @@ def test_bidirectional_mixer_compiles_to_one_graph(monkeypatch):
 def test_pair_is_both_directions_from_one_read(W, bias, monkeypatch):
     """causal_conv1d_pair gives exactly the causal conv of one direction and the anti-causal conv of the other;
     it has no backward (clear error) and checks that the two directions' weights match."""
-    import mambazoo.kernels.conv1d
+    import mambazoo.kernels.conv1d.ops
     from mambazoo.kernels.conv1d import causal_conv1d_pair
 
-    monkeypatch.setattr(mambazoo.kernels.conv1d, "FWD_BLOCK_D", 32)
+    monkeypatch.setattr(mambazoo.kernels.conv1d.ops, "FWD_BLOCK_D", 32)
     torch.manual_seed(0)
     b, d, L = 2, 40, 37
     x = torch.randn(b, L, 2 * d)[..., :d].transpose(1, 2)
@@ -175,7 +175,7 @@ def test_bidirectional_mixer_scans_low_rank_dt(scan, monkeypatch):
     the mixer's input rows; gate_out_proj=False gates in the scans): each the output of the folded-GEMM path
     within bf16's rounding."""
     from mambazoo.core.mamba import Mamba
-    from mambazoo.kernels import ops
+    from mambazoo.kernels.scan import ops
 
     set_backend(monkeypatch, conv="triton")
     set_backend(monkeypatch, scan=scan)

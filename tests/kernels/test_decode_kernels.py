@@ -1,4 +1,4 @@
-"""The fused decode-step kernels (kernels/decode.py, the A_log state update) against their PyTorch
+"""The fused decode-step kernels (kernels/decode/, the A_log state update) against their PyTorch
 references (core/decode.py), and a whole model decoding with them against the plain path
 (CPU, TRITON_INTERPRET=1; the backend's scan="triton" turns the fused path on for CPU tensors).
 
@@ -18,7 +18,7 @@ from mambazoo.core.mamba import Mamba
 from mambazoo.core.scan import selective_state_update_ref
 from mambazoo.kernels import decode
 from mambazoo.kernels.decode import add_rms_norm, conv_state_update
-from mambazoo.kernels.state_update import launch_state_update
+from mambazoo.kernels.decode.state_update import launch_state_update
 from helpers import rel, set_backend
 from mambazoo import create_model
 from mambazoo.core.backend import backend
@@ -38,7 +38,7 @@ def fused(monkeypatch):
 @pytest.mark.parametrize("loop", [False, True])
 def test_add_rms_norm(dtype, mode, loop, monkeypatch):
     if loop:  # rows wider than one tile: the two-pass variant
-        monkeypatch.setattr(decode, "_MAX_BLOCK_NORM", 16)
+        monkeypatch.setattr(decode.ops, "_MAX_BLOCK_NORM", 16)
     batch, d = 3, 37
     x = torch.randn(batch, 2 * d, dtype=dtype)[:, :d] if mode != "norm_only" else None  # strided rows
     residual = torch.randn(batch, d) if mode != "first" else None
@@ -67,7 +67,7 @@ def test_add_rms_norm_without_keeping_the_residual(monkeypatch):
     out, r = add_rms_norm(x, kept, weight, keep_residual=False)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert r is kept and torch.equal(kept, residual)
-    monkeypatch.setattr(decode, "_MAX_BLOCK_NORM", 16)
+    monkeypatch.setattr(decode.ops, "_MAX_BLOCK_NORM", 16)
     looped = residual.clone()
     out, _ = add_rms_norm(x, looped, weight, keep_residual=False)
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
@@ -78,7 +78,7 @@ def test_add_rms_norm_without_keeping_the_residual(monkeypatch):
 def test_add_rms_norm_written_over_x(loop, monkeypatch):
     """out_into_x: the normed rows land in x's own memory (same values as a fresh output); not where dtypes differ."""
     if loop:
-        monkeypatch.setattr(decode, "_MAX_BLOCK_NORM", 16)
+        monkeypatch.setattr(decode.ops, "_MAX_BLOCK_NORM", 16)
     x, residual, weight = torch.randn(3, 37), torch.randn(3, 37), 1 + 0.1 * torch.randn(37)
     want, r_want = add_rms_norm(x.clone(), residual.clone(), weight)
     out, r = add_rms_norm(x, residual, weight, out_into_x=True)

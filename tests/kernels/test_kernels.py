@@ -9,7 +9,8 @@ import torch
 
 from helpers import assert_close, rel, set_backend
 from mambazoo.core.scan_ref import low_rank_delta, low_rank_dtype, selective_scan_ref, selective_state_update_ref
-from mambazoo.kernels import ops, selective_scan_triton, selective_state_update
+from mambazoo.kernels import selective_scan_triton, selective_state_update
+from mambazoo.kernels.scan import ops
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")

@@ -7,7 +7,7 @@ import torch
 from helpers import rel
 from mambazoo.core.scan_ref import selective_state_update_ref
 from mambazoo.kernels import selective_state_update
-from mambazoo.kernels.state_update import launch_state_update
+from mambazoo.kernels.decode.state_update import launch_state_update
 
 # tolerances of y and of the new state per (state dtype, input dtype): fp32 math, one rounding to the state's dtype
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

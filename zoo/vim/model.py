@@ -260,7 +260,7 @@ class VisionMamba(nn.Module):
         return self.forward_tokens(self.pos_drop(tokens), consume=True, norm=True)
 
     def _patch_tokens(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
-        """patch_embed + _pos_embed in one kernel (kernels/patch_embed.py: the image read once, no patch copy) at
+        """patch_embed + _pos_embed in one kernel (kernels/patch_embed/ops.py: the image read once, no patch copy) at
         inference under half-precision autocast on the fused path, for the patch shapes it takes; else None
         (mambazoo.core.dispatch.fused_patch: the backend's fused_patch switch)."""
         pe_mod = self.patch_embed

@@ -1,7 +1,7 @@
 """Fused one-token decode step of the selective scan.
 
-    state (b, d, N) fp32, fp16 or bf16, updated in place (the step in fp32, stored back in the state's dtype);  x, dt, z, y (b, d);  A (d, N);
-    B, C (b, G, N) (G = 1 for (b, N));  D, dt_bias (d,)
+    state (b, d, N) fp32, fp16 or bf16, updated in place (the step in fp32, stored back in the state's dtype);
+    x, dt, z, y (b, d);  A (d, N);  B, C (b, G, N) (G = 1 for (b, N));  D, dt_bias (d,)
 
     dt <- softplus(dt + dt_bias);  state <- exp(dt A) state + dt B x;  y = C . state + D x;  y *= silu(z)
 
@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from mambazoo.kernels._args import shape_str as _shape
 from mambazoo.kernels._host import cdiv, next_power_of_2
 
 
@@ -126,16 +127,13 @@ def _state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return torch.empty_like(x)
 
 
-def _shape(t):
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
 
 def check_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):
     """Minimal boundary checks; raises ValueError naming the expected layout."""
     if (state.dim() != 3 or state.dtype not in (torch.float32, torch.float16, torch.bfloat16)
             or not state.is_contiguous()):
-        raise ValueError(f"state: expected a contiguous float32, float16 or bfloat16 (batch, dim, N), got {state.dtype} "
-                         f"{_shape(state)} with strides {tuple(state.stride())}")
+        raise ValueError(f"state: expected a contiguous float32, float16 or bfloat16 (batch, dim, N), got "
+                         f"{state.dtype} {_shape(state)} with strides {tuple(state.stride())}")
     batch, dim, N = state.shape
     for name, t in (("x", x), ("dt", dt), ("z", z)):
         if t is not None and tuple(t.shape) != (batch, dim):

@@ -9,8 +9,8 @@ reverse=True the window looks ahead instead, x[:, c, t + (W-1) - k] (the causal 
 sequence, read in place: Vim's backward direction). y is returned as a (b, d, L) view of a (b, L, d)
 buffer: the layout x_proj reads and the scan kernel reads through strides, so neither copies.
 
-The mixer's conv on CUDA (mambazoo.core.backend's conv choice; its oracle is mambazoo.core.conv_ref).  H100, (8, 1536, 2048) bf16: forward
-0.054 ms against F.conv1d's 0.334 (docs/benchmarks.md); vim-tiny 288 -> 452 images/s at 1024 px.
+The mixer's conv on CUDA (mambazoo.core.backend's conv choice; its oracle is mambazoo.core.conv_ref; timings in
+docs/kernel_notes.md, "Tile choices").
 The backward runs two kernels: dpre = dy act'(pre) (fp32 buffer) with dw / db summed per program over
 DW_TILES tiles, then dx from the shifted dpre tiles.
 """
@@ -29,11 +29,8 @@ from mambazoo.kernels._math import sigmoid
 __all__ = ["causal_conv1d", "causal_conv1d_pair"]
 
 BLOCK_L, BLOCK_D = 32, 64  # the backward's (steps, channels) tile per program; channels are contiguous in (b, L, d)
-# The forward's tile and warps (`bench_scan.py --tune-conv`, H100, 2026-11-23, commit 0fb5e55: (16, 128, 4) took 0.228 / 0.237 ms
-# per direction at Vim's (64, 384, 6085) against 0.373 / 0.380 for (32, 64, 4); 0.045 vs 0.071 ms at (8, 1536, 2048)).
+# the forward's (steps, channels, warps) and causal_conv1d_pair's, from scripts/bench_scan.py --tune-conv
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 16, 128, 4
-# causal_conv1d_pair's tile: H100, vim-tiny at 1024 / 1248 px 0.253 / 0.368 ms, (16, 128, 4) 0.260 / 0.380 (2026-11-23, commit 17fcc90,
-# scripts/bench_scan.py --tune-conv)
 PAIR_BLOCK_L, PAIR_BLOCK_D, PAIR_WARPS = 32, 128, 4
 DW_TILES = 8  # backward: tiles per program summed in registers before the dw / db atomics
 
