@@ -303,8 +303,8 @@ def test_bad_inputs_raise_value_error():
         selective_scan_triton(*args[:3], args[3][:, :-1], *args[4:])
     with pytest.raises(ValueError, match="seq_idx"):
         selective_scan_triton(*args, seq_idx=torch.zeros(2, 3, dtype=torch.int32))
-    with pytest.raises(ValueError, match="state"):
-        selective_state_update(torch.zeros(2, 4, 4, dtype=torch.float16), torch.zeros(2, 4), torch.zeros(2, 4),
+    with pytest.raises(ValueError, match="state"):  # fp16 / bf16 states are taken (mamba_ssm's); fp64 is not
+        selective_state_update(torch.zeros(2, 4, 4, dtype=torch.float64), torch.zeros(2, 4), torch.zeros(2, 4),
                                torch.zeros(4, 4), torch.zeros(2, 4), torch.zeros(2, 4))
 
 
