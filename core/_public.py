@@ -3,6 +3,8 @@
 from mambazoo.core.block import Block, drop_path
 from mambazoo.core.cache import InferenceCache, MambaState
 from mambazoo.core.mamba import Mamba, dt_bias_init, s4d_real_a_log
+from mambazoo.core.mamba2 import Mamba2
+from mambazoo.core.ssd import ssd, ssd_chunked, ssd_ref
 from mambazoo.core.norm import RMSNorm
 from mambazoo.core.ssm import (
     A_INIT_KINDS,
@@ -25,14 +27,10 @@ from mambazoo.core.ssm import (
     s4d_real,
     ssm_kernel,
 )
-from mambazoo.core.scan import (
-    check_scan_inputs,
-    scan_backend,
-    selective_scan,
-    selective_scan_chunked,
-    selective_scan_ref,
-    selective_state_update_ref,
-)
+from mambazoo.core.backend import Backend, describe_backend  # backend(...): import it from mambazoo.core.backend
+from mambazoo.core.dispatch import scan_backend, selective_scan
+from mambazoo.core.scan import selective_scan_chunked
+from mambazoo.core.scan_ref import check_scan_inputs, selective_scan_ref, selective_state_update_ref
 
 __all__ = [
     "A_INIT_KINDS",
@@ -54,12 +52,15 @@ __all__ = [
     "s4d_lin",
     "s4d_real",
     "ssm_kernel",
+    "Backend",
     "Block",
     "InferenceCache",
     "Mamba",
     "MambaState",
+    "Mamba2",
     "RMSNorm",
     "check_scan_inputs",
+    "describe_backend",
     "drop_path",
     "dt_bias_init",
     "s4d_real_a_log",
@@ -68,4 +69,7 @@ __all__ = [
     "selective_scan_chunked",
     "selective_scan_ref",
     "selective_state_update_ref",
+    "ssd",
+    "ssd_chunked",
+    "ssd_ref",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mambazoo.core.decode import fused_decode_enabled
+from mambazoo.core.dispatch import add_rms_norm, fused_decode_enabled
 from mambazoo.core.mamba import Mamba
 from mambazoo.core.mamba2 import Mamba2
 from mambazoo.core.norm import RMSNorm
@@ -71,12 +71,10 @@ class Block(nn.Module):
         The block's input is residual + hidden: residual (batch, d_model) fp32, or None for the first
         block (the input is then hidden alone); hidden (batch, d_model) is the previous block's last
         branch output, not yet added. Returns (hidden', residual') with residual' + hidden' equal to
-        ``step(residual + hidden)``. On the fused path (CUDA, see mambazoo.core.decode) each add + RMSNorm is
-        one kernel and ``residual`` is updated in place; elsewhere plain PyTorch, as ``step``.
+        ``step(residual + hidden)``. On the fused path (CUDA; mambazoo.core.backend.fused_decode) each add +
+        RMSNorm is one kernel and ``residual`` is updated in place; elsewhere plain PyTorch, as ``step``.
         """
         if fused_decode_enabled(hidden.device):
-            from mambazoo.kernels.decode import add_rms_norm
-
             normed, residual = add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps,
                                             out_dtype=self._mixer_input_dtype(hidden.device))
             h = self.mixer.step(normed, state)
@@ -101,8 +99,6 @@ class Block(nn.Module):
         Returns (hidden', residual') with residual' + hidden' equal to ``forward(residual + hidden)``:
         each residual add + RMSNorm (+ the cast to the mixer's autocast dtype) is one pass over the tokens
         instead of three (add, norm, cast)."""
-        from mambazoo.kernels.decode import add_rms_norm
-
         ref = hidden if hidden is not None else residual
         b, L, d = ref.shape
         flat = lambda t: t.reshape(b * L, d) if t is not None else None  # noqa: E731

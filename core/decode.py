@@ -1,39 +1,20 @@
-"""The one-token decode step: when it runs the fused Triton kernels, and their PyTorch references.
+"""PyTorch references of the one-token decode step's fused kernels (kernels/decode/).
 
-On CUDA (scan backend 'triton') a Mamba block's decode step is 7 launches: fused residual add +
-RMSNorm, in_proj, conv-state update, x_proj, dt_proj, state update (A = -exp(A_log) inside) and
-out_proj (kernels/decode.py, kernels/state_update.py). The residual add is deferred to the next
-block's norm (Block.step_residual), as in mamba_ssm. Elsewhere the plain PyTorch path runs; the
-functions below are the references the kernels are tested against.
+On CUDA a Mamba block's decode step is 7 launches: fused residual add + RMSNorm, in_proj, conv-state update,
+x_proj, dt_proj, state update (A = -exp(A_log) inside) and out_proj. The residual add is deferred to the next
+block's norm (Block.step_residual), as in mamba_ssm. Whether the fused kernels run is
+mambazoo.core.backend.fused_decode (re-exported here as ``fused_decode_enabled``); the oracle of the state update
+is mambazoo.core.scan_ref.selective_state_update_ref.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from mambazoo.core.scan import scan_backend
+from mambazoo.core.backend import fused_decode as fused_decode_enabled  # noqa: F401  (re-exported)
 
 __all__ = ["fused_decode_enabled", "conv_step_ref", "add_rms_norm_ref"]
-
-
-def fused_decode_enabled(device: torch.device) -> bool:
-    """Whether the decode step on ``device`` runs the fused kernels.
-
-    Yes when the scan backend is 'triton' (CUDA tensors, or ``MAMBAZOO_SCAN=triton``) and the
-    kernels can run there (CUDA, or CPU under TRITON_INTERPRET=1), autograd is off (the kernels have
-    no backward: decoding runs under inference_mode) and torch.compile is not tracing.
-    ``MAMBAZOO_FUSED_DECODE=0`` turns it off (the unfused path, for comparison); it is read at call
-    time, so a CUDA graph keeps the path it was captured with."""
-    if os.environ.get("MAMBAZOO_FUSED_DECODE", "1").strip() == "0":
-        return False
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    if scan_backend(device) != "triton":
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def conv_step_ref(conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambazoo.core.cache import MambaState
-from mambazoo.core.decode import conv_step_ref, fused_decode_enabled
+from mambazoo.core.dispatch import conv_step, fused_step
 from mambazoo.core.mamba import dt_bias_init
 from mambazoo.core.ssd import INF, ssd, ssd_step
 
@@ -181,12 +181,8 @@ class Mamba2(nn.Module):
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected (batch, d_model={self.d_model}), got {tuple(x.shape)}")
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        if fused_decode_enabled(x.device):  # one kernel: shift + append + depthwise conv + bias + SiLU
-            from mambazoo.kernels.decode import conv_state_update
-
-            xc = conv_state_update(state.conv, xbc, self.conv1d.weight, self.conv1d.bias)
-        else:
-            xc = conv_step_ref(state.conv, xbc, self.conv1d.weight, self.conv1d.bias)
+        # fused (CUDA, inference): one kernel for shift + append + depthwise conv + bias + SiLU
+        xc = conv_step(state.conv, xbc, self.conv1d.weight, self.conv1d.bias, fused=fused_step(state.ssm))
         xs, B, C = xc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         b = x.shape[0]
         y = ssd_step(state.ssm, xs.reshape(b, self.nheads, self.headdim), dt, -torch.exp(self.A_log.float()),

@@ -81,7 +81,11 @@ class Experts(nn.Module):
         n_in = 2 * d_hidden if kind == "swiglu" else d_hidden
         self.w_in = nn.Parameter(torch.empty(n_experts, n_in, d_model))
         self.w_out = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
-        for w in (self.w_in, self.w_out):  # nn.Linear's default init, per expert
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, per expert: uniform in +-1 / sqrt(fan_in)."""
+        for w in (self.w_in, self.w_out):
             bound = 1 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)
 

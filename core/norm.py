@@ -15,6 +15,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        """weight = 1."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x * rsqrt(mean(x^2) + eps) * weight in fp32: PyTorch's fused kernel on CUDA (one pass, with its own
         # backward) instead of six elementwise passes over the residual stream

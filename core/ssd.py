@@ -26,10 +26,10 @@ advances a state by one token (decoding); ``ssd_step`` dispatches it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from mambazoo.core.backend import ssd_impl
 
 __all__ = [
     "check_ssd_inputs",
@@ -235,14 +235,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, z=None, dt_bias=No
 
 def ssd_backend(device: torch.device) -> str:
     """Which implementation ``ssd`` uses on ``device``: 'triton' (mambazoo.kernels.ssd) on CUDA, 'chunked'
-    elsewhere. ``MAMBAZOO_SSD`` = ref | chunked | triton overrides it (triton on CPU tensors needs
-    TRITON_INTERPRET=1). The one place that makes this choice for the SSD layer."""
-    forced = os.environ.get("MAMBAZOO_SSD", "").strip().lower()
-    if forced:
-        if forced not in ("ref", "chunked", "triton"):
-            raise ValueError(f"MAMBAZOO_SSD: expected ref, chunked or triton, got {forced!r}")
-        return forced
-    return "triton" if device.type == "cuda" else "chunked"
+    elsewhere, unless the backend's ``ssd`` choice (``MAMBAZOO_SSD`` = ref | chunked | triton, or
+    ``with mambazoo.core.backend.backend(ssd=...)``) names one (triton on CPU tensors needs TRITON_INTERPRET=1)."""
+    return ssd_impl(device)
 
 
 def ssd(x, dt, A, B, C, chunk_size: int = 256, D=None, z=None, dt_bias=None, dt_softplus=False,

@@ -24,7 +24,8 @@ import math
 import torch
 import torch.nn as nn
 
-from mambazoo.core.scan import selective_scan
+from mambazoo.core.dispatch import selective_scan
+from mambazoo.core.scan_ref import _shape
 
 __all__ = [
     "discretize_zoh",
@@ -48,9 +49,6 @@ __all__ = [
     "hippo_legs_reconstruct",
 ]
 
-
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def _check_tensor(name: str, t, expected: str, ndim: int | None = None) -> None:
@@ -253,7 +251,7 @@ class LTISSM(nn.Module):
     with A = -exp(A_log) (dim, N), dt = exp(log_dt) (dim,), B, C (dim, N), D (dim,).
     ``forward(u, mode)`` computes the same map three ways: 'recurrent' (a loop over time),
     'conv' (the kernel K = (C dtB, C Abar dtB, ..., C Abar^(L-1) dtB) applied by FFT) and
-    'scan' (``mambazoo.core.scan.selective_scan`` with constant delta and time-invariant B, C).
+    'scan' (``mambazoo.core.dispatch.selective_scan`` with constant delta and time-invariant B, C).
     """
 
     MODES = ("conv", "recurrent", "scan")
@@ -264,12 +262,24 @@ class LTISSM(nn.Module):
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
         self.dim, self.d_state = dim, d_state
-        log_dt = torch.rand(dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        self.log_dt = nn.Parameter(log_dt)
-        self.A_log = nn.Parameter(a_log_init(dim, d_state, init))
-        self.B = nn.Parameter(torch.ones(dim, d_state))
-        self.C = nn.Parameter(torch.randn(dim, d_state) / math.sqrt(d_state))
-        self.D = nn.Parameter(torch.ones(dim))
+        self.init, self.dt_min, self.dt_max = init, dt_min, dt_max
+        self.log_dt = nn.Parameter(torch.empty(dim))
+        self.A_log = nn.Parameter(torch.empty(dim, d_state))
+        self.B = nn.Parameter(torch.empty(dim, d_state))
+        self.C = nn.Parameter(torch.empty(dim, d_state))
+        self.D = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """log dt uniform in [log dt_min, log dt_max], A_log from ``init`` (a_log_init), B = 1, C ~ N(0, 1 / N),
+        D = 1."""
+        dim, d_state = self.dim, self.d_state
+        self.log_dt.copy_(torch.rand(dim) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
+        self.A_log.copy_(a_log_init(dim, d_state, self.init))
+        self.B.fill_(1.0)
+        self.C.copy_(torch.randn(dim, d_state) / math.sqrt(d_state))
+        self.D.fill_(1.0)
 
     # -- derived quantities ----------------------------------------------------------------
     @property

@@ -13,24 +13,18 @@ compiling or recording a gradient, runs as two of those scans.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from mambazoo.kernels import _interpret
 
 _interpret.apply()
 
-from mambazoo.core.scan import check_low_rank_delta, direction_pairs, low_rank_delta
-from mambazoo.kernels import ops
-from mambazoo.kernels.ops import EagerScan, output_fits, scan_forward, scan_fwd
-from mambazoo.kernels.state_update import check_state_update, launch_state_update, state_update
+from mambazoo.kernels._args import check_low_rank_delta, direction_pairs, low_rank_delta, shape_str as _shape
+from mambazoo.kernels.scan import ops
+from mambazoo.kernels.scan.ops import EagerScan, output_fits, scan_forward, scan_fwd
+from mambazoo.kernels.decode.state_update import check_state_update, launch_state_update, state_update
 
 __all__ = ["selective_scan_triton", "selective_scan_bidirectional_triton", "selective_state_update"]
-
-
-def _shape(t):
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
@@ -64,7 +58,8 @@ def _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, initial_state=None, seq_idx=None, reverse=False,
                           average_with=None, average_in_place=False, out=None, dt_weight=None):
-    """The selective scan (DESIGN.md contract) as one fused Triton forward and a recomputing backward.
+    """The selective scan (mambazoo.core.scan_ref.selective_scan_ref's function) as one fused Triton forward and a
+    recomputing backward.
 
     u, delta, z (batch, dim, L); A (dim, N) fp32; B, C (batch, N, L) | (batch, G, N, L) | (dim, N);
     D, delta_bias (dim,); initial_state (batch, dim, N); seq_idx (batch, L) int: the state restarts
@@ -76,7 +71,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     less). out (batch, dim, L) in u's dtype, unit stride along dim or L, not overlapping the inputs: y is stored
     there (and out returned) where no gradient is recorded; elsewhere a new tensor is returned.
     dt_weight (dim, R): delta is low-rank dt (batch, R, L) and the scan runs on dt_weight @ dt; the inference kernel
-    forms it per tile (R a power of two >= 16, B / C pairs: kernels/scan_infer.py), other calls from a
+    forms it per tile (R a power of two >= 16, B / C pairs: kernels/scan/infer.py), other calls from a
     (batch, dim, L) product first. Returns y (batch, dim, L) in u's dtype and,
     with return_last_state, the final state (batch, dim, N) fp32; both are differentiable.
     """
@@ -109,7 +104,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 
 
 def selective_scan_bidirectional_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                                        out=None, dt_weight=None):
+                                        out=None, dt_weight=None, both_in_one=True):
     """A bidirectional mixer's two scans and their mean: (y_fwd + y_bwd) / 2 (batch, dim, L) in u's dtype.
 
     u, delta, A, B, C, D, delta_bias, dt_weight: (forward, backward) pairs, each what selective_scan_triton takes for
@@ -117,9 +112,9 @@ def selective_scan_bidirectional_triton(u, delta, A, B, C, D=None, z=None, delta
     down to 0 (reverse=True). z (batch, dim, L) or None gates both (silu(z) y, per direction as selective_scan does).
     out as selective_scan_triton's. Inference (no gradient recorded, not compiling) on inputs the inference kernel
     takes per direction, with both directions laid out alike (the Vim mixer's B / C pair projections): both scans in
-    two launches of twice one direction's programs (kernels/scan_infer.py, scan_bidir_infer_kernel);
-    MAMBAZOO_SCAN_BIDIR=0 turns that off (A/B timing). Elsewhere: the forward scan, then the backward one averaging
-    into it (differentiable)."""
+    two launches of twice one direction's programs (kernels/scan/infer.py, scan_bidir_infer_kernel);
+    both_in_one=False turns that off (the backend's scan_bidir, for A/B timing). Elsewhere: the forward scan, then the
+    backward one averaging into it (differentiable)."""
     u, delta, A, B, C, D, delta_bias, dt_weight = direction_pairs(u=u, delta=delta, A=A, B=B, C=C, D=D,
                                                                   delta_bias=delta_bias, dt_weight=dt_weight)
     for k in range(2):
@@ -131,7 +126,7 @@ def selective_scan_bidirectional_triton(u, delta, A, B, C, D=None, z=None, delta
     if out is not None and not output_fits(out, u[0]):
         raise ValueError(f"out: expected u's shape {_shape(u[0])}, dtype {u[0].dtype} and device {u[0].device} with a "
                          f"unit stride along dim or L, got {out.dtype} {_shape(out)} strides {tuple(out.stride())}")
-    if direct and os.environ.get("MAMBAZOO_SCAN_BIDIR", "1") != "0":
+    if direct and both_in_one:
         y = ops.scan_bidirectional_infer(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), dt_weight, out)
         if y is not None:
             return y
@@ -142,8 +137,9 @@ def selective_scan_bidirectional_triton(u, delta, A, B, C, D=None, z=None, delta
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One fused decode step (DESIGN.md contract); updates ``state`` (batch, dim, N) fp32 in place and
-    returns y (batch, dim) in x's dtype."""
+    """One fused decode step (mambazoo.core.scan_ref.selective_state_update_ref's function): updates ``state``
+    (batch, dim, N) in place in its own dtype (fp32, fp16 or bf16; the step runs in fp32) and returns y (batch, dim)
+    in x's dtype. x, dt, z (batch, dim); A (dim, N); B, C (batch, N) | (batch, G, N); D, dt_bias (dim,)."""
     check_state_update(state, x, dt, A, B, C, D, z, dt_bias)
     if torch.compiler.is_compiling():
         return state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one-GPU (H100) acceptance runs of issue 6, launched concurrently as background processes:
-#   vim-tiny-fashion (>= 92% Fashion-MNIST test accuracy), aum-tiny-digits (>= 95% on unseen voices),
+#   vim-tiny-fashion (>= 92% Fashion-MNIST test accuracy), aum-digits (>= 95% on unseen voices),
 #   mambabyte-stdlib (test bits per byte below xz -9 on the same held-out bytes),
 #   selective-copy-mamba (>= 97%) vs selective-copy-s4d (far below),
 #   induction-heads-mamba trained at length 256 (> 99% at 4096 and 16384).
@@ -30,7 +30,7 @@ mkdir -p "$OUT" "$WORK"
 # mambazoo installs from this checkout (its folders map into the mambazoo namespace; PYTHONPATH=. no longer does)
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . || { echo "cannot install mambazoo from $PWD"; exit 1; }
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
-ALL_RUNS="vim-tiny-fashion aum-tiny-digits mambabyte-stdlib selective-copy-mamba selective-copy-s4d induction-heads-mamba"
+ALL_RUNS="vim-tiny-fashion aum-digits mambabyte-stdlib selective-copy-mamba selective-copy-s4d induction-heads-mamba"
 RUNS=${ONLY:-$ALL_RUNS}  # ONLY="a b" runs a subset
 MAXTIME=$(printf "00:00:%02d:00" "$TRAIN_MIN")
 
@@ -67,7 +67,7 @@ launch() {
     for name in $RUNS; do
         case $name in
             vim-tiny-fashion) launch_one "$name" --data.init_args.root "$FM" ;;
-            aum-tiny-digits) launch_one "$name" --data.init_args.root "$SD" ;;
+            aum-digits) launch_one "$name" --data.init_args.root "$SD" ;;
             *) launch_one "$name" ;;
         esac
     done
@@ -130,7 +130,7 @@ m = re.search(r"xz_bytes (\d+) raw_bytes (\d+)", xz)
 xz_bpb = 8 * int(m.group(1)) / int(m.group(2)) if m else math.nan
 rows = [
     ("vim-tiny-fashion", "test/acc", ">= 0.92", lambda v: v >= 0.92),
-    ("aum-tiny-digits", "test/acc", ">= 0.95 (unseen voices)", lambda v: v >= 0.95),
+    ("aum-digits", "test/acc", ">= 0.95 (unseen voices)", lambda v: v >= 0.95),
     ("mambabyte-stdlib", "test/bpb", f"< xz -9: {xz_bpb:.4f} bpb", lambda v: v < xz_bpb),
     ("selective-copy-mamba", "test_L256/acc", ">= 0.97", lambda v: v >= 0.97),
     ("selective-copy-s4d", "test_L256/acc", "far below Mamba", lambda v: v < 0.5),

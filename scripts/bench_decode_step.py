@@ -6,7 +6,7 @@
 
 Modes (the switch is MAMBAZOO_FUSED_DECODE, read when the step is captured):
 - fused:   add + RMSNorm, conv-state update and the A_log state update as single Triton kernels
-           (core/decode.py, kernels/decode.py): about 7 launches per Mamba layer;
+           (core/decode.py, kernels/decode/): about 7 launches per Mamba layer;
 - unfused: the PyTorch decode step around the state-update kernel (the path before the fusion).
 
 Per (mode, batch): the step is captured once in a CUDA graph (torch.cuda.CUDAGraph) and timed as
@@ -36,18 +36,13 @@ MODES = ("unfused", "fused")
 
 @contextlib.contextmanager
 def decode_mode(mode: str):
-    """Set MAMBAZOO_FUSED_DECODE for the duration (restored after)."""
+    """The backend's fused_decode switch for the duration (restored after)."""
+    from mambazoo.core.backend import backend
+
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    old = os.environ.get("MAMBAZOO_FUSED_DECODE")
-    os.environ["MAMBAZOO_FUSED_DECODE"] = "1" if mode == "fused" else "0"
-    try:
+    with backend(fused_decode=mode == "fused"):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("MAMBAZOO_FUSED_DECODE", None)
-        else:
-            os.environ["MAMBAZOO_FUSED_DECODE"] = old
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):
@@ -156,6 +151,9 @@ def run(args) -> list[dict]:
             args.modes = "unfused"
         else:
             os.environ.setdefault("MAMBAZOO_SCAN", "triton")  # the fused kernels on CPU tensors
+            from mambazoo.core.backend import reload_from_env
+
+            reload_from_env()  # the backend read the environment at import
     torch.manual_seed(0)
     model = build_model(name, device, dtype)
     cfg = model.config

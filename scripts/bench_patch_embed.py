@@ -10,7 +10,6 @@ fp32 tokens written once, at the copy bandwidth measured here.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import timm
@@ -18,6 +17,7 @@ import torch
 from triton.testing import do_bench
 
 import mambazoo.vim  # noqa: F401  (registers vim_*_patch16_224 with timm)
+from mambazoo.core.backend import backend
 from mambazoo.kernels import patch_embed
 
 TILES = [(64, 4), (64, 8), (128, 8), (32, 4)]
@@ -36,10 +36,9 @@ def main() -> None:
         grid = model.patch_embed.grid_for(x.shape[2:])
         floor = (x.numel() * 4 + 64 * (grid[0] * grid[1] + 1) * model.embed_dim * 4) / bw / 1e9
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            os.environ["MAMBAZOO_FUSED_PATCH"] = "0"
-            want = model._pos_embed(model.patch_embed(x), grid)
-            t_plain = do_bench(lambda: model._pos_embed(model.patch_embed(x), grid), warmup=10, rep=200)
-            os.environ.pop("MAMBAZOO_FUSED_PATCH")
+            with backend(fused_patch=False):
+                want = model._pos_embed(model.patch_embed(x), grid)
+                t_plain = do_bench(lambda: model._pos_embed(model.patch_embed(x), grid), warmup=10, rep=200)
             print(f"== {px} px: unfused {t_plain:.3f} ms; floor {floor:.3f} ms")
             for bp, w in TILES:
                 cfg = dict(patch_embed.CONFIG["cuda"])

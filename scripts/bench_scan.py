@@ -10,7 +10,7 @@ gradients, several layouts), then times, median of triton.testing.do_bench, bf16
 z gate, delta bias and softplus: our kernel, mamba-ssm's CUDA kernel (``selective_scan_cuda``
 importable, else skipped) and core's chunked reference (forward, where it fits), with the peak
 memory of forward+backward and the two floors (bytes once over the measured copy bandwidth; one
-exp2 per (b, d, L, N) on the special-function units).  --probe instead times backward ablations, tile
+exp2 per (b, d, L, N) on the special-function units).  --probe instead times tile
 configurations, L splits and the reverse scan (the data behind kernels/ops.py's CONFIG).
 """
 
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from mambazoo.core.scan import selective_scan_chunked, selective_scan_ref, selective_state_update_ref
-from mambazoo.kernels import ops, selective_scan_bidirectional_triton, selective_scan_triton, selective_state_update
+from mambazoo.kernels import selective_scan_bidirectional_triton, selective_scan_triton, selective_state_update
+from mambazoo.kernels.scan import ops
 
 SHAPES = [(8, 1536, 2048, 16), (4, 4096, 4096, 16), (1, 1536, 65536, 16), (128, 384, 197, 16)]
 DEV = "cuda"
@@ -339,8 +340,9 @@ def floors(b, d, L, N, bw):
 
 
 def probe():
-    """Where the time goes: backward ablations (ABLATE bits skip work; results wrong, timing only), tile
-    configurations, L splits at Vim-like shapes, and the reverse scan.  Prints one line per point."""
+    """Where the time goes: tile configurations, L splits at Vim-like shapes, and the reverse scan.  Prints one line
+    per point. (The backward ablations, which needed an experiment-only switch in the production kernel, were removed
+    on 2026-12-05; they are at commit b71a621 and their findings in docs/kernel_notes.md.)"""
     base = dict(ops.CONFIG["cuda"])
     out = []
 
@@ -364,13 +366,6 @@ def probe():
         print(f"{tag:10s} {str(shape):24s} {kw}  fwd {tf:.3f}  bwd {tb:.3f} ms", flush=True)
 
     vim = (64, 384, 4097, 16)
-    print("== probe: backward ablations (1 no re-derivation, 2 no dB/dC, 4 dB/dC plain stores, "
-          "16 no dz) ==")
-    for shape in (SHAPES[0], vim):
-        for ab in (0, 1, 2, 4, 16):
-            ops.CONFIG["cuda"]["ablate"] = ab
-            record("ablate", shape, *timed(shape), ablate=ab)
-        reset()
     print("== probe: forward tiles (block_l, block_d, warps) ==")
     for shape in (SHAPES[0], SHAPES[1], SHAPES[3], vim):
         for bl, bd, w in ((8, 16, 1), (16, 8, 1), (8, 8, 1), (4, 16, 1), (8, 16, 2)):
@@ -528,7 +523,7 @@ def tune_infer(rep: int = 50):
 def tune_bidir(rep: int = 50):
     """Both directions of vim-tiny's inference scans (batch 64 at 1024 and 1248 px; low-rank dt, fp32 B / C pairs as
     the mixer hands them over; ungated, as with the gate in out_proj's kernel): the forward kernel then the reverse +
-    average (one direction per launch: MAMBAZOO_SCAN_BIDIR=0) against the two-direction kernel, for INFER_TILES' tile
+    average (one direction per launch: both_in_one=False) against the two-direction kernel, for INFER_TILES' tile
     and stage entries (the two-direction kernel takes ops.CONFIG["cuda"]["infer"] too); their outputs' difference
     (bf16: the forward half's average rounds the other direction's y first). Leaves ops.CONFIG unchanged."""
     keep = ops.CONFIG["cuda"].get("infer")
@@ -543,19 +538,18 @@ def tune_bidir(rep: int = 50):
         wdt = tuple(x["dt_weight"] for x in pair)
         y = torch.empty(64, L, 384, device=DEV, dtype=torch.bfloat16).transpose(1, 2)  # the mixer's (b, L, d) output
         run = lambda: selective_scan_bidirectional_triton(*args, out=y, dt_weight=wdt)  # noqa: E731
+        run_apart = lambda: selective_scan_bidirectional_triton(*args, out=y, dt_weight=wdt,  # noqa: E731
+                                                                both_in_one=False)
         for tile in tiles:
             ops.CONFIG["cuda"]["infer"] = tile
             with torch.no_grad():
-                os.environ["MAMBAZOO_SCAN_BIDIR"] = "0"
-                apart = run().clone()
-                t_apart = bench(run, rep=rep)
-                os.environ["MAMBAZOO_SCAN_BIDIR"] = "1"
+                apart = run_apart().clone()
+                t_apart = bench(run_apart, rep=rep)
                 diff = rel(run(), apart)
                 t_bidir = bench(run, rep=rep)
             rows.append(dict(L=L, tile=tile, apart=t_apart, bidir=t_bidir, rel_diff=diff))
             print(f"L={L} {tile}: one direction per launch {t_apart:.3f}  two-direction kernel {t_bidir:.3f} "
                   f"({t_apart / t_bidir:.3f}x); outputs differ by {diff:.1e}", flush=True)
-    os.environ.pop("MAMBAZOO_SCAN_BIDIR", None)
     ops.CONFIG["cuda"]["infer"] = keep
     return rows
 
@@ -710,7 +704,7 @@ def tune_conv_pair(rep: int = 50):
     """Tiles (BLOCK_L, BLOCK_D, warps) of mambazoo.kernels.conv1d.causal_conv1d_pair (both directions' convs from one read) on
     the mixer's (b, L, 2d) in_proj view at vim-tiny's batch-64 shapes (1024 and 1248 px): ms per tile, checked against
     the first tile's outputs; prints the fastest in total and leaves the module's tile unchanged."""
-    from mambazoo.kernels import conv1d
+    from mambazoo.kernels.conv1d import ops as conv1d
 
     keep = (conv1d.PAIR_BLOCK_L, conv1d.PAIR_BLOCK_D, conv1d.PAIR_WARPS)
     data = {}
@@ -744,7 +738,7 @@ def tune_low_rank(rep: int = 50, sizes=(4097, 6085), batch: int = 64, d: int = 3
     [B/C pairs | dt], 48 columns, the scan forming delta = W_dt dt per tile) and low rank with that GEMM's output in
     fp32 (the mixer's default). ms per piece and per layer."""
     from mambazoo.core.mamba import _pair_projection
-    from mambazoo.kernels import conv1d
+    from mambazoo.kernels.conv1d import ops as conv1d
 
     g = torch.Generator(device=DEV).manual_seed(5)
     rn = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
@@ -814,7 +808,7 @@ def tune_conv():
     """Forward tiles (BLOCK_L, BLOCK_D, warps) of mambazoo.kernels.conv1d on the mixer's (b, L, 2d) in_proj view at Vim's
     batch-64 shapes (both directions at 1248 px) and shape 1; prints ms per tile and keeps the fastest in total
     for the rest of this run. Results are checked against the first tile's output."""
-    from mambazoo.kernels import conv1d
+    from mambazoo.kernels.conv1d import ops as conv1d
 
     shapes = [(64, 384, 6085, False), (64, 384, 6085, True), (64, 384, 4097, False), (8, 1536, 2048, False)]
     data, ref, totals = {}, {}, {}
@@ -854,7 +848,7 @@ def resources(configs=((8, 16, 1, "fwd"), (4, 8, 1, "bwd"), (4, 16, 1, "bwd"), (
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mambazoo.kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
+    from mambazoo.kernels.scan.train import scan_bwd_kernel, scan_fwd_kernel
 
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     # B and C reach the kernels in fp32 (ops._bc_layout), the rest in bf16
@@ -868,8 +862,7 @@ def resources(configs=((8, 16, 1, "fwd"), (4, 8, 1, "bwd"), (4, 16, 1, "bwd"), (
             consts.update(STAGES=ops.CONFIG["cuda"]["fwd_stages"], K=ops.CONFIG["cuda"]["chunk"] // bl,
                           STORE_STATES=True, HAS_YO=False, yo_ptr=None, BC_PAIRS=False, SOFTPLUS_POLY=False)
         if kind == "bwd":
-            consts.update(HAS_QIN=False, PAIR_REDUCE=bool(ops.CONFIG["cuda"].get("pair_reduce")), PERSISTENT=False,
-                          ABLATE=0)
+            consts.update(HAS_QIN=False, PAIR_REDUCE=bool(ops.CONFIG["cuda"].get("pair_reduce")), PERSISTENT=False)
         consts.update({n: 1 for n in fn.arg_names if n.startswith("s") and n.endswith("l") and len(n) <= 5})
         consts["REVERSE"] = False
         sig = {n: "constexpr" if n in consts else ("*bf16" if n in bf16 else "*i32" if n == "seq_ptr" else

@@ -141,12 +141,12 @@ def main() -> None:
                     help="R > 1: also time vim-tiny against DeiT-Ti in R alternating rounds per size (paired ratio; with "
                          "--cuda-graph from graphs)")
     ap.add_argument("--scan-config", default=None, metavar="JSON",
-                    help='overrides of mambazoo.kernels.ops.CONFIG["cuda"], e.g. \'{"fwd_stages": 2}\' (scan tuning)')
+                    help='overrides of mambazoo.kernels.scan.ops.CONFIG["cuda"], e.g. \'{"fwd_stages": 2}\' (scan tuning)')
     ap.add_argument("--conv-tile", default=None, metavar="BL,BD,W",
                     help="mambazoo.kernels.conv1d forward tile (BLOCK_L, BLOCK_D, warps), e.g. 64,128,4 (conv tuning)")
     args = ap.parse_args()
     if args.conv_tile:
-        from mambazoo.kernels import conv1d
+        from mambazoo.kernels.conv1d import ops as conv1d
 
         conv1d.FWD_BLOCK_L, conv1d.FWD_BLOCK_D, conv1d.FWD_WARPS = (int(v) for v in args.conv_tile.split(","))
     if not torch.cuda.is_available():
@@ -154,7 +154,7 @@ def main() -> None:
     if args.scan_config:
         import json
 
-        from mambazoo.kernels import ops
+        from mambazoo.kernels.scan import ops
 
         ops.CONFIG["cuda"].update(json.loads(args.scan_config))
     models = [m for key, m in (("vim", ("vim-tiny", "vim_tiny_patch16_224", True)),

@@ -4,6 +4,7 @@
     mambazoo validate | test --config NAME --ckpt_path PATH
     mambazoo list [--models]                                 named configs (or registry models), one line each
     mambazoo generate --checkpoint PATH|NAME --prompt TEXT   sample from a trained language model
+    mambazoo backend                                         which implementation runs each op here, and why
 
 Errors in the input (unknown config, missing data, bad shapes) print one line; set
 MAMBAZOO_TRACEBACK=1 for the traceback.
@@ -503,10 +504,16 @@ def main(argv: list[str] | None = None) -> int:
             cmd_list(rest)
         elif cmd == "generate":
             cmd_generate(rest)
+        elif cmd == "backend":
+            if rest:
+                raise ValueError(f"backend: expected no arguments (set MAMBAZOO_* variables), got {' '.join(rest)}")
+            from mambazoo.core.backend import describe_backend
+
+            print(describe_backend())
         elif cmd in LIGHTNING_COMMANDS:
             run_lightning(argv)
         else:
-            raise ValueError(f"unknown command {cmd!r}; expected one of fit, validate, test, list, generate")
+            raise ValueError(f"unknown command {cmd!r}; expected one of fit, validate, test, list, generate, backend")
     except NonFiniteLossError as e:
         print(f"mambazoo: {e}", file=sys.stderr)
         return 1

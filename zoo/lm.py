@@ -18,7 +18,7 @@ from torch import nn
 from mambazoo.core.attention import Attention
 from mambazoo.core.block import Block
 from mambazoo.core.cache import InferenceCache
-from mambazoo.core.decode import fused_decode_enabled
+from mambazoo.core.dispatch import add_rms_norm, fused_decode_enabled
 from mambazoo.core.mamba import Mamba
 from mambazoo.core.mamba2 import Mamba2
 from mambazoo.core.mlp import MLP
@@ -168,7 +168,11 @@ class CausalLM(nn.Module):
         self.norm_f = RMSNorm(c.d_model, eps=c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.padded_vocab, bias=False)
         self.reset_parameters()
-        if c.tie_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With config.tie_embeddings, lm_head shares the embedding's weight (again after to_empty(), which unties)."""
+        if self.config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
 
     def _block(self, i: int, mixer_kind: str, ffn_kind: str) -> Block:
@@ -292,8 +296,6 @@ class CausalLM(nn.Module):
         """The decode step with fused kernels (CUDA): each block's residual add is fused into the next
         norm (Block.step_residual), the last one into the final norm, whose output is written in the
         head's dtype. Same values as the plain loop up to rounding."""
-        from mambazoo.kernels.decode import add_rms_norm
-
         h, residual = x, None
         for i, block in enumerate(self.layers):
             h, residual = block.step_residual(h, residual, cache.layers[i])

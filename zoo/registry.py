@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
-from typing import Callable
+from functools import partial
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -29,6 +30,19 @@ def register_model(name: str, description: str = ""):
         return builder
 
     return wrap
+
+
+def register_configs(configs: Mapping[str, Any], descriptions: Mapping[str, str],
+                     build: Callable[..., nn.Module]) -> None:
+    """Registers a family's named configs: ``create_model(name, **overrides)`` runs ``build(configs[name],
+    **overrides)`` and ``describe_model(name)`` is ``descriptions[name]`` (one line). Every config needs a
+    description and every description a config (ValueError naming the first that has none)."""
+    unmatched = sorted(set(configs) ^ set(descriptions))
+    if unmatched:
+        side = "description" if unmatched[0] in configs else "config"
+        raise ValueError(f"register_configs: {unmatched[0]!r} has no {side}")
+    for name, config in configs.items():
+        register_model(name, descriptions[name])(partial(build, config))
 
 
 def _load_variants() -> None:

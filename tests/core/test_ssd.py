@@ -197,14 +197,16 @@ def test_bad_input_raises_naming_the_shape():
         ssd_step_ref(torch.zeros(2, 4, 3), inp["x"][:, 0], inp["dt"][:, 0], inp["A"], inp["B"][:, 0], inp["C"][:, 0])
 
 
-def test_dispatch_is_chunked_on_cpu(monkeypatch):
-    monkeypatch.delenv("MAMBAZOO_SSD", raising=False)
-    assert ssd_backend(torch.device("cpu")) == "chunked"
-    assert ssd_backend(torch.device("cuda")) == "triton"
-    monkeypatch.setenv("MAMBAZOO_SSD", "ref")
-    assert ssd_backend(torch.device("cuda")) == "ref"
-    inp = make(L=5)
-    torch.testing.assert_close(ssd(**inp, chunk_size=4, dt_softplus=True), ssd_ref(**inp, dt_softplus=True))
-    monkeypatch.setenv("MAMBAZOO_SSD", "bogus")
-    with pytest.raises(ValueError, match="MAMBAZOO_SSD: expected ref, chunked or triton"):
-        ssd_backend(torch.device("cpu"))
+def test_dispatch_is_chunked_on_cpu():
+    from mambazoo.core.backend import Backend, backend
+
+    with backend(ssd="auto"):
+        assert ssd_backend(torch.device("cpu")) == "chunked"
+        assert ssd_backend(torch.device("cuda")) == "triton"
+    with backend(ssd="ref"):
+        assert ssd_backend(torch.device("cuda")) == "ref"
+        inp = make(L=5)
+        torch.testing.assert_close(ssd(**inp, chunk_size=4, dt_softplus=True), ssd_ref(**inp, dt_softplus=True))
+    assert Backend.from_env({"MAMBAZOO_SSD": "chunked"}).ssd == "chunked"
+    with pytest.raises(ValueError, match="MAMBAZOO_SSD: expected auto, triton, chunked, ref, got 'bogus'"):
+        Backend.from_env({"MAMBAZOO_SSD": "bogus"})

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from mambazoo.core.backend import backend
 from mambazoo.core.ssd import ssd_ref, ssd_step_ref
 from mambazoo.kernels.ssd import kernel_chunk_size, ssd_step_triton, ssd_triton
 
@@ -137,26 +138,24 @@ def test_fake_implementations_give_shapes():
     assert y1.shape == (2, 4, 3)
 
 
-def test_mixer_on_the_kernels_equals_chunked(monkeypatch):
+def test_mixer_on_the_kernels_equals_chunked():
     from mambazoo.core.mamba2 import Mamba2
 
     m = Mamba2(d_model=8, d_state=4, headdim=4, ngroups=2, chunk_size=16).eval()
     x = torch.randn(1, 5, 8)
-    with torch.no_grad():
-        monkeypatch.setenv("MAMBAZOO_SSD", "chunked")
+    with torch.no_grad(), backend(ssd="chunked"):
         y_ref = m(x)
         state_ref = m.allocate_state(1)
         m(x[:, :4], state_ref)
         step_ref = m.step(x[:, 4], state_ref)
-        monkeypatch.setenv("MAMBAZOO_SSD", "triton")
+    with torch.no_grad(), backend(ssd="triton"):
         y = m(x)
         state = m.allocate_state(1)
         m(x[:, :4], state)
         step = m.step(x[:, 4], state)
     assert rel(y, y_ref) < 1e-5 and rel(step, step_ref) < 1e-5 and rel(state.ssm, state_ref.ssm) < 1e-5
     # the fused decode path (the conv-state kernel too), as on CUDA
-    monkeypatch.setenv("MAMBAZOO_SCAN", "triton")
-    with torch.no_grad():
+    with torch.no_grad(), backend(ssd="triton", scan="triton"):
         state = m.allocate_state(1)
         m(x[:, :4], state)
         fused = m.step(x[:, 4], state)
@@ -167,19 +166,19 @@ def test_kernel_chunk_size():
     assert [kernel_chunk_size(c) for c in (1, 16, 17, 64, 256)] == [16, 16, 32, 64, 64]
 
 
-def test_compile_fullgraph_traces_the_mixer(monkeypatch):
+def test_compile_fullgraph_traces_the_mixer():
     """torch.compile(fullgraph=True) traces a Mamba-2 mixer on the kernels (the ops' fakes give the shapes;
     aot_eager runs the traced forward and backward graphs without code generation)."""
     from mambazoo.core.mamba2 import Mamba2
 
-    monkeypatch.setenv("MAMBAZOO_SSD", "triton")
     m = Mamba2(d_model=8, d_state=4, headdim=4, ngroups=2, chunk_size=16)
     x = torch.randn(1, 6, 8, requires_grad=True)
-    y = m(x)
-    (gx,) = torch.autograd.grad(y.square().sum(), x)
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    yc = compiled(x)
-    (gxc,) = torch.autograd.grad(yc.square().sum(), x)
+    with backend(ssd="triton"):
+        y = m(x)
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        yc = compiled(x)
+        (gxc,) = torch.autograd.grad(yc.square().sum(), x)
     assert rel(yc, y) < 1e-6 and rel(gxc, gx) < 1e-6
 
 

@@ -4,12 +4,10 @@ Registers aum-tiny / aum-small / aum-base and aum-digits (``mambazoo.create_mode
 
 from __future__ import annotations
 
-from functools import partial
-
 from mambazoo.audio.configs import AUM_CONFIGS, DESCRIPTIONS
 from mambazoo.audio.frontend import AudioFrontend, check_waveform
 from mambazoo.audio.model import AudioMamba
-from mambazoo.registry import register_model
+from mambazoo.registry import register_configs
 
 
 def build_aum(name: str, **overrides) -> AudioMamba:
@@ -17,7 +15,10 @@ def build_aum(name: str, **overrides) -> AudioMamba:
     return AudioMamba(**{**AUM_CONFIGS[name], **overrides})
 
 
-for _name in AUM_CONFIGS:
-    register_model(_name, DESCRIPTIONS[_name])(partial(build_aum, _name))
+def _build(config: dict, **overrides) -> AudioMamba:
+    return AudioMamba(**{**config, **overrides})
+
+
+register_configs(AUM_CONFIGS, DESCRIPTIONS, _build)
 
 __all__ = ["AudioFrontend", "AudioMamba", "build_aum", "check_waveform"]

@@ -8,8 +8,8 @@ or ``create_model("jamba-tiny", layout="MAMA")``; ``window=`` makes attention sl
 
 from __future__ import annotations
 
-from mambazoo.lm import CausalLM, LMConfig, build_lm
-from mambazoo.registry import register_model
+from mambazoo.lm import LMConfig, build_lm
+from mambazoo.registry import register_configs
 
 _JAMBA = dict(attn_period=8, attn_offset=4, moe_period=2, moe_offset=1, inner_norm=True, top_k=2,
               n_experts=16, aux_loss_weight=0.001, capacity_factor=None, renormalize=False,
@@ -24,16 +24,9 @@ CONFIGS: dict[str, LMConfig] = {
 }
 
 
-def _register(name: str) -> None:
-    c = CONFIGS[name]
+DESCRIPTIONS = {name: f"Jamba hybrid, {c.n_layer} layers (attention 1:{c.attn_period - 1}), d_model {c.d_model}, "
+                      f"MoE {c.n_experts} experts top-{c.top_k}" for name, c in CONFIGS.items()}
 
-    @register_model(name, f"Jamba hybrid, {c.n_layer} layers (attention 1:{c.attn_period - 1}), d_model "
-                          f"{c.d_model}, MoE {c.n_experts} experts top-{c.top_k}")
-    def builder(**overrides) -> CausalLM:
-        return build_lm(CONFIGS[name], **overrides)
+register_configs(CONFIGS, DESCRIPTIONS, build_lm)
 
-
-for _name in CONFIGS:
-    _register(_name)
-
-__all__ = ["CONFIGS"]
+__all__ = ["CONFIGS", "DESCRIPTIONS"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mambazoo.lm import CausalLM, LMConfig, build_lm
-from mambazoo.registry import register_model
+from mambazoo.lm import LMConfig, build_lm
+from mambazoo.registry import register_configs
 
 # (n_layer, d_model) of the published checkpoints; vocab 50277 (GPT-NeoX) padded to 50280.
 SHAPES = {
@@ -20,15 +20,8 @@ CONFIGS: dict[str, LMConfig] = {
 CONFIGS["mamba-tiny"] = LMConfig(vocab_size=512, n_layer=2, d_model=64)
 
 
-def _register(name: str) -> None:
-    n, d = SHAPES.get(name, (CONFIGS[name].n_layer, CONFIGS[name].d_model))
+DESCRIPTIONS = {name: f"Mamba LM, {c.n_layer} layers x d_model {c.d_model}" for name, c in CONFIGS.items()}
 
-    @register_model(name, f"Mamba LM, {n} layers x d_model {d}")
-    def builder(**overrides) -> CausalLM:
-        return build_lm(CONFIGS[name], **overrides)
+register_configs(CONFIGS, DESCRIPTIONS, build_lm)
 
-
-for _name in CONFIGS:
-    _register(_name)
-
-__all__ = ["CONFIGS", "SHAPES"]
+__all__ = ["CONFIGS", "DESCRIPTIONS", "SHAPES"]

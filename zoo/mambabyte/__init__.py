@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-from mambazoo.lm import CausalLM, LMConfig, build_lm
+from mambazoo.lm import LMConfig, build_lm
 from mambazoo.mambabyte.tokenizer import ByteTokenizer, bits_per_byte
-from mambazoo.registry import register_model
+from mambazoo.registry import register_configs
 
 CONFIGS: dict[str, LMConfig] = {
     "mambabyte-353m": LMConfig(vocab_size=256, n_layer=53, d_model=1024),
     "mambabyte-972m": LMConfig(vocab_size=256, n_layer=48, d_model=1792),
-    "mambabyte-tiny": LMConfig(vocab_size=256, n_layer=2, d_model=64),
+    "mambabyte-tiny": LMConfig(vocab_size=256, n_layer=2, d_model=64, d_state=8),
 }
 
 
-def _register(name: str) -> None:
-    c = CONFIGS[name]
+DESCRIPTIONS = {name: f"MambaByte, {c.n_layer} layers x d_model {c.d_model}, 256 byte symbols"
+                for name, c in CONFIGS.items()}
 
-    @register_model(name, f"MambaByte, {c.n_layer} layers x d_model {c.d_model}, 256 byte symbols")
-    def builder(**overrides) -> CausalLM:
-        return build_lm(CONFIGS[name], **overrides)
+register_configs(CONFIGS, DESCRIPTIONS, build_lm)
 
-
-for _name in CONFIGS:
-    _register(_name)
-
-__all__ = ["CONFIGS", "ByteTokenizer", "bits_per_byte"]
+__all__ = ["CONFIGS", "DESCRIPTIONS", "ByteTokenizer", "bits_per_byte"]

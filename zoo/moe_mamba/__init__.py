@@ -6,8 +6,8 @@ capacity factor 1.0, load-balancing weight 0.01, GPT-2 vocabulary (50257).
 
 from __future__ import annotations
 
-from mambazoo.lm import CausalLM, LMConfig, build_lm
-from mambazoo.registry import register_model
+from mambazoo.lm import LMConfig, build_lm
+from mambazoo.registry import register_configs
 
 CONFIGS: dict[str, LMConfig] = {
     "moe-mamba": LMConfig(vocab_size=50257, n_layer=8, d_model=512, ffn="e", n_experts=32, d_ffn=1536,
@@ -17,16 +17,9 @@ CONFIGS: dict[str, LMConfig] = {
 }
 
 
-def _register(name: str) -> None:
-    c = CONFIGS[name]
+DESCRIPTIONS = {name: f"MoE-Mamba, {c.n_layer} x [Mamba, MoE {c.n_experts} experts top-{c.top_k}], d_model "
+                      f"{c.d_model}" for name, c in CONFIGS.items()}
 
-    @register_model(name, f"MoE-Mamba, {c.n_layer} x [Mamba, MoE {c.n_experts} experts top-{c.top_k}], "
-                          f"d_model {c.d_model}")
-    def builder(**overrides) -> CausalLM:
-        return build_lm(CONFIGS[name], **overrides)
+register_configs(CONFIGS, DESCRIPTIONS, build_lm)
 
-
-for _name in CONFIGS:
-    _register(_name)
-
-__all__ = ["CONFIGS"]
+__all__ = ["CONFIGS", "DESCRIPTIONS"]

@@ -5,9 +5,7 @@ architectures ``vim_{tiny,small,base}_patch16_224`` (``timm.create_model`` after
 
 from __future__ import annotations
 
-from functools import partial
-
-from mambazoo.registry import register_model
+from mambazoo.registry import register_configs
 from mambazoo.vim import timm_models  # noqa: F401  (registers the timm names)
 from mambazoo.vim.configs import DESCRIPTIONS, VIM_CONFIGS
 from mambazoo.vim.model import PatchEmbed, VisionMamba
@@ -19,7 +17,10 @@ def build_vim(name: str, **overrides) -> VisionMamba:
     return VisionMamba(**{**VIM_CONFIGS[name], **overrides})
 
 
-for _name in VIM_CONFIGS:
-    register_model(_name, DESCRIPTIONS[_name])(partial(build_vim, _name))
+def _build(config: dict, **overrides) -> VisionMamba:
+    return VisionMamba(**{**config, **overrides})
+
+
+register_configs(VIM_CONFIGS, DESCRIPTIONS, _build)
 
 __all__ = ["PatchEmbed", "VisionMamba", "build_vim", "load_weights", "read_state_dict"]

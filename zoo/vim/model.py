@@ -24,7 +24,8 @@ from torch import nn
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from mambazoo.core.block import Block
-from mambazoo.core.decode import fused_decode_enabled
+from mambazoo.core import dispatch
+from mambazoo.core.dispatch import fused_decode_enabled
 from mambazoo.core.mamba import Mamba
 from mambazoo.core.norm import RMSNorm
 
@@ -255,10 +256,8 @@ class VisionMamba(nn.Module):
                 hidden, residual = blk.forward_residual(hidden, residual, consume=own)
                 own = True  # a block's output
             if norm and isinstance(self.norm, RMSNorm) and residual is not None:
-                from mambazoo.kernels.decode import add_rms_norm
-
                 b, L, d = residual.shape
-                out, _ = add_rms_norm(hidden.reshape(b * L, d), residual.view(b * L, d), self.norm.weight,
+                out, _ = dispatch.add_rms_norm(hidden.reshape(b * L, d), residual.view(b * L, d), self.norm.weight,
                                       self.norm.eps, out_dtype=torch.float32, keep_residual=False)
                 return out.view(b, L, d)
             x = residual + hidden if residual is not None else hidden.float()
@@ -282,26 +281,21 @@ class VisionMamba(nn.Module):
         return self.forward_tokens(self.pos_drop(tokens), consume=True, norm=True)
 
     def _patch_tokens(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
-        """patch_embed + _pos_embed in one kernel (kernels/patch_embed.py: the image read once, no patch copy) at
-        inference under half-precision autocast on the fused path, for the patch shapes it takes; else None.
-        MAMBAZOO_FUSED_PATCH=0 turns it off (A/B timing)."""
-        from mambazoo.kernels.patch_embed import patch_tokens, patch_tokens_fit
-
+        """patch_embed + _pos_embed in one kernel (kernels/patch_embed/ops.py: the image read once, no patch copy) at
+        inference under half-precision autocast on the fused path, for the patch shapes it takes; else None
+        (mambazoo.core.dispatch.fused_patch: the backend's fused_patch switch)."""
         pe_mod = self.patch_embed
-        if (self.training or torch.is_grad_enabled() or x.dim() != 4 or not fused_decode_enabled(x.device)
-                or not torch.is_autocast_enabled(x.device.type) or os.environ.get("MAMBAZOO_FUSED_PATCH", "1") == "0"
-                or not patch_tokens_fit(pe_mod.patch_size, pe_mod.stride, self.embed_dim)):
+        if (self.training or x.dim() != 4 or not fused_decode_enabled(x.device) or not dispatch.fused_patch(x)
+                or not dispatch.patch_tokens_fit(pe_mod.patch_size, pe_mod.stride, self.embed_dim)):
             return None
         dtype = torch.get_autocast_dtype(x.device.type)
-        if dtype not in (torch.bfloat16, torch.float16):
-            return None
         pe_mod.check_image(x)
         pos = self._pos_for(grid)
         w = pe_mod.proj.weight
         w_t = w.reshape(w.shape[0], -1).t().to(dtype, memory_format=torch.contiguous_format)
         bias = pe_mod.proj.bias.to(dtype) if pe_mod.proj.bias is not None else None
         mid = grid[0] * grid[1] // 2
-        out = patch_tokens(x, w_t, bias, pos[0, 1:].float().contiguous(), pe_mod.patch_size, mid)
+        out = dispatch.patch_tokens(x, w_t, bias, pos[0, 1:].float().contiguous(), pe_mod.patch_size, mid)
         out[:, mid] = (self.cls_token[0, 0] + pos[0, 0]).float()
         return out
 

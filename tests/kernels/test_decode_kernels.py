@@ -1,6 +1,6 @@
-"""The fused decode-step kernels (kernels/decode.py, the A_log state update) against their PyTorch
+"""The fused decode-step kernels (kernels/decode/, the A_log state update) against their PyTorch
 references (core/decode.py), and a whole model decoding with them against the plain path
-(CPU, TRITON_INTERPRET=1; ``MAMBAZOO_SCAN=triton`` turns the fused path on for CPU tensors).
+(CPU, TRITON_INTERPRET=1; the backend's scan="triton" turns the fused path on for CPU tensors).
 
 bf16 tolerances are loose on purpose: the interpreter casts fp32 -> bf16 by truncation (the GPU
 rounds to nearest even), so a kernel's bf16 outputs are up to one ulp off the reference here.
@@ -18,22 +18,18 @@ from mambazoo.core.mamba import Mamba
 from mambazoo.core.scan import selective_state_update_ref
 from mambazoo.kernels import decode
 from mambazoo.kernels.decode import add_rms_norm, conv_state_update
-from mambazoo.kernels.state_update import launch_state_update
+from mambazoo.kernels.decode.state_update import launch_state_update
+from helpers import rel, set_backend
 from mambazoo import create_model
+from mambazoo.core.backend import backend
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def rel(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture
 def fused(monkeypatch):
     """Force the fused decode path on CPU tensors (the kernels run in the interpreter)."""
-    monkeypatch.setenv("MAMBAZOO_SCAN", "triton")
-    monkeypatch.delenv("MAMBAZOO_FUSED_DECODE", raising=False)
+    set_backend(monkeypatch, scan="triton", fused_decode=True)
 
 
 # -- add + RMSNorm ---------------------------------------------------------------------------------
@@ -42,7 +38,7 @@ def fused(monkeypatch):
 @pytest.mark.parametrize("loop", [False, True])
 def test_add_rms_norm(dtype, mode, loop, monkeypatch):
     if loop:  # rows wider than one tile: the two-pass variant
-        monkeypatch.setattr(decode, "_MAX_BLOCK_NORM", 16)
+        monkeypatch.setattr(decode.ops, "_MAX_BLOCK_NORM", 16)
     batch, d = 3, 37
     x = torch.randn(batch, 2 * d, dtype=dtype)[:, :d] if mode != "norm_only" else None  # strided rows
     residual = torch.randn(batch, d) if mode != "first" else None
@@ -71,7 +67,7 @@ def test_add_rms_norm_without_keeping_the_residual(monkeypatch):
     out, r = add_rms_norm(x, kept, weight, keep_residual=False)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert r is kept and torch.equal(kept, residual)
-    monkeypatch.setattr(decode, "_MAX_BLOCK_NORM", 16)
+    monkeypatch.setattr(decode.ops, "_MAX_BLOCK_NORM", 16)
     looped = residual.clone()
     out, _ = add_rms_norm(x, looped, weight, keep_residual=False)
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
@@ -82,7 +78,7 @@ def test_add_rms_norm_without_keeping_the_residual(monkeypatch):
 def test_add_rms_norm_written_over_x(loop, monkeypatch):
     """out_into_x: the normed rows land in x's own memory (same values as a fresh output); not where dtypes differ."""
     if loop:
-        monkeypatch.setattr(decode, "_MAX_BLOCK_NORM", 16)
+        monkeypatch.setattr(decode.ops, "_MAX_BLOCK_NORM", 16)
     x, residual, weight = torch.randn(3, 37), torch.randn(3, 37), 1 + 0.1 * torch.randn(37)
     want, r_want = add_rms_norm(x.clone(), residual.clone(), weight)
     out, r = add_rms_norm(x, residual, weight, out_into_x=True)
@@ -176,28 +172,22 @@ def test_state_update_a_log(dtype):
 # -- the switch ------------------------------------------------------------------------------------
 def test_fused_decode_enabled(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.delenv("MAMBAZOO_SCAN", raising=False)
+    set_backend(monkeypatch, scan="auto")
     with torch.no_grad():
         assert not fused_decode_enabled(cpu)  # CPU keeps the reference path
-        monkeypatch.setenv("MAMBAZOO_SCAN", "triton")
+        set_backend(monkeypatch, scan="triton")
         assert fused_decode_enabled(cpu)
-        monkeypatch.setenv("MAMBAZOO_FUSED_DECODE", "0")
-        assert not fused_decode_enabled(cpu)
-        monkeypatch.delenv("MAMBAZOO_FUSED_DECODE")
+        with backend(fused_decode=False):
+            assert not fused_decode_enabled(cpu)
     with torch.enable_grad():
         assert not fused_decode_enabled(cpu)  # the kernels have no backward
 
 
 # -- whole decode steps ----------------------------------------------------------------------------
 def _decode(model, ids, fused_on, monkeypatch):
-    if fused_on:
-        monkeypatch.setenv("MAMBAZOO_SCAN", "triton")
-    else:
-        monkeypatch.delenv("MAMBAZOO_SCAN", raising=False)
     cache = model.allocate_cache(ids.shape[0], 8)
-    with torch.inference_mode():
+    with torch.inference_mode(), backend(scan="triton" if fused_on else "auto"):
         out = torch.stack([model.step(ids[:, t], cache) for t in range(ids.shape[1])], 1)
-    monkeypatch.delenv("MAMBAZOO_SCAN", raising=False)
     return out, cache
 
 
@@ -271,8 +261,7 @@ def test_block_step_fused_keeps_its_contract(fused):
         y = blk.step(x, s1)
         assert fused_decode_enabled(x.device)
         ref_blk = copy.deepcopy(blk)
-    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MAMBAZOO_SCAN")
+    with torch.no_grad(), backend(scan="auto"):
         y_ref = ref_blk.step(x, s2)
     assert torch.equal(x, x0)
     assert y.dtype == torch.float32

@@ -65,10 +65,21 @@ def losses(run_dir, version=0) -> dict[int, float]:
 
 
 # -- list / unknown names ---------------------------------------------------------------------------
+def test_backend_command_describes_the_choices(capsys):
+    from mambazoo.core.backend import backend
+
+    with backend(ssd="ref"):
+        assert main(["backend"]) == 0
+    out = capsys.readouterr().out
+    assert "ssd            ref      set in code" in out and "on cpu: scan chunked, ssd ref, conv torch" in out
+    assert main(["backend", "--scan"]) == 2
+    assert "expected no arguments" in capsys.readouterr().err
+
+
 def test_list_shows_every_config_with_a_description(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("mambabyte-tiny", "mamba-tiny", "moe-mamba-tiny", "jamba-tiny", "vim-tiny-fashion", "aum-tiny-digits",
+    for name in ("mambabyte-tiny", "mamba-tiny", "moe-mamba-tiny", "jamba-tiny", "vim-tiny-fashion", "aum-digits",
                  "selective-copy-mamba", "selective-copy-s4d", "induction-heads-mamba", "mqar-hybrid", "mamba-2.8b",
                  "jamba-v0.1", "vim-base"):
         assert name in config_names() and name in out
@@ -152,7 +163,7 @@ def test_vim_fashion_config_fits(tmp_path):
 
 
 def test_aum_digits_config_fits(tmp_path, wav_tree):
-    assert fit(tmp_path, "aum-tiny-digits", "--data.init_args.root", str(wav_tree), "--trainer.max_steps", "2",
+    assert fit(tmp_path, "aum-digits", "--data.init_args.root", str(wav_tree), "--trainer.max_steps", "2",
                "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--data.init_args.batch_size", "4",
                "--data.init_args.num_workers", "0", "--model.init_args.model_kwargs",
                json.dumps({"depth": 1, "embed_dim": 32})) == 0
@@ -248,7 +259,7 @@ def test_missing_image_and_audio_data(tmp_path, capsys):
     tiny = ["--model.init_args.model_kwargs", json.dumps({"depth": 1, "embed_dim": 32})]
     assert fit(tmp_path, "vim-tiny-fashion", "--data.init_args.root", str(tmp_path / "fm"), *tiny) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
-    assert fit(tmp_path, "aum-tiny-digits", "--data.init_args.root", str(tmp_path / "sd"), *tiny) == 2
+    assert fit(tmp_path, "aum-digits", "--data.init_args.root", str(tmp_path / "sd"), *tiny) == 2
     assert "make_spoken_digits.py" in capsys.readouterr().err
 
 

@@ -25,8 +25,7 @@ from mambazoo.kernels._host import cdiv, pow2_parts
 
 __all__ = ["patch_tokens", "patch_tokens_fit", "CONFIG"]
 
-# block_p patches per program, warps. H100, vim-tiny at 1024 px (scripts/bench_patch_embed.py): (64, 4) 0.450 ms,
-# (32, 4) 0.486, (64, 8) 0.528, (128, 8) 0.767.
+# block_p patches per program, warps (scripts/bench_patch_embed.py; timings in docs/kernel_notes.md, "Tile choices").
 CONFIG = {"cuda": dict(block_p=64, warps=4), "cpu": dict(block_p=16, warps=1)}
 
 

@@ -1,7 +1,7 @@
 """Fused one-token decode step of the selective scan.
 
-    state (b, d, N) fp32, updated in place;  x, dt, z, y (b, d);  A (d, N);
-    B, C (b, G, N) (G = 1 for (b, N));  D, dt_bias (d,)
+    state (b, d, N) fp32, fp16 or bf16, updated in place (the step in fp32, stored back in the state's dtype);
+    x, dt, z, y (b, d);  A (d, N);  B, C (b, G, N) (G = 1 for (b, N));  D, dt_bias (d,)
 
     dt <- softplus(dt + dt_bias);  state <- exp(dt A) state + dt B x;  y = C . state + D x;  y *= silu(z)
 
@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from mambazoo.kernels._args import shape_str as _shape
 from mambazoo.kernels._host import cdiv, next_power_of_2
 
 
@@ -41,7 +42,7 @@ def state_update_kernel(
     g = d0 // dpg
     dn = offs_d[:, None] * N + offs_n[None, :]
     st_ptr = state_ptr + b * dim * N + dn
-    h = tl.load(st_ptr, mask=mask, other=0.0)
+    h = tl.load(st_ptr, mask=mask, other=0.0).to(tl.float32)  # a no-op for an fp32 state
     A = tl.load(A_ptr + dn, mask=mask, other=0.0).to(tl.float32)
     if A_IS_LOG:
         A = -tl.exp(A)
@@ -55,7 +56,7 @@ def state_update_kernel(
     Cv = tl.load(C_ptr + b * stride_cb + g * stride_cg + offs_n * stride_cn, mask=mask_n, other=0.0).to(tl.float32)
     a = tl.exp2(dt[:, None] * A * 1.4426950408889634)
     h = a * h + (dt * x)[:, None] * Bv[None, :]
-    tl.store(st_ptr, h, mask=mask)
+    tl.store(st_ptr, h.to(state_ptr.dtype.element_ty), mask=mask)  # y below reads the unrounded fp32 h
     y = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
         y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
@@ -80,7 +81,8 @@ def _rows(t: Tensor) -> Tensor:
 def launch_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                         D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
                         dt_softplus: bool, A_is_log: bool = False) -> Tensor:
-    """One decode step; ``state`` must be contiguous fp32 (updated in place); returns y (b, d) in x's dtype.
+    """One decode step; ``state`` must be contiguous fp32, fp16 or bf16 (updated in place, in its dtype); returns
+    y (b, d) in x's dtype.
 
     x, dt, z (b, d) and B, C (b, N) | (b, G, N) may be strided views (e.g. slices of in_proj's and
     x_proj's outputs); A, D, dt_bias may be of any float dtype. With ``A_is_log`` the A argument is
@@ -125,14 +127,13 @@ def _state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return torch.empty_like(x)
 
 
-def _shape(t):
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
 
 def check_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):
     """Minimal boundary checks; raises ValueError naming the expected layout."""
-    if state.dim() != 3 or state.dtype != torch.float32 or not state.is_contiguous():
-        raise ValueError(f"state: expected a contiguous float32 (batch, dim, N), got {state.dtype} {_shape(state)}")
+    if (state.dim() != 3 or state.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            or not state.is_contiguous()):
+        raise ValueError(f"state: expected a contiguous float32, float16 or bfloat16 (batch, dim, N), got "
+                         f"{state.dtype} {_shape(state)} with strides {tuple(state.stride())}")
     batch, dim, N = state.shape
     for name, t in (("x", x), ("dt", dt), ("z", z)):
         if t is not None and tuple(t.shape) != (batch, dim):

@@ -17,7 +17,7 @@ from mambazoo.data.audio import WavFolderDataModule, read_wav
 from mambazoo.data.images import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTDataModule, ImageFolderDataModule,
                               read_idx, resize_batch)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_idx(path, array):

@@ -23,8 +23,7 @@ read through y's strides).
 Two kernels share the per-tile work (_scan_tile) and epilogue: scan_fwd_infer_kernel runs one direction;
 scan_bidir_infer_kernel runs both directions of a bidirectional mixer in two launches of twice the programs (each
 direction over half of the sequence per launch, the second averaging with the first's output), which keeps twice
-the warps per SM where one direction's grid leaves the GPU part-empty (vim-tiny: 1,536 one-warp programs, ~12 of the
-16 per SM that 128 registers allow on an H100).
+the warps per SM where one direction's grid leaves the GPU part-empty (docs/kernel_notes.md, "Tile choices").
 """
 
 from __future__ import annotations
@@ -32,21 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mambazoo.kernels._math import sigmoid
-from mambazoo.kernels.selective_scan import _bias_d, _combine, _dt_tile, _dt_value, _last, _mem, _off, _row, _steps
-
-
-@triton.jit
-def _gate(z, TANH: tl.constexpr, FAST: tl.constexpr):
-    """silu(z) = z sigmoid(z); TANH (GPU only): sigmoid(z) = (1 + tanh(z / 2)) / 2 with one tanh.approx, one
-    special-function op instead of ex2 + rcp (relative error of tanh ~2^-11: for half-precision outputs)."""
-    if TANH:
-        th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z * 0.5], dtype=tl.float32,
-                                       is_pure=True, pack=1)
-        g = z * (0.5 + 0.5 * th)
-    else:
-        g = z * sigmoid(z, FAST)
-    return g
+from mambazoo.kernels._math import gate as _gate, sigmoid  # noqa: F401  (_gate: used in the kernels)
+from mambazoo.kernels.scan.train import _bias_d, _combine, _dt_tile, _dt_value, _last, _mem, _off, _row, _steps
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Fused kernels of the one-token decode step (besides the state update, kernels/state_update.py).
+"""Fused kernels of the one-token decode step (besides the state update, kernels/decode/state_update.py).
 
     add_rms_norm(x, residual, weight, eps)      residual += x (fp32, in place); out = RMSNorm(residual) * weight
     conv_state_update(conv_state, x, w, bias)   conv_state <- [conv_state[..., 1:], x]; y = silu(conv_state . w + bias)
@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from mambazoo.kernels._args import shape_str as _shape
 from mambazoo.kernels._host import cdiv, next_power_of_2
 
 __all__ = ["add_rms_norm", "conv_state_update"]
@@ -74,9 +75,6 @@ def add_rms_norm_kernel(
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(o_row + offs, (r * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
-
-def _shape(t) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def add_rms_norm(x: Optional[Tensor], residual: Optional[Tensor], weight: Tensor, eps: float = 1e-5,

@@ -9,6 +9,7 @@ from timm.layers import resample_abs_pos_embed
 
 import mambazoo
 import mambazoo.vim  # noqa: F401  (registers the timm names)
+from mambazoo.core.backend import backend
 from mambazoo.vim import VisionMamba, load_weights
 
 TINY = dict(embed_dim=16, depth=2, d_state=4)  # small enough for CPU tests
@@ -185,7 +186,7 @@ def test_fused_residual_inference_matches_the_block_forward(monkeypatch):
 def test_patch_and_position_embedding_in_one_kernel(monkeypatch):
     """At inference under bf16 autocast the fused path makes the tokens with one kernel (kernels/patch_embed.py:
     patches read from the image, projected, position embedding added, class token's row in the middle): the tokens
-    and features of the unfused path (MAMBAZOO_FUSED_PATCH=0) within bf16's rounding, at the model's size and at
+    and features of the unfused path (the backend's fused_patch=False) within bf16's rounding, at the model's size and at
     another (position embedding resampled); a bad image still raises the unfused path's ValueError."""
     from mambazoo.kernels import patch_embed
     from mambazoo.vim import model as vim_model
@@ -202,11 +203,10 @@ def test_patch_and_position_embedding_in_one_kernel(monkeypatch):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             fused_tokens = model._patch_tokens(x, grid)
             fused = model.forward_features(x)
-            monkeypatch.setenv("MAMBAZOO_FUSED_PATCH", "0")
-            assert model._patch_tokens(x, grid) is None
-            plain_tokens = model._pos_embed(model.patch_embed(x), grid)
-            plain = model.forward_features(x)
-            monkeypatch.delenv("MAMBAZOO_FUSED_PATCH")
+            with backend(fused_patch=False):
+                assert model._patch_tokens(x, grid) is None
+                plain_tokens = model._pos_embed(model.patch_embed(x), grid)
+                plain = model.forward_features(x)
         assert fused_tokens.dtype == plain_tokens.dtype == torch.float32 and fused_tokens.shape == plain_tokens.shape
         torch.testing.assert_close(fused_tokens, plain_tokens, rtol=1e-2, atol=2e-2)
         assert ((fused - plain).norm() / plain.norm()).item() < 1e-2

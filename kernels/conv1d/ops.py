@@ -9,16 +9,14 @@ reverse=True the window looks ahead instead, x[:, c, t + (W-1) - k] (the causal 
 sequence, read in place: Vim's backward direction). y is returned as a (b, d, L) view of a (b, L, d)
 buffer: the layout x_proj reads and the scan kernel reads through strides, so neither copies.
 
-The default of mambazoo.core.mamba on CUDA (``MAMBAZOO_CONV=torch`` keeps PyTorch's conv1d; the CPU runs PyTorch's
-unless the Triton interpreter is on and MAMBAZOO_CONV=triton asks).  H100, (8, 1536, 2048) bf16: forward
-0.054 ms against F.conv1d's 0.334 (docs/benchmarks.md); vim-tiny 288 -> 452 images/s at 1024 px.
+The mixer's conv on CUDA (mambazoo.core.backend's conv choice; its oracle is mambazoo.core.conv_ref; timings in
+docs/kernel_notes.md, "Tile choices").
 The backward runs two kernels: dpre = dy act'(pre) (fp32 buffer) with dw / db summed per program over
 DW_TILES tiles, then dx from the shifted dpre tiles.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -28,27 +26,13 @@ from torch import Tensor
 from mambazoo.kernels._host import cdiv, interpreting
 from mambazoo.kernels._math import sigmoid
 
-__all__ = ["causal_conv1d", "causal_conv1d_pair", "conv_backend"]
+__all__ = ["causal_conv1d", "causal_conv1d_pair"]
 
 BLOCK_L, BLOCK_D = 32, 64  # the backward's (steps, channels) tile per program; channels are contiguous in (b, L, d)
-# The forward's tile and warps (`bench_scan.py --tune-conv`, H100, session 5: (16, 128, 4) took 0.228 / 0.237 ms
-# per direction at Vim's (64, 384, 6085) against 0.373 / 0.380 for (32, 64, 4); 0.045 vs 0.071 ms at (8, 1536, 2048)).
+# the forward's (steps, channels, warps) and causal_conv1d_pair's, from scripts/bench_scan.py --tune-conv
 FWD_BLOCK_L, FWD_BLOCK_D, FWD_WARPS = 16, 128, 4
-# causal_conv1d_pair's tile: H100, vim-tiny at 1024 / 1248 px 0.253 / 0.368 ms, (16, 128, 4) 0.260 / 0.380 (session 7,
-# scripts/bench_scan.py --tune-conv)
 PAIR_BLOCK_L, PAIR_BLOCK_D, PAIR_WARPS = 32, 128, 4
 DW_TILES = 8  # backward: tiles per program summed in registers before the dw / db atomics
-
-
-def conv_backend(device: torch.device) -> str:
-    """Which conv1d the mixer runs: 'triton' on CUDA (unless MAMBAZOO_CONV=torch) and in the CPU interpreter
-    when MAMBAZOO_CONV=triton asks for it; 'torch' otherwise."""
-    want = os.environ.get("MAMBAZOO_CONV", "").strip().lower()
-    if want not in ("", "torch", "triton"):
-        raise ValueError(f"MAMBAZOO_CONV: expected torch or triton, got {want!r}")
-    if want == "torch":
-        return "torch"
-    return "triton" if device.type == "cuda" or (interpreting() and want == "triton") else "torch"
 
 
 @triton.jit
@@ -336,7 +320,7 @@ def _check_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         raise ValueError(f"weight: expected (dim, W) or (dim, 1, W) with dim = {dim}, got {tuple(weight.shape)}")
     if not 1 <= weight.shape[1] <= 4:
         raise ValueError(f"weight: the Triton conv handles widths 1 to 4, got {weight.shape[1]} "
-                         f"(MAMBAZOO_CONV=torch runs any width)")
+                         f"(the backend's conv=torch runs any width)")
     if bias is not None and tuple(bias.shape) != (dim,):
         raise ValueError(f"bias: expected ({dim},), got {tuple(bias.shape)}")
     return weight

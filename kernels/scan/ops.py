@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mambazoo.core.scan import low_rank_delta, low_rank_dtype
+from mambazoo.kernels._args import low_rank_delta, low_rank_dtype
 from mambazoo.kernels._host import cdiv, interpreting, next_power_of_2
-from mambazoo.kernels.scan_infer import scan_bidir_infer_kernel, scan_fwd_infer_kernel
-from mambazoo.kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
+from mambazoo.kernels.scan.infer import scan_bidir_infer_kernel, scan_fwd_infer_kernel
+from mambazoo.kernels.scan.train import scan_bwd_kernel, scan_fwd_kernel
 
 # Tile sizes (steps per tile block_l, channels per program block_d, warps), per pass.  The forward
 # stores the state every `chunk` steps for the backward; block_l of either pass must divide it.  GPU
@@ -23,17 +23,16 @@ from mambazoo.kernels.selective_scan import scan_bwd_kernel, scan_fwd_kernel
 # stretches only when fewer than `split_below` programs would run, aiming at `min_programs`.  The CPU
 # interpreter uses small tiles so that tests cross several tiles, chunks and stretches at tiny lengths.
 # fwd_stages: the forward's software pipeline depth (inputs of the next tiles copied ahead to shared memory).
-# bc_fp32: variable half-precision B / C handed to the kernels as fp32 copies (_bc_layout; without the copies
-# vim-tiny ran 844 / 568 images/s at 1024 / 1248 px instead of 867 / 583, H100, session 5).
+# bc_fp32: variable half-precision B / C handed to the kernels as fp32 copies (_bc_layout: faster, see
+# docs/kernel_notes.md, "Tile choices").
 # pair_reduce: the backward sums dB and dC over the channels together, starting with a lane shuffle in
 # inline PTX (GPU only; the interpreter runs the plain reductions).
 # bwd_tiles: when bwd_block_l / bwd_block_d are None, the backward takes the first (block_l, block_d) whose
 # programs fit in one wave (SMs x the warps per SM its registers allow), else the last.  Registers at sm_90:
-# (4, 8) 168 -> 12 warps per SM, (4, 16) 254 and (8, 8) 237 -> 8.  Measured on an H100 (session 3, ms):
-# (8, 1536, 2048) 1.50 / 1.51 / 1.64, (4, 4096, 4096) 4.99 / 3.21 / 3.37, (64, 384, 4097) 6.48 / 9.04 / 5.97,
-# (128, 384, 197) 0.81 / 0.87 / 0.76.  The backward is persistent: at most the programs that fit at once
+# (4, 8) 168 -> 12 warps per SM, (4, 16) 254 and (8, 8) 237 -> 8 (timings: docs/kernel_notes.md, "Tile choices").
+# The backward is persistent: at most the programs that fit at once
 # (bwd_programs where bwd_block_l is given; the CPU's 3 makes the tests walk several work items per program).
-# infer: the inference forward for B / C pairs (kernels/scan_infer.py; the Vim fold's layout) with one stretch of L,
+# infer: the inference forward for B / C pairs (kernels/scan/infer.py; the Vim fold's layout) with one stretch of L,
 # no tile states, initial state or packed sequences: block_d channels per program (32 / block_d lane slices of N),
 # block_l steps per tile, stages, poly (softplus as ex2 + polynomial), tanh (the gate through tanh.approx, for
 # half-precision outputs); None turns it off (the general forward with inf_tiles then).
@@ -41,12 +40,9 @@ CONFIG = {
     "cuda": dict(fwd_block_l=8, block_d=16, fwd_warps=1, fwd_stages=3, bwd_block_l=None, bwd_block_d=None, bwd_warps=1, chunk=64,
                  bwd_tiles=((4, 8, 12), (4, 16, 8), (8, 8, 8)),
                  min_programs=3072, split_below=512, nsplit=0, pair_reduce=True, bc_fp32=True,
-                 # (block_l, stages, softplus polynomial) of inference scans reading B/C pairs, per direction. H100,
-                 # vim-tiny (64, 384, 6085): forward 1.221 -> 1.164 ms, reverse + average 1.268 -> 1.176 (session 6)
+                 # (block_l, stages, softplus polynomial) of inference scans reading B/C pairs, per direction
                  inf_tiles=dict(fwd=(16, 4, True), rev=(16, 4, False)),
-                 # the inference kernel for B/C pairs (kernels/scan_infer.py). H100, vim-tiny (64, 384, 4097 / 6085),
-                 # forward / reverse + average: 0.700 / 0.723 / 1.031 / 1.066 ms against the general forward's
-                 # 0.792 / 0.801 / 1.168 / 1.176 (session 7, bench_scan.py --tune-infer)
+                 # the inference kernel for B/C pairs (kernels/scan/infer.py; bench_scan.py --tune-infer)
                  infer=dict(block_d=16, block_l=16, stages=3, poly=True, tanh=True)),
     "cpu": dict(fwd_block_l=8, block_d=4, fwd_warps=1, fwd_stages=1, bwd_block_l=8, bwd_block_d=4, bwd_warps=1, chunk=16,
                 bwd_programs=3, min_programs=1, split_below=1, nsplit=0, bc_fp32=True,
@@ -287,9 +283,9 @@ def _rank_fits(dt: Tensor, dt_weight: Tensor) -> bool:
 
 
 def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_other, y_out, cfg, dt_weight=None):
-    """scan_forward for inference with B / C as bf16 or fp32 pairs (see scan_forward): kernels/scan_infer.py. With
+    """scan_forward for inference with B / C as bf16 or fp32 pairs (see scan_forward): kernels/scan/infer.py. With
     dt_weight (d, R), delta is low-rank dt (b, R, L); the kernel's product runs in the narrower dtype of the two (as
-    mambazoo.core.scan.low_rank_delta)."""
+    kernels/_args.py's low_rank_delta)."""
     batch, dim, L = u.shape
     N = A.shape[1]
     infer = cfg["infer"]
@@ -315,17 +311,16 @@ def _scan_forward_infer(u, delta, A, B, D, z, delta_bias, softplus, reverse, y_o
 
 
 def scan_bidirectional_infer(u, delta, A, B, C, D, z, delta_bias, softplus: bool, dt_weight, y_out=None):
-    """Both directions of a bidirectional mixer's inference scan in two launches of kernels/scan_infer.py's
+    """Both directions of a bidirectional mixer's inference scan in two launches of kernels/scan/infer.py's
     scan_bidir_infer_kernel, or None where it does not take the call (then: scan_forward per direction).
 
     u, delta, A, B, C, D, delta_bias, dt_weight: (forward, backward) pairs of what _scan_forward_infer takes per
     direction (the backward one scans from position L - 1 down); z (b, d, L) or None, shared. Returns y (b, d, L) in
     u's dtype, (gated y_fwd + gated y_bwd) / 2, stored into y_out when given. Takes calls whose two directions each
     fit the one-direction inference kernel (B / C pairs of one dtype, no states, _infer_fits, _rank_fits) and share
-    their layouts: u, delta and B with the same shapes, dtypes and strides. Each launch runs both directions' grids
-    (vim-tiny at 1024 px: 2 x 1,536 one-warp programs where one direction leaves an H100 at ~12 of its 16 warps per
-    SM): 1.329 ms per layer against 1.416 for the forward then the reverse + average (H100, session 11,
-    scripts/bench_scan.py --tune-bidir). y_out must not overlap the inputs."""
+    their layouts: u, delta and B with the same shapes, dtypes and strides. Each launch runs both directions' grids,
+    twice the warps per SM where one direction's grid leaves the GPU part-empty (docs/kernel_notes.md, "Tile
+    choices"). y_out must not overlap the inputs."""
     cfg = _cfg(u[0].device)
     infer = cfg.get("infer")
     if not infer or (dt_weight[0] is None) != (dt_weight[1] is None) or (D[0] is None) != (D[1] is None) \
@@ -416,7 +411,7 @@ def scan_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, hs,
         qin = torch.stack(carries[::-1], dim=2).contiguous()
     scan_bwd_kernel[grid](u, delta, A, Bk, Ck, D, z, delta_bias, seq_idx, hs, dout, qin,
                           du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, None, None, scratch,
-                          *sizes, HAS_QIN=qin is not None, HAS_H0=has_h0, STATE_ONLY=False, ABLATE=cfg.get("ablate", 0), PAIR_REDUCE=cfg.get("pair_reduce", False),
+                          *sizes, HAS_QIN=qin is not None, HAS_H0=has_h0, STATE_ONLY=False, PAIR_REDUCE=cfg.get("pair_reduce", False),
                           **common)
     def empty():  # a distinct tensor each time: custom-op outputs may not alias one another
         return u.new_empty(0)

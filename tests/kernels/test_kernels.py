@@ -7,16 +7,13 @@ Errors are ||out - ref|| / ||ref|| per output and per gradient.
 import pytest
 import torch
 
-from mambazoo.core.scan import low_rank_delta, low_rank_dtype, selective_scan_ref, selective_state_update_ref
-from mambazoo.kernels import ops, selective_scan_triton, selective_state_update
+from helpers import assert_close, rel, set_backend
+from mambazoo.core.scan_ref import low_rank_delta, low_rank_dtype, selective_scan_ref, selective_state_update_ref
+from mambazoo.kernels import selective_scan_triton, selective_state_update
+from mambazoo.kernels.scan import ops
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-
-
-def rel(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(batch=2, dim=4, L=37, N=4, dtype=torch.float32, b_shape="variable", c_shape="variable",
@@ -67,16 +64,6 @@ def run_both(inp, softplus=True, last=True, fn_ref=None, seq_idx=None):
         res.update({f"d{k}": v.grad for k, v in x.items() if v is not None})
         results.append(res)
     return results
-
-
-def assert_close(got, ref, tol):
-    for k in ref:
-        assert got[k] is not None, k
-        assert got[k].shape == ref[k].shape, (k, got[k].shape, ref[k].shape)
-        assert got[k].dtype == ref[k].dtype, (k, got[k].dtype, ref[k].dtype)
-        assert torch.isfinite(got[k]).all(), k
-        err = rel(got[k], ref[k])
-        assert err < tol, f"{k}: relative error {err:.2e} >= {tol:.0e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -316,8 +303,8 @@ def test_bad_inputs_raise_value_error():
         selective_scan_triton(*args[:3], args[3][:, :-1], *args[4:])
     with pytest.raises(ValueError, match="seq_idx"):
         selective_scan_triton(*args, seq_idx=torch.zeros(2, 3, dtype=torch.int32))
-    with pytest.raises(ValueError, match="state"):
-        selective_state_update(torch.zeros(2, 4, 4, dtype=torch.float16), torch.zeros(2, 4), torch.zeros(2, 4),
+    with pytest.raises(ValueError, match="state"):  # fp16 / bf16 states are taken (mamba_ssm's); fp64 is not
+        selective_state_update(torch.zeros(2, 4, 4, dtype=torch.float64), torch.zeros(2, 4), torch.zeros(2, 4),
                                torch.zeros(4, 4), torch.zeros(2, 4), torch.zeros(2, 4))
 
 
@@ -759,7 +746,7 @@ def test_bidirectional_inference_kernel_matches_reference(infer, pair_dtype, ran
 
 
 def test_bidirectional_scan_falls_back_to_two_scans(monkeypatch):
-    """Where the two-direction kernel does not take the call (MAMBAZOO_SCAN_BIDIR=0, directions laid out differently,
+    """Where the two-direction kernel does not take the call (both_in_one=False, directions laid out differently,
     B / C not pairs, a gradient to record) the forward scan and the backward one averaging into it run instead: the
     same values, and gradients reach every input. Through mambazoo.core.scan.selective_scan_bidirectional on the chunked
     backend too; arguments that are not (forward, backward) pairs raise a clear ValueError."""
@@ -774,9 +761,7 @@ def test_bidirectional_scan_falls_back_to_two_scans(monkeypatch):
     want = _bidir_reference(a, None)
     with torch.no_grad():
         got = bidir(*(a[k] for k in keys), None, a["delta_bias"], True, None, a["dt_weight"])
-        monkeypatch.setenv("MAMBAZOO_SCAN_BIDIR", "0")
-        off = bidir(*(a[k] for k in keys), None, a["delta_bias"], True, None, a["dt_weight"])
-        monkeypatch.delenv("MAMBAZOO_SCAN_BIDIR")
+        off = bidir(*(a[k] for k in keys), None, a["delta_bias"], True, None, a["dt_weight"], both_in_one=False)
         other = dict(a, u=(a["u"][0], a["u"][1].transpose(1, 2).contiguous().transpose(1, 2).contiguous()))
         mixed = bidir(*(other[k] for k in keys), None, a["delta_bias"], True, None, a["dt_weight"])
         unpaired = dict(a, B=tuple(b.contiguous() for b in a["B"]), C=tuple(c.contiguous() for c in a["C"]))
@@ -788,7 +773,7 @@ def test_bidirectional_scan_falls_back_to_two_scans(monkeypatch):
     y = bidir(u, *(a[k] for k in keys[1:]), None, a["delta_bias"], True, None, a["dt_weight"])
     y.sum().backward()
     assert len(calls) == 3 and all(t.grad is not None and t.grad.abs().sum() > 0 for t in u)
-    monkeypatch.setenv("MAMBAZOO_SCAN", "chunked")
+    set_backend(monkeypatch, scan="chunked")
     chunked = selective_scan_bidirectional(*(a[k] for k in keys), delta_bias=a["delta_bias"], delta_softplus=True,
                                            dt_weight=a["dt_weight"])
     assert rel(chunked, want) < TOL[torch.float32]

@@ -304,13 +304,10 @@ def _bc_inv(ptr, N, offs_d, offs_n, mask_d, mask_n):
 
 
 @triton.jit
-def _add_tn(ptrs, val, mask, ABLATE: tl.constexpr):
+def _add_tn(ptrs, val, mask):
     """Adds a (BLOCK_L, BLOCK_N) tile of dB or dC partial sums into memory with relaxed atomics (the
-    default acq_rel ones cost a fence each: 3.15 -> 2.47 ms backward at (8, 1536, 2048, 16) on an H100)."""
-    if (ABLATE & 4) != 0:
-        tl.store(ptrs, val, mask=mask)
-    else:
-        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
+    default acq_rel ones cost a fence each: docs/kernel_notes.md)."""
+    tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -472,7 +469,7 @@ def scan_bwd_kernel(
     HAS_QIN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_INV: tl.constexpr, C_INV: tl.constexpr, STATE_ONLY: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, FAST: tl.constexpr,
-    PAIR_REDUCE: tl.constexpr = False, ABLATE: tl.constexpr = 0, PERSISTENT: tl.constexpr = False,
+    PAIR_REDUCE: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
     """Grid (programs, nsplit): each program takes work items w = slot, slot + programs, ... < n_work =
     b * cdiv(d, BLOCK_D) (BLOCK_D channels of one batch row) and walks its stretch of L backwards, tile by tile,
@@ -539,7 +536,7 @@ def scan_bwd_kernel(
         for it_rev in range(n_tiles):
             it = n_tiles - 1 - it_rev
             j = it % K
-            if not STATE_ONLY and (ABLATE & 1) == 0:  # ABLATE bits: timing experiments only (wrong results)
+            if not STATE_ONLY:
                 if j == K - 1:
                     # entering a chunk from its end: re-derive the states entering each of its K tiles
                     # from the chunk's checkpoint into this program's scratch (b, d, N per tile)
@@ -594,7 +591,7 @@ def scan_bwd_kernel(
                 _, h = tl.associative_scan((a, tl.where(first, x + a * h_in[None, :, :], x)), axis=0,
                                            combine_fn=_combine)
                 hm = h - x  # a_t h_{t-1}
-                if HAS_Z and (ABLATE & 16) == 0:
+                if HAS_Z:
                     y = tl.sum(h * Ct, axis=1) + Dv[None, :] * u
                     dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
                     tl.store(dz_ptr + _off(offs_d, tm, sgzd, sgzl), dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
@@ -610,7 +607,7 @@ def scan_bwd_kernel(
                 dbias_acc += tl.sum(ddt, axis=0)
                 dD_acc += tl.sum(dy * u, axis=0)
                 dA_acc += tl.sum(qhm * dt[:, None, :], axis=0)
-                if (ABLATE & 2) == 0 and PAIR_REDUCE and FAST and not B_INV and not C_INV:
+                if PAIR_REDUCE and FAST and not B_INV and not C_INV:
                     # dB and dC summed over the channels together: lane pairs (d, d^1) first swap halves
                     # (one shuffle per (t, n) for both), then the tree continues over the other lanes
                     pb = qt * dtu[:, None, :]
@@ -625,19 +622,19 @@ def scan_bwd_kernel(
                                     dC_ptr + (rows_c[None, :] + tm[:, None])[:, :, None])
                     tl.atomic_add(ptrs, r, mask=(mask_t[:, None] & mask_n[None, :])[:, :, None] & (jj2 < 2),
                                   sem="relaxed")
-                elif (ABLATE & 2) == 0:
+                else:
                     if B_INV:
                         dB_acc += tl.sum(qt * dtu[:, None, :], axis=0)
                     else:
                         dBt = tl.sum(qt * dtu[:, None, :], axis=2)  # (BL, BN)
                         rows = ((b * GB + gb) * N + offs_n) * L
-                        _add_tn(dB_ptr + rows[None, :] + tm[:, None], dBt, mask_t[:, None] & mask_n[None, :], ABLATE)
+                        _add_tn(dB_ptr + rows[None, :] + tm[:, None], dBt, mask_t[:, None] & mask_n[None, :])
                     if C_INV:
                         dC_acc += tl.sum(h * dy[:, None, :], axis=0)
                     else:
                         dCt = tl.sum(h * dy[:, None, :], axis=2)
                         rows = ((b * GC + gc) * N + offs_n) * L
-                        _add_tn(dC_ptr + rows[None, :] + tm[:, None], dCt, mask_t[:, None] & mask_n[None, :], ABLATE)
+                        _add_tn(dC_ptr + rows[None, :] + tm[:, None], dCt, mask_t[:, None] & mask_n[None, :])
         if STATE_ONLY:
             tl.store(qend_ptr + state_off, q, mask=mask_nd)
             tl.store(rend_ptr + state_off, rprod, mask=mask_nd)

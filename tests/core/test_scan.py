@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import rel, set_backend
+from mambazoo.core.backend import Backend, backend
 from mambazoo.core.scan import selective_scan, selective_scan_chunked, selective_scan_ref, selective_state_update_ref
 
 
@@ -53,10 +55,6 @@ def per_channel(X, batch, dim, L):
     if X.dim() == 3:
         return X.transpose(1, 2)[:, None].expand(batch, dim, L, X.shape[1])
     return X.transpose(2, 3).repeat_interleave(dim // X.shape[1], dim=1)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def run_oracle64(inp):
@@ -128,10 +126,11 @@ def test_optional_arguments_default_to_their_identity():
 
 def test_dispatch_can_be_forced_to_the_oracle(monkeypatch):
     inp = make_inputs()
-    monkeypatch.setenv("MAMBAZOO_SCAN", "ref")
-    assert torch.equal(selective_scan(**inp, delta_softplus=True), selective_scan_ref(**inp, delta_softplus=True))
-    monkeypatch.setenv("MAMBAZOO_SCAN", "bogus")
+    with backend(scan="ref"):
+        assert torch.equal(selective_scan(**inp, delta_softplus=True), selective_scan_ref(**inp, delta_softplus=True))
     with pytest.raises(ValueError, match="MAMBAZOO_SCAN"):
+        Backend.from_env({"MAMBAZOO_SCAN": "bogus"})
+    with pytest.raises(ValueError, match="scan"), backend(scan="bogus"):
         selective_scan(**inp)
 
 
@@ -172,8 +171,8 @@ def test_bad_state_update_input_raises():
     with pytest.raises(ValueError, match=r"x: expected \(batch, dim\) = \(2, 4\)"):
         selective_state_update_ref(state, torch.randn(2, 5), torch.randn(2, 4), -torch.rand(4, 3),
                                    torch.randn(2, 3), torch.randn(2, 3))
-    with pytest.raises(ValueError, match="state: expected float32"):
-        selective_state_update_ref(state.half(), torch.randn(2, 4), torch.randn(2, 4), -torch.rand(4, 3),
+    with pytest.raises(ValueError, match="state: expected float32"):  # fp16 / bf16 states are taken (mamba_ssm's)
+        selective_state_update_ref(state.double(), torch.randn(2, 4), torch.randn(2, 4), -torch.rand(4, 3),
                                    torch.randn(2, 3), torch.randn(2, 3))
 
 
@@ -206,7 +205,7 @@ def test_seq_idx_in_chunked_and_dispatched_kernel_matches_the_oracle(impl, monke
     ref = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
     y_ref, h_ref = selective_scan_ref(**ref, delta_softplus=True, return_last_state=True, seq_idx=seq_idx)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
-    monkeypatch.setenv("MAMBAZOO_SCAN", impl)
+    set_backend(monkeypatch, scan=impl)
     y, h = selective_scan(**leaves, delta_softplus=True, return_last_state=True, seq_idx=seq_idx)
     assert rel(y, y_ref) < 1e-5 and rel(h, h_ref) < 1e-5
     gy, gh = torch.randn_like(y_ref), torch.randn_like(h_ref)

@@ -2,22 +2,10 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mambazoo.kernels  # noqa: F401  (the interpreter's shims)
+from mambazoo.core.proj_ref import patch_tokens_ref
 from mambazoo.kernels.patch_embed import patch_tokens, patch_tokens_fit
-
-
-def _reference(x, weight, bias, pos, patch, mid, dtype):
-    """The unfused inference path: patches cast to dtype, F.linear (rounded to dtype), + pos in fp32, class row."""
-    b, C, H, W = x.shape
-    ph, pw = patch
-    gh, gw = H // ph, W // pw
-    p = x[:, :, :gh * ph, :gw * pw].reshape(b, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)
-    w = weight.reshape(weight.shape[0], -1)
-    y = F.linear(p.to(dtype).float(), w.to(dtype).float(), bias.to(dtype).float() if bias is not None else None)
-    y = y.to(dtype).float() + pos
-    return torch.cat([y[:, :mid], torch.zeros(b, 1, y.shape[-1]), y[:, mid:]], dim=1)
 
 
 @pytest.mark.parametrize("dim,bias,size", [(48, True, (64, 80)), (32, False, (48, 40)), (24, True, (34, 50))])
@@ -35,7 +23,7 @@ def test_patch_tokens_match_the_unfused_path(dim, bias, size):
     dt = torch.bfloat16
     w_t = weight.reshape(dim, -1).t().contiguous().to(dt)
     out = patch_tokens(x, w_t, b.to(dt) if bias else None, pos, patch, mid)
-    want = _reference(x, weight, b, pos, patch, mid, dt)
+    want = patch_tokens_ref(x, weight, b, pos, patch, mid, dt)
     keep = torch.ones(gh * gw + 1, dtype=torch.bool)
     keep[mid] = False
     assert out.shape == want.shape and out.dtype == torch.float32

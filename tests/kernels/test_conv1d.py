@@ -2,18 +2,11 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from mambazoo.kernels.conv1d import causal_conv1d, conv_backend
-
-
-def reference(x, w, bias, silu, reverse):
-    """Causal: pad W-1 on the left; reverse: the causal conv of the flipped sequence, flipped back."""
-    W = w.shape[1]
-    xs = x.flip(-1) if reverse else x
-    y = F.conv1d(F.pad(xs, (W - 1, 0)), w[:, None, :], bias, groups=x.shape[1])
-    y = F.silu(y) if silu else y
-    return y.flip(-1) if reverse else y
+from helpers import set_backend
+from mambazoo.core.backend import Backend, backend, conv_impl
+from mambazoo.core.conv_ref import causal_conv1d_ref
+from mambazoo.kernels.conv1d import causal_conv1d
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -21,17 +14,17 @@ def reference(x, w, bias, silu, reverse):
                                                     (4, True, False, 45, 8), (2, True, True, 100, 1)])
 def test_forward_and_gradients_match_torch(W, bias, silu, L, dw_tiles, reverse, monkeypatch):
     """dw_tiles=1: every 32-step tile of the backward is its own program (dw / db added across programs)."""
-    import mambazoo.kernels.conv1d
+    import mambazoo.kernels.conv1d.ops
 
-    monkeypatch.setattr(mambazoo.kernels.conv1d, "DW_TILES", dw_tiles)
-    monkeypatch.setattr(mambazoo.kernels.conv1d, "FWD_BLOCK_D", 32)  # d = 70 crosses the forward's channel tiles too
+    monkeypatch.setattr(mambazoo.kernels.conv1d.ops, "DW_TILES", dw_tiles)
+    monkeypatch.setattr(mambazoo.kernels.conv1d.ops, "FWD_BLOCK_D", 32)  # d = 70 crosses the forward's channel tiles
     torch.manual_seed(0)
     b, d = 2, 70  # crosses channel and step tiles
     proj = torch.randn(b, L, 2 * d)  # an in_proj output: x is a strided (b, d, L) view of it
     w = torch.randn(d, W)
     bb = torch.randn(d) if bias else None
     outs = []
-    for fn in (causal_conv1d, reference):
+    for fn in (causal_conv1d, causal_conv1d_ref):
         p = proj.clone().requires_grad_()
         wl = w.clone().requires_grad_()
         bl = bb.clone().requires_grad_() if bias else None
@@ -54,36 +47,33 @@ def test_bad_input_and_backend_switch(monkeypatch):
         causal_conv1d(torch.randn(1, 4, 5), torch.randn(4, 5))
     with pytest.raises(ValueError, match="bias"):
         causal_conv1d(torch.randn(1, 4, 5), torch.randn(4, 4), torch.randn(3))
-    monkeypatch.setenv("MAMBAZOO_CONV", "cuda")
     with pytest.raises(ValueError, match="MAMBAZOO_CONV"):
-        conv_backend(torch.device("cpu"))
-    monkeypatch.setenv("MAMBAZOO_CONV", "triton")
-    assert conv_backend(torch.device("cpu")) == "triton"  # tests run under TRITON_INTERPRET=1
-    monkeypatch.delenv("MAMBAZOO_CONV")
-    assert conv_backend(torch.device("cpu")) == "torch"
+        Backend.from_env({"MAMBAZOO_CONV": "cuda"})
+    with pytest.raises(ValueError, match="conv"), backend(conv="cuda"):
+        pass
+    with backend(conv="triton"):
+        assert conv_impl(torch.device("cpu")) == "triton"  # tests run under TRITON_INTERPRET=1
+    assert conv_impl(torch.device("cpu")) == "torch"
 
 
-def test_the_mixer_runs_the_triton_conv_on_cuda_by_default(monkeypatch):
-    from mambazoo.core.mamba import conv_backend as mixer_conv_backend
-
-    monkeypatch.delenv("MAMBAZOO_CONV", raising=False)
-    assert mixer_conv_backend(torch.device("cuda")) == "triton"
-    assert mixer_conv_backend(torch.device("cpu")) == "torch"
-    monkeypatch.setenv("MAMBAZOO_CONV", "torch")
-    assert mixer_conv_backend(torch.device("cuda")) == "torch"
+def test_the_mixer_runs_the_triton_conv_on_cuda_by_default():
+    assert conv_impl(torch.device("cuda")) == "triton"
+    assert conv_impl(torch.device("cpu")) == "torch"
+    with backend(conv="torch"):
+        assert conv_impl(torch.device("cuda")) == "torch"
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_mixer_with_the_triton_conv_matches_the_torch_conv(bidirectional, monkeypatch):
-    """MAMBAZOO_CONV=triton changes the kernels, not the function: outputs and gradients agree."""
+    """The backend's conv="triton" changes the kernels, not the function: outputs and gradients agree."""
     from mambazoo.core.mamba import Mamba
 
     torch.manual_seed(0)
     m = Mamba(16, d_state=4, bidirectional=bidirectional)
     x = torch.randn(2, 11, 16)
     outs = []
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("MAMBAZOO_CONV", backend)
+    for conv in ("torch", "triton"):
+        set_backend(monkeypatch, conv=conv)
         m.zero_grad()
         y = m(x)
         y.square().sum().backward()
@@ -124,8 +114,8 @@ def test_bidirectional_mixer_compiles_to_one_graph(monkeypatch):
 
     from mambazoo.core.mamba import Mamba
 
-    monkeypatch.setenv("MAMBAZOO_CONV", "triton")
-    monkeypatch.setenv("MAMBAZOO_SCAN", "triton")
+    set_backend(monkeypatch, conv="triton")
+    set_backend(monkeypatch, scan="triton")
     m = Mamba(8, d_state=4, bidirectional=True)
     ex = torch._dynamo.explain(m)(torch.randn(1, 9, 8, requires_grad=True))
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
@@ -135,10 +125,10 @@ def test_bidirectional_mixer_compiles_to_one_graph(monkeypatch):
 def test_pair_is_both_directions_from_one_read(W, bias, monkeypatch):
     """causal_conv1d_pair gives exactly the causal conv of one direction and the anti-causal conv of the other;
     it has no backward (clear error) and checks that the two directions' weights match."""
-    import mambazoo.kernels.conv1d
+    import mambazoo.kernels.conv1d.ops
     from mambazoo.kernels.conv1d import causal_conv1d_pair
 
-    monkeypatch.setattr(mambazoo.kernels.conv1d, "FWD_BLOCK_D", 32)
+    monkeypatch.setattr(mambazoo.kernels.conv1d.ops, "FWD_BLOCK_D", 32)
     torch.manual_seed(0)
     b, d, L = 2, 40, 37
     x = torch.randn(b, L, 2 * d)[..., :d].transpose(1, 2)
@@ -148,7 +138,7 @@ def test_pair_is_both_directions_from_one_read(W, bias, monkeypatch):
         yf, yb = causal_conv1d_pair(x, wf, bf, wb, bb)
         torch.testing.assert_close(yf, causal_conv1d(x, wf, bf, True, False), rtol=0, atol=0)
         torch.testing.assert_close(yb, causal_conv1d(x, wb, bb, True, True), rtol=0, atol=0)
-        torch.testing.assert_close(yb, reference(x, wb[:, 0], bb, True, True), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(yb, causal_conv1d_ref(x, wb[:, 0], bb, True, True), rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="must match"):
             causal_conv1d_pair(x, wf, bf, wb[..., :W - 1], bb)
     with pytest.raises(RuntimeError, match="no backward"):
@@ -160,17 +150,17 @@ def test_bidirectional_mixer_inference_uses_the_pair_with_the_same_output(monkey
     import mambazoo.kernels.conv1d
     from mambazoo.core.mamba import Mamba
 
-    monkeypatch.setenv("MAMBAZOO_CONV", "triton")
+    set_backend(monkeypatch, conv="triton")
     calls = []
     real = mambazoo.kernels.conv1d.causal_conv1d_pair
     monkeypatch.setattr(mambazoo.kernels.conv1d, "causal_conv1d_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     m = Mamba(16, d_state=4, bidirectional=True).eval()
     x = torch.randn(2, 21, 16)
-    monkeypatch.setenv("MAMBAZOO_LOW_RANK_DT", "0")  # the folded x_proj (low-rank dt: next test)
+    set_backend(monkeypatch, low_rank_dt=False)  # the folded x_proj (low-rank dt: next test)
     with torch.no_grad():
         paired = m(x)
-        monkeypatch.setenv("MAMBAZOO_CONV_PAIR", "0")
+        set_backend(monkeypatch, conv_pair=False)
         single = m(x)
     assert calls == [1]
     torch.testing.assert_close(paired, single, rtol=0, atol=0)
@@ -179,16 +169,16 @@ def test_bidirectional_mixer_inference_uses_the_pair_with_the_same_output(monkey
 @pytest.mark.parametrize("scan", ["chunked", "triton"])
 def test_bidirectional_mixer_scans_low_rank_dt(scan, monkeypatch):
     """Without autograd the Vim mixer (bf16, as it runs on a GPU) projects each conv output to [B/C pairs | low-rank
-    dt] (fp32, or bf16 with MAMBAZOO_BC_FP32=0) and leaves dt_proj to the scan (under the Triton scan both directions
-    run in the two-direction kernel, which forms delta per tile, or with MAMBAZOO_SCAN_BIDIR=0 one inference kernel
+    dt] (fp32, or bf16 with bc_fp32=False) and leaves dt_proj to the scan (under the Triton scan both directions
+    run in the two-direction kernel, which forms delta per tile, or with scan_bidir=False one inference kernel
     per direction; the product is formed first under the chunked one), and the gate to out_proj's kernel (z from
-    the mixer's input rows; MAMBAZOO_GATE_OUT_PROJ=0 gates in the scans): each the output of the folded-GEMM path
+    the mixer's input rows; gate_out_proj=False gates in the scans): each the output of the folded-GEMM path
     within bf16's rounding."""
     from mambazoo.core.mamba import Mamba
-    from mambazoo.kernels import ops
+    from mambazoo.kernels.scan import ops
 
-    monkeypatch.setenv("MAMBAZOO_CONV", "triton")
-    monkeypatch.setenv("MAMBAZOO_SCAN", scan)
+    set_backend(monkeypatch, conv="triton")
+    set_backend(monkeypatch, scan=scan)
     infer, bidir = [], []
     launch, launch2 = ops._scan_forward_infer, ops.scan_bidirectional_infer
     monkeypatch.setattr(ops, "_scan_forward_infer", lambda *a: infer.append((len(a) > 12, a[3].dtype)) or launch(*a))
@@ -204,14 +194,14 @@ def test_bidirectional_mixer_scans_low_rank_dt(scan, monkeypatch):
     monkeypatch.setattr(gated_proj, "gated_out_proj", lambda *a: gated.append(a[1].shape) or real_gate(*a))
     with torch.no_grad():
         low = m(x)  # the projection in fp32: B / C read as fp32 pairs; the gate in out_proj's kernel
-        monkeypatch.setenv("MAMBAZOO_SCAN_BIDIR", "0")
+        set_backend(monkeypatch, scan_bidir=False)
         low_apart = m(x)  # ... one scan kernel per direction
-        monkeypatch.delenv("MAMBAZOO_SCAN_BIDIR")
-        monkeypatch.setenv("MAMBAZOO_GATE_OUT_PROJ", "0")
+        set_backend(monkeypatch, scan_bidir=True)
+        set_backend(monkeypatch, gate_out_proj=False)
         in_scan = m(x)  # the gate in the scans
-        monkeypatch.setenv("MAMBAZOO_BC_FP32", "0")
+        set_backend(monkeypatch, bc_fp32=False)
         low16 = m(x)  # ... and the projection in bf16: bf16 pairs
-        monkeypatch.setenv("MAMBAZOO_LOW_RANK_DT", "0")
+        set_backend(monkeypatch, low_rank_dt=False)
         folded = m(x)
     assert gated == [(2 * 21, 32)] * 2  # z formed from the mixer's input rows, once per call
     f32 = (True, torch.float32)
@@ -234,7 +224,7 @@ def test_gated_mixer_with_projection_biases(monkeypatch):
     from mambazoo.core.mamba import Mamba
     from mambazoo.kernels import gated_proj
 
-    monkeypatch.setenv("MAMBAZOO_CONV", "triton")
+    set_backend(monkeypatch, conv="triton")
     calls = []
     real = gated_proj.gated_out_proj
     monkeypatch.setattr(gated_proj, "gated_out_proj", lambda *a: calls.append(a[4] is not None) or real(*a))
@@ -246,9 +236,9 @@ def test_gated_mixer_with_projection_biases(monkeypatch):
     x = torch.randn(2, 19, 32).to(torch.bfloat16)
 
     def both():
-        monkeypatch.delenv("MAMBAZOO_GATE_OUT_PROJ", raising=False)
+        set_backend(monkeypatch, gate_out_proj=True)
         gated = m(x).float()
-        monkeypatch.setenv("MAMBAZOO_GATE_OUT_PROJ", "0")
+        set_backend(monkeypatch, gate_out_proj=False)
         return gated, m(x).float()
 
     with torch.no_grad():

@@ -5,17 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import mambazoo.kernels  # noqa: F401  (the interpreter's shims)
+from helpers import rel
+from mambazoo.core.proj_ref import gated_out_proj_ref
 from mambazoo.kernels.gated_proj import gated_out_proj, gated_out_proj_fits
-
-
-def _reference(y, h, wz, wo, bz=None, bo=None):
-    """The unfused path's math in fp32 on the same (half-precision) values: z, the SiLU gate, out_proj."""
-    z = F.linear(h.float(), wz.float(), bz.float() if bz is not None else None)
-    return F.linear(y.float() * F.silu(z), wo.float(), bo.float() if bo is not None else None)
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.mark.parametrize("d_model,d_inner", [(48, 40), (32, 64), (24, 48)])  # P2 = 16; none; masked (16 + 8)
@@ -34,12 +26,12 @@ def test_gated_out_proj_matches_the_unfused_math(d_model, d_inner, bias, ahead):
     bz, bo = (torch.randn(d_inner).to(dt), torch.randn(d_model).to(dt)) if bias else (None, None)
     out = gated_out_proj(y, h, wz, wo, bz, bo, ahead=ahead)
     assert out.shape == (M, d_model) and out.dtype == dt
-    assert _rel(out, _reference(y, h, wz, wo, bz, bo)) < 1e-2
+    assert rel(out, gated_out_proj_ref(y, h, wz, wo, bz, bo)) < 1e-2
     # the gated value rounded to bf16 before out_proj, as the kernel does: closer still
     z = F.linear(h.float(), wz.float(), bz.float() if bias else None)
     p = (y.float() * F.silu(z)).to(dt).float()
     want = F.linear(p, wo.float(), bo.float() if bias else None)
-    assert _rel(out, want) < 5e-3
+    assert rel(out, want) < 5e-3
 
 
 def test_gated_out_proj_rejects_bad_input():

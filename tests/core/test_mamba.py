@@ -7,12 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import rel, set_backend
+from mambazoo.core.backend import backend
 from mambazoo.core.block import Block
 from mambazoo.core.mamba import Mamba, dt_bias_init
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(inner_norm=True, dt_rank=5), dict(selective=False)])
@@ -166,8 +164,7 @@ def test_bidirectional_mixer_on_the_kernels_matches_the_reference_path(monkeypat
     x = torch.randn(1, 19, 8)
     outs = {}
     for scan, conv in (("chunked", "torch"), ("triton", "triton")):
-        monkeypatch.setenv("MAMBAZOO_SCAN", scan)
-        monkeypatch.setenv("MAMBAZOO_CONV", conv)
+        set_backend(monkeypatch, scan=scan, conv=conv)
         m.zero_grad()
         xi = x.clone().requires_grad_()
         y = m(xi)
@@ -188,9 +185,8 @@ def test_inference_folds_dt_proj_into_x_proj(monkeypatch):
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         folded = d.ssm_inputs(x, fold=True)
-        monkeypatch.setenv("MAMBAZOO_FOLD_DT", "0")
-        plain = d.ssm_inputs(x, fold=True)
-        monkeypatch.setenv("MAMBAZOO_FOLD_DT", "1")
+        with backend(fold_dt=False):
+            plain = d.ssm_inputs(x, fold=True)
         for a, b in zip(folded, plain):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         # one GEMM: delta is a view of its (b, L, d_inner + 2 N) output; two GEMMs: dt_proj's own (b, L, d_inner)

@@ -25,15 +25,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mambazoo.kernels._args import shape_str as _shape
 from mambazoo.kernels._host import cdiv, interpreting, pow2_parts
-from mambazoo.kernels.scan_infer import _gate  # silu(z), optionally through one tanh.approx
+from mambazoo.kernels._math import gate as _gate  # silu(z), optionally through one tanh.approx
 
 __all__ = ["gated_out_proj", "gated_out_proj_fits", "CONFIG"]
 
 # block_m rows per program, block_c channels of d_inner per step, stages of the chunk loop's pipeline, warps; tanh:
-# the gate's sigmoid through one tanh.approx; ahead: the next chunk's z issued before this chunk's gate. H100,
-# vim-tiny at 1024 px (scripts/bench_gated_proj.py, 11 tiles): (128, 64, 3, 8) 0.256 ms (229 KB of shared memory,
-# one program per SM), with ex2 + rcp 0.278; (64, 32, 3, 4) 0.286; (128, 32, 4, 8) 0.319; ahead never helped.
+# the gate's sigmoid through one tanh.approx; ahead: the next chunk's z issued before this chunk's gate
+# (scripts/bench_gated_proj.py; timings in docs/kernel_notes.md, "Tile choices").
 CONFIG = {
     "cuda": dict(block_m=128, block_c=64, stages=3, warps=8, tanh=True, ahead=False),
     "cpu": dict(block_m=16, block_c=16, stages=1, warps=1, tanh=False, ahead=False),
@@ -127,9 +127,6 @@ def gated_out_proj_kernel(
         tl.store(o_blk + offs_m[:, None] * stride_out + offs_p2[None, :], acc2.to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & (offs_p2[None, :] < d_model))
 
-
-def _shape(t) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def _check(name: str, t: Tensor, shape: tuple, dense_rows: bool = True) -> None:
