@@ -26,13 +26,13 @@ import torch.nn.functional as F
 
 __all__ = ["selective_scan_chunked", "default_chunk_size"]
 
-_CHUNK_BYTES = 1 << 20  # one (T, batch, dim, N) fp32 chunk buffer; three of them stay within a 4 MiB L2
+_CHUNK_BYTES = 2 << 20  # one (T, batch, dim, N) fp32 chunk buffer (the backward keeps three)
 
 
 def default_chunk_size(batch: int, dim: int, N: int, L: int) -> int:
-    """Steps per chunk: about 1 MiB of fp32 state per chunk buffer, between 4 and 64 steps, at most L."""
+    """Steps per chunk: about 2 MiB of fp32 state per chunk buffer, between 4 and 32 steps, at most L."""
     per_step = max(1, batch * dim * N * 4)
-    return max(1, min(L, max(4, min(64, _CHUNK_BYTES // per_step))))
+    return max(1, min(L, max(4, min(32, _CHUNK_BYTES // per_step))))
 
 
 def _outer(out, v, X, mode):
