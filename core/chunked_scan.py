@@ -14,7 +14,9 @@ oracle): same arguments, same result up to fp32 rounding, every gradient. How it
 * The forward keeps only the state entering each chunk. The backward walks the chunks in reverse,
   recomputes that chunk's a and h from its checkpoint, runs the reverse recurrence
   g_t = C_t dy_t + a_{t+1} g_{t+1} (one fused op per step) and turns g into the input gradients with
-  batched matrix products and chunk-wide elementwise passes (formulas in ``_Scan.backward``).
+  batched matrix products and chunk-wide elementwise passes (formulas in ``_Scan._backward``).
+* One intra-op thread inside: every op is one step or one cache-sized chunk, too small to pay for a parallel
+  region (with a second thread on a busy 2-core machine the backward ran 4-20x slower).
 * seq_idx: the decay into the first step of each packed sequence is set to exactly 0, so no state and
   no gradient crosses the boundary.
 """
@@ -33,6 +35,21 @@ def default_chunk_size(batch: int, dim: int, N: int, L: int) -> int:
     """Steps per chunk: about 2 MiB of fp32 state per chunk buffer, between 4 and 32 steps, at most L."""
     per_step = max(1, batch * dim * N * 4)
     return max(1, min(L, max(4, min(32, _CHUNK_BYTES // per_step))))
+
+
+class _one_thread:
+    """Within the block torch uses one intra-op thread (the caller's setting is restored after). The scan's ops are
+    one step's state or one cache-sized chunk: a parallel region per op costs more than it saves, and far more when
+    the other core is busy (figures in docs/benchmarks.md, CPU training)."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        if self.n != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.n != 1:
+            torch.set_num_threads(self.n)
 
 
 def _outer(out, v, X, mode):
@@ -70,6 +87,11 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dt, u, A, B, C, h0, starts, T, b_mode, c_mode):
+        with _one_thread():
+            return _Scan._forward(ctx, dt, u, A, B, C, h0, starts, T, b_mode, c_mode)
+
+    @staticmethod
+    def _forward(ctx, dt, u, A, B, C, h0, starts, T, b_mode, c_mode):
         L, b, d = dt.shape
         N = A.shape[1]
         nc = -(-L // T)
@@ -101,6 +123,11 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh_last):
+        with _one_thread():
+            return _Scan._backward(ctx, dy, dh_last)
+
+    @staticmethod
+    def _backward(ctx, dy, dh_last):
         """With g_t = dLoss/dh_t (all paths): g_t = C_t dy_t + a_{t+1} g_{t+1}, g_{L-1} also gets dh_last;
         dx_t = g_t gives du = dt * sum_n g B, d(dt) += u * sum_n g B, dB = sum_d g dt u; the decay gives
         d(dt*A)_t = a_t g_t h_{t-1}, so d(dt) += sum_n d(dt*A) A and dA = sum_{t,b} d(dt*A) dt;
