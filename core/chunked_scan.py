@@ -189,7 +189,7 @@ class _Scan(torch.autograd.Function):
         return ddt, du, dA, dB, dC, carry, None, None, None, None
 
 
-def _time_major_bc(X, mode, G):
+def _time_major_bc(X, mode):
     """B or C to fp32 (L, batch, G, N), or (d, N) when time-invariant."""
     X = X.float()
     if mode == "invariant":
@@ -232,8 +232,8 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     u_l = u.float().permute(2, 0, 1).contiguous()
     modes = tuple("invariant" if m == "invariant" else s.groups if m == "grouped" else 1
                   for m in (s.b_mode, s.c_mode))
-    Bl = _time_major_bc(B, s.b_mode, modes[0])
-    Cl = _time_major_bc(C, s.c_mode, modes[1])
+    Bl = _time_major_bc(B, s.b_mode)
+    Cl = _time_major_bc(C, s.c_mode)
     starts = None
     if seq_idx is not None:
         starts = torch.zeros(L, batch, dtype=torch.bool, device=u.device)
