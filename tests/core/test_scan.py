@@ -97,21 +97,101 @@ def test_float64_oracle_gradients_are_right():
     assert torch.autograd.gradcheck(f, x)
 
 
-@pytest.mark.parametrize("L,chunk", [(1, 4), (7, 4), (33, 8), (64, 16)])
-def test_chunked_equals_sequential_oracle(L, chunk):
-    inp = make_inputs(L=L, bc="grouped")
-    y1, h1 = selective_scan_ref(**inp, delta_softplus=True, return_last_state=True)
-    y2, h2 = selective_scan_chunked(**inp, delta_softplus=True, return_last_state=True, chunk_size=chunk)
-    assert rel(y2, y1) < 1e-5 and rel(h2, h1) < 1e-5
+def _oracle_and_chunked(inp, grad_state=True, **kw):
+    """Forward and every gradient (y and, if grad_state, the final state) of the oracle and of the chunked scan."""
+    chunk = kw.pop("chunk_size", None)
+    ref = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+    got = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+    y1, h1 = selective_scan_ref(**ref, return_last_state=True, **kw)
+    y2, h2 = selective_scan_chunked(**got, return_last_state=True, chunk_size=chunk, **kw)
+    gy, gh = torch.randn_like(y1, dtype=torch.float32), torch.randn_like(h1)
+    for y, h in ((y1, h1), (y2, h2)):
+        loss = (y.float() * gy).sum() + ((h * gh).sum() if grad_state else 0)
+        loss.backward()
+    return (y1, h1, ref), (y2, h2, got)
 
 
-def test_chunked_is_stable_with_large_steps():
-    """dt*A of -50 per step would overflow exp(-cumsum) formulations; ours forms only exp(<= 0)."""
+def _assert_same(oracle, chunked, tol=1e-5):
+    (y1, h1, ref), (y2, h2, got) = oracle, chunked
+    assert y2.dtype == y1.dtype and y2.shape == y1.shape and h2.dtype == torch.float32 and h2.shape == h1.shape
+    assert rel(y2, y1) < tol and rel(h2, h1) < 1e-5
+    for k in ref:
+        assert got[k].grad is not None and torch.isfinite(got[k].grad).all(), k
+        assert rel(got[k].grad, ref[k].grad) < tol, k
+
+
+# odd lengths, chunk sizes that do not divide L, one step per chunk, a chunk longer than L, the default size
+@pytest.mark.parametrize("L,chunk", [(1, 4), (7, 4), (13, 5), (33, 8), (64, 16), (17, 1), (9, 64), (31, None)])
+@pytest.mark.parametrize("bc", ["variable", "grouped", "invariant"])
+def test_chunked_equals_sequential_oracle_with_every_gradient(L, chunk, bc):
+    inp = make_inputs(L=L, bc=bc)
+    _assert_same(*_oracle_and_chunked(inp, delta_softplus=True, chunk_size=chunk))
+
+
+@pytest.mark.parametrize("bc", ["variable", "grouped", "invariant"])
+def test_chunked_without_optional_arguments_or_state_gradient_equals_oracle(bc):
+    """No D, z, delta_bias or initial_state, no softplus, and a loss on y alone (the final state's gradient is None)."""
+    inp = make_inputs(L=11, bc=bc)
+    for k in ("D", "z", "delta_bias", "initial_state"):
+        del inp[k]
+    inp["delta"] = F.softplus(inp["delta"])
+    _assert_same(*_oracle_and_chunked(inp, grad_state=False, chunk_size=4))
+
+
+def test_chunked_bfloat16_inputs_equal_the_oracle():
+    inp = make_inputs(L=21, dtype=torch.bfloat16)
+    _assert_same(*_oracle_and_chunked(inp, delta_softplus=True, chunk_size=8), tol=1e-2)
+
+
+@pytest.mark.parametrize("chunk", [3, 5, 13])
+def test_chunked_seq_idx_equals_the_oracle_with_every_gradient(chunk):
+    """Boundaries inside a chunk and on a chunk's first step (5 and 11 with chunk 5), one-step sequences (11, 12)
+    and a last state that belongs to the final packed sequence alone."""
+    inp = make_inputs(batch=2, L=13, bc="grouped")
+    seq_idx = torch.tensor([[0] * 5 + [1] * 6 + [2] + [3], [7] * 13], dtype=torch.int64)
+    _assert_same(*_oracle_and_chunked(inp, delta_softplus=True, seq_idx=seq_idx, chunk_size=chunk))
+
+
+def test_chunked_reverse_equals_the_oracle(monkeypatch):
+    """selective_scan(reverse=True) on the CPU backend against the same call forced to the oracle."""
+    inp, seq_idx = _packed_inputs()
+    results = []
+    for backend in ("ref", "chunked"):
+        monkeypatch.setenv("MAMBAZOO_SCAN", backend)
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+        y, h = selective_scan(**leaves, delta_softplus=True, return_last_state=True, seq_idx=seq_idx, reverse=True)
+        results.append((y, h, leaves))
+    gy, gh = torch.randn_like(results[0][0]), torch.randn_like(results[0][1])
+    for y, h, _ in results:
+        ((y * gy).sum() + (h * gh).sum()).backward()
+    _assert_same(*results)
+
+
+def test_chunked_is_stable_at_dt_times_a_of_minus_50_per_step():
+    """exp(-cumsum) formulations overflow here; this one forms exp(dt*A) = exp(-50) per step: finite and equal to
+    the oracle, gradients included."""
+    inp = make_inputs(L=40)
+    inp["A"] = -torch.ones_like(inp["A"])
+    inp["delta"] = torch.full_like(inp["delta"], 50.0)
+    inp["delta_bias"] = torch.zeros_like(inp["delta_bias"])
+    oracle, chunked = _oracle_and_chunked(inp, delta_softplus=False, chunk_size=16)
+    assert torch.isfinite(chunked[0]).all() and torch.isfinite(chunked[1]).all()
+    _assert_same(oracle, chunked)
+
+
+def test_chunked_with_large_softplus_steps_matches_the_oracle():
     inp = make_inputs(L=40)
     inp["delta_bias"] = torch.full_like(inp["delta_bias"], 30.0)
-    y1 = selective_scan_ref(**inp, delta_softplus=True)
-    y2 = selective_scan_chunked(**inp, delta_softplus=True, chunk_size=40)
-    assert torch.isfinite(y2).all() and rel(y2, y1) < 1e-5
+    _assert_same(*_oracle_and_chunked(inp, delta_softplus=True, chunk_size=40))
+
+
+def test_chunked_empty_sequence_and_bad_chunk_size():
+    inp = make_inputs(L=0)
+    y, h = selective_scan_chunked(**inp, delta_softplus=True, return_last_state=True)
+    assert y.shape == (2, 4, 0) and torch.equal(h, inp["initial_state"])
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match="chunk_size: expected a positive int"):
+            selective_scan_chunked(**make_inputs(), chunk_size=bad)
 
 
 def test_optional_arguments_default_to_their_identity():
