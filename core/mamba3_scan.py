@@ -145,13 +145,13 @@ def angle_increment(angles: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     return torch.tanh(angles) * (math.pi * dt)[..., None]
 
 
-def _heads(BC: torch.Tensor, H: int) -> torch.Tensor:
+def expand_groups(BC: torch.Tensor, H: int) -> torch.Tensor:
     """(..., R, G, N) -> (..., R, H, N): each group's row shared by its H / G heads."""
     G = BC.shape[-2]
     return BC if G == H else BC.repeat_interleave(H // G, dim=-2)
 
 
-def _values(x: torch.Tensor, mimo_x: torch.Tensor | None) -> torch.Tensor:
+def rank_values(x: torch.Tensor, mimo_x: torch.Tensor | None) -> torch.Tensor:
     """v = x * mimo_x per rank: x (..., H, P), mimo_x (H, R, P) -> (..., R, H, P); SISO (..., 1, H, P)."""
     if mimo_x is None:
         return x.unsqueeze(-3)
@@ -189,10 +189,10 @@ def mamba3_step_ref(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, mimo
     x, dt, adt, trap, angles = x.to(ct), dt.to(ct), adt.to(ct), trap.to(ct), angles.to(ct)
     theta = theta0 + angle_increment(angles, dt)  # (b, H, S)
     rot = theta.unsqueeze(1)  # (b, 1, H, S): every rank turns by the head's angle
-    k = rotate(_heads(B.to(ct), H) + B_bias.to(ct).transpose(0, 1), rot, pairwise)  # (b, R, H, N)
-    q = rotate(_heads(C.to(ct), H) + C_bias.to(ct).transpose(0, 1), rot, pairwise)
+    k = rotate(expand_groups(B.to(ct), H) + B_bias.to(ct).transpose(0, 1), rot, pairwise)  # (b, R, H, N)
+    q = rotate(expand_groups(C.to(ct), H) + C_bias.to(ct).transpose(0, 1), rot, pairwise)
     mx = None if mimo_x is None else mimo_x.to(ct)
-    v, v_prev = _values(x, mx), _values(x_prev, mx)  # (b, R, H, P)
+    v, v_prev = rank_values(x, mx), rank_values(x_prev, mx)  # (b, R, H, P)
     alpha = torch.exp(adt)
     beta = alpha * dt * (1 - trap)
     gamma = dt * trap
@@ -315,9 +315,9 @@ def _scan_chunked_one(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x,
     theta = cum - base + first[:, :, None, None] * theta0[:, None]  # (b, L, H, S)
 
     rot = theta.unsqueeze(2)  # (b, L, 1, H, S)
-    k = rotate(_heads(B.to(ct), H) + B_bias.to(ct).transpose(0, 1), rot, pairwise)  # (b, L, R, H, N)
-    q = rotate(_heads(C.to(ct), H) + C_bias.to(ct).transpose(0, 1), rot, pairwise)
-    v = _values(x, mx)  # (b, L, R, H, P)
+    k = rotate(expand_groups(B.to(ct), H) + B_bias.to(ct).transpose(0, 1), rot, pairwise)  # (b, L, R, H, N)
+    q = rotate(expand_groups(C.to(ct), H) + C_bias.to(ct).transpose(0, 1), rot, pairwise)
+    v = rank_values(x, mx)  # (b, L, R, H, P)
 
     # trapezoid weights: gamma_s on the diagonal, e_s = gamma_s + delta_{s+1} below; delta = 0 at restarts
     notstart = (~starts).to(ct)
@@ -327,7 +327,7 @@ def _scan_chunked_one(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x,
     a = adt * notstart[:, :, None]  # the decay into a restart is cut by the masks below, not by a
 
     # initial state with the previous step's trapezoid share: h0 + delta_0 u_{-1}
-    u_prev = torch.einsum("brhp,brhn->bhpn", _values(x0, mx), k0)
+    u_prev = torch.einsum("brhp,brhn->bhpn", rank_values(x0, mx), k0)
     h_carry = h0 + delta[:, 0, :, None, None] * u_prev  # (b, H, P, N)
 
     # pad to whole chunks: padded steps decay by 1 and add nothing; they share the last segment

@@ -1,0 +1,12 @@
+"""Triton kernels of the Mamba-3 scan; mambazoo.core.mamba3_scan holds their reference.
+
+    mamba3_scan_triton(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, mimo_x=None, initial_states=None,
+                       cu_seqlens=None, return_final_states=False, pairwise=True, chunk_size=None)
+
+The forward (SISO and MIMO) runs as ``torch.ops.mambazoo.mamba3_chunk_fwd``, a torch.library op with a fake
+implementation. No backward kernel yet (the chunked reference trains).
+"""
+
+from mambazoo.kernels.mamba3.ops import kernel_supports, mamba3_chunk_fwd, mamba3_scan_triton
+
+__all__ = ["kernel_supports", "mamba3_chunk_fwd", "mamba3_scan_triton"]

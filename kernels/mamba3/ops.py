@@ -1,0 +1,130 @@
+"""Launcher and torch.library registration of the Mamba-3 forward kernel (chunk_fwd.py).
+
+``torch.ops.mambazoo.mamba3_chunk_fwd`` is a custom op with a fake (meta) implementation, so torch.compile traces
+it without a graph break. It has no backward yet: core.mamba3_scan.mamba3_backend sends every call that needs a
+gradient to the chunked reference. ``mamba3_scan_triton`` takes the scan's inputs (core/mamba3_scan.py) and does
+the small host-side parts: cumulative angles, trapezoid weights, the initial carry and the final key / angle.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambazoo.core.mamba3_scan import (
+    TWO_PI,
+    angle_increment,
+    check_mamba3_inputs,
+    expand_groups,
+    mamba3_scan_chunked,
+    rank_values,
+    rotate,
+    zero_states,
+)
+from mambazoo.kernels._host import cdiv, next_power_of_2
+
+# chunk length T per device: the GPU's published chunk (64); 16 on the CPU interpreter so tests cross chunks
+CHUNK = {"cuda": 64, "cpu": 16}
+
+
+def kernel_supports(N: int, R: int, P: int) -> bool:
+    """Shapes the kernel handles: d_state N a power of two in [32, 256] (pairs of N/2 >= 16 for tl.dot), rank
+    R <= 8, head dim P <= 256."""
+    return 32 <= N <= 256 and N & (N - 1) == 0 and 1 <= R <= 8 and P <= 256
+
+
+def _launch(x, B, C, theta, a, gamma, e, B_bias, C_bias, D, mimo_x, h0, chunk, pairwise, y, hT):
+    b, L, H, P = x.shape
+    R, G, N = B.shape[2:]
+    S = theta.shape[-1]
+    block_p = max(16, min(64, next_power_of_2(P)))
+    grid = (b * H, cdiv(P, block_p))
+    from mambazoo.kernels.mamba3.chunk_fwd import mamba3_chunk_fwd_kernel
+
+    mamba3_chunk_fwd_kernel[grid](
+        x, B, C, theta, a, gamma, e, B_bias, C_bias, D if D is not None else a, mimo_x if mimo_x is not None else a,
+        h0, y, hT,
+        L, H, P, G, S,
+        x.stride(0), x.stride(1), x.stride(2),
+        B.stride(0), B.stride(1), B.stride(2), B.stride(3),
+        theta.stride(0), theta.stride(1), theta.stride(2),
+        a.stride(0), a.stride(1),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        R=R, N=N, T=chunk, BLOCK_P=block_p, PAIRWISE=pairwise, HAS_D=D is not None, HAS_MIMO=mimo_x is not None,
+        PRECISION="ieee", num_warps=4,
+    )
+
+
+@torch.library.custom_op("mambazoo::mamba3_chunk_fwd", mutates_args=())
+def mamba3_chunk_fwd(x: Tensor, B: Tensor, C: Tensor, theta: Tensor, a: Tensor, gamma: Tensor, e: Tensor,
+                     B_bias: Tensor, C_bias: Tensor, D: Optional[Tensor], mimo_x: Optional[Tensor], h0: Tensor,
+                     chunk: int, pairwise: bool) -> tuple[Tensor, Tensor]:
+    """The kernel: x (b, L, H, P); B, C (b, L, R, G, N); theta (b, L, H, S) cumulative angles; a, gamma, e
+    (b, L, H) fp32; B_bias, C_bias (H, R, N) fp32; D (H,); mimo_x (H, R, P) fp32; h0 (b, H, P, N) fp32 the
+    initial carry. Returns y (b, L, R, H, P) fp32 and the final state (b, H, P, N) fp32."""
+    b, L, H, P = x.shape
+    R, N = B.shape[2], B.shape[4]
+    y = torch.empty(b, L, R, H, P, device=x.device, dtype=torch.float32)
+    hT = torch.empty(b, H, P, N, device=x.device, dtype=torch.float32)
+    _launch(x, B, C, theta, a, gamma, e, B_bias, C_bias, D, mimo_x, h0, chunk, pairwise, y, hT)
+    return y, hT
+
+
+@mamba3_chunk_fwd.register_fake
+def _mamba3_chunk_fwd_fake(x, B, C, theta, a, gamma, e, B_bias, C_bias, D, mimo_x, h0, chunk, pairwise):
+    b, L, H, P = x.shape
+    R, N = B.shape[2], B.shape[4]
+    return (x.new_empty(b, L, R, H, P, dtype=torch.float32), x.new_empty(b, H, P, N, dtype=torch.float32))
+
+
+def mamba3_scan_triton(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, mimo_x=None, initial_states=None,
+                       cu_seqlens=None, return_final_states=False, pairwise=True, chunk_size=None):
+    """The Mamba-3 scan's forward through the kernel; arguments and returns as core.mamba3_scan.mamba3_scan_ref
+    (no seq_idx). Shapes the kernel does not take (kernel_supports) run the chunked reference."""
+    b, L, H, P, R, G, N, S = check_mamba3_inputs(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x,
+                                                 initial_states, None, cu_seqlens)
+    if not kernel_supports(N, R, P):
+        return mamba3_scan_chunked(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, initial_states, None,
+                                   cu_seqlens, return_final_states, pairwise)
+    if cu_seqlens is not None:  # one launch per packed sequence
+        cu = cu_seqlens.tolist()
+        ys, fins = [], []
+        for i, (s, e_) in enumerate(zip(cu[:-1], cu[1:])):
+            init = None if initial_states is None else tuple(t[i:i + 1] for t in initial_states)
+            y, fin = mamba3_scan_triton(x[:, s:e_], dt[:, s:e_], adt[:, s:e_], trap[:, s:e_], B[:, s:e_], C[:, s:e_],
+                                        angles[:, s:e_], B_bias, C_bias, D, mimo_x, init, None, True, pairwise,
+                                        chunk_size)
+            ys.append(y)
+            fins.append(fin)
+        y = torch.cat(ys, dim=1)
+        fin = tuple(torch.cat(p, dim=0) for p in zip(*fins))
+        return (y, fin) if return_final_states else y
+    f32 = torch.float32
+    if initial_states is None:
+        initial_states = zero_states(b, H, P, N, S, R, device=x.device, dtype=f32)
+    theta0, h0, k0, x0 = (t.to(f32) for t in initial_states)
+    dt, adt, trap = dt.to(f32), adt.to(f32), trap.to(f32)
+    theta = theta0[:, None] + torch.cumsum(angle_increment(angles.to(f32), dt), dim=1)  # (b, L, H, S)
+    gamma = dt * trap
+    delta = dt * (1 - trap)
+    e = gamma + F.pad(delta[:, 1:], (0, 0, 0, 1))
+    mx = None if mimo_x is None else mimo_x.to(f32).contiguous()
+    carry = h0 + delta[:, 0, :, None, None] * torch.einsum("brhp,brhn->bhpn", rank_values(x0, mx), k0)
+    chunk = chunk_size or CHUNK["cuda" if x.device.type == "cuda" else "cpu"]
+    chunk = max(16, next_power_of_2(chunk))
+    y, hT = mamba3_chunk_fwd(x.contiguous(), B.contiguous(), C.contiguous(), theta.contiguous(), adt.contiguous(),
+                             gamma.contiguous(), e.contiguous(), B_bias.to(f32).contiguous(),
+                             C_bias.to(f32).contiguous(), None if D is None else D.to(f32).contiguous(), mx,
+                             carry.contiguous(), chunk, pairwise)
+    y = y.to(x.dtype)
+    if not return_final_states:
+        return y
+    last = theta[:, -1]
+    k_last = rotate(expand_groups(B[:, -1].to(f32), H) + B_bias.to(f32).transpose(0, 1), last.unsqueeze(1), pairwise)
+    return y, (torch.remainder(last, TWO_PI), hT, k_last, x[:, -1].to(f32))
+
+
+__all__ = ["CHUNK", "kernel_supports", "mamba3_chunk_fwd", "mamba3_scan_triton"]
