@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambazoo.core.mamba3_scan import mamba3_scan, mamba3_step_ref
+from mambazoo.core.mamba3_scan import mamba3_scan, mamba3_step
 from mambazoo.core.norm import RMSNorm
 
 A_ACTIVATIONS = ("softplus", "heavy_tail")
@@ -234,9 +234,8 @@ class Mamba3(nn.Module):
             raise ValueError(f"state.ssm: expected ({b}, {self.nheads}, {self.headdim}, {self.d_state}), "
                              f"got {tuple(state.ssm.shape)}")
         z, xs, B, C, dt, adt, trap, angles = self._split(self.in_proj(x))
-        y, new = mamba3_step_ref(xs, dt, adt, trap, B, C, angles, self.B_bias, self.C_bias, self.D, self._mimo_x(),
-                                 state.tensors(), self.pairwise)
-        state.update(new)
+        y = mamba3_step(xs, dt, adt, trap, B, C, angles, self.B_bias, self.C_bias, self.D, self._mimo_x(),
+                        state.tensors(), self.pairwise)  # advances the state in place
         return self._output(y, z, x.dtype)
 
     def extra_repr(self) -> str:

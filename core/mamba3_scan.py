@@ -410,3 +410,20 @@ def mamba3_scan(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, mimo_x=N
                                   pairwise=pairwise)
     return mamba3_scan_chunked(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, initial_states, seq_idx,
                                cu_seqlens, return_final_states, pairwise, chunk_size)
+
+
+def mamba3_step(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, mimo_x=None, states=None, pairwise=True):
+    """One decode step that advances ``states`` (angle, ssm, k, v) IN PLACE; returns y (b, R, H, P) in the
+    compute dtype. The kernel (mambazoo.kernels.mamba3.mamba3_step_triton) where ``mamba3_backend`` picks
+    'triton' and the states are contiguous with fp32 angle / ssm, else ``mamba3_step_ref`` and a copy back."""
+    tensors = [x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if mamba3_backend(x.device, needs_grad) == "triton":
+        from mambazoo.kernels.mamba3 import mamba3_step_triton, step_state_fits
+
+        if step_state_fits(states):
+            return mamba3_step_triton(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, states, pairwise)
+    y, new = mamba3_step_ref(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, states, pairwise)
+    for dst, src in zip(states, new):
+        dst.copy_(src.detach())
+    return y

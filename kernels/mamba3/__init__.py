@@ -3,10 +3,21 @@
     mamba3_scan_triton(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, mimo_x=None, initial_states=None,
                        cu_seqlens=None, return_final_states=False, pairwise=True, chunk_size=None)
 
-The forward (SISO and MIMO) runs as ``torch.ops.mambazoo.mamba3_chunk_fwd``, a torch.library op with a fake
-implementation. No backward kernel yet (the chunked reference trains).
+    mamba3_step_triton(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, states, pairwise=True)
+
+The forward (SISO and MIMO) runs as ``torch.ops.mambazoo.mamba3_chunk_fwd`` and the decode step (the state
+advanced in place) as ``torch.ops.mambazoo.mamba3_step``, torch.library ops with fake implementations. No
+backward kernel yet (the chunked reference trains).
 """
 
-from mambazoo.kernels.mamba3.ops import kernel_supports, mamba3_chunk_fwd, mamba3_scan_triton
+from mambazoo.kernels.mamba3.ops import (
+    kernel_supports,
+    mamba3_chunk_fwd,
+    mamba3_scan_triton,
+    mamba3_step_op,
+    mamba3_step_triton,
+    step_state_fits,
+)
 
-__all__ = ["kernel_supports", "mamba3_chunk_fwd", "mamba3_scan_triton"]
+__all__ = ["kernel_supports", "mamba3_chunk_fwd", "mamba3_scan_triton", "mamba3_step_op", "mamba3_step_triton",
+           "step_state_fits"]

@@ -128,3 +128,52 @@ def mamba3_scan_triton(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, m
 
 
 __all__ = ["CHUNK", "kernel_supports", "mamba3_chunk_fwd", "mamba3_scan_triton"]
+
+
+# ---------------------------------------------------------------- decode step
+
+
+@torch.library.custom_op("mambazoo::mamba3_step", mutates_args=("angle", "ssm", "k", "v"))
+def mamba3_step_op(x: Tensor, dt: Tensor, adt: Tensor, trap: Tensor, B: Tensor, C: Tensor, angles: Tensor,
+                   B_bias: Tensor, C_bias: Tensor, D: Optional[Tensor], mimo_x: Optional[Tensor], angle: Tensor,
+                   ssm: Tensor, k: Tensor, v: Tensor, pairwise: bool) -> Tensor:
+    """The step kernel (step.py), advancing angle (b, H, S) fp32, ssm (b, H, P, N) fp32, k (b, R, H, N) and
+    v (b, H, P) in place. All inputs contiguous; x (b, H, P); dt, adt, trap (b, H) fp32; B, C (b, R, G, N);
+    angles (b, H, S) fp32; biases (H, R, N) fp32; D (H,) fp32; mimo_x (H, R, P) fp32. Returns y (b, R, H, P)
+    fp32."""
+    b, H, P = x.shape
+    R, G, N = B.shape[1:]
+    S = angles.shape[-1]
+    y = torch.empty(b, R, H, P, device=x.device, dtype=torch.float32)
+    from mambazoo.kernels.mamba3.step import mamba3_step_kernel
+
+    mamba3_step_kernel[(b * H,)](
+        x, dt, adt, trap, B, C, angles, B_bias, C_bias, D if D is not None else dt,
+        mimo_x if mimo_x is not None else dt, angle, ssm, k, v, y,
+        H, P, G, N, S,
+        R=R, BLOCK_P=next_power_of_2(P), BLOCK_N2=next_power_of_2(N // 2), BLOCK_S=next_power_of_2(S),
+        PAIRWISE=pairwise, HAS_D=D is not None, HAS_MIMO=mimo_x is not None, num_warps=4,
+    )
+    return y
+
+
+@mamba3_step_op.register_fake
+def _mamba3_step_fake(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, angle, ssm, k, v, pairwise):
+    b, H, P = x.shape
+    return x.new_empty(b, B.shape[1], H, P, dtype=torch.float32)
+
+
+def step_state_fits(states) -> bool:
+    """The step kernel writes the state in place: it needs contiguous tensors, angle and ssm in fp32."""
+    angle, ssm, k, v = states
+    return (all(t.is_contiguous() for t in states) and angle.dtype == torch.float32 and ssm.dtype == torch.float32)
+
+
+def mamba3_step_triton(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, states, pairwise=True):
+    """One decode step through the kernel, the states (angle, ssm, k, v) advanced in place (step_state_fits must
+    hold). Shapes as core.mamba3_scan.mamba3_step_ref; returns y (b, R, H, P) fp32."""
+    f32 = torch.float32
+    c = lambda t: t.to(f32).contiguous()  # noqa: E731
+    return mamba3_step_op(x.contiguous(), c(dt), c(adt), c(trap), B.contiguous(), C.contiguous(), c(angles),
+                          c(B_bias), c(C_bias), None if D is None else c(D), None if mimo_x is None else c(mimo_x),
+                          *states, pairwise)
