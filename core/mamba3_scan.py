@@ -382,27 +382,21 @@ def _scan_chunked_one(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x,
 # dispatch
 
 
-def mamba3_backend(device: torch.device, needs_grad: bool = False) -> str:
-    """Which implementation runs the scan: 'triton' (mambazoo.kernels.mamba3) on CUDA for the forward,
-    'chunked' (mamba3_scan_chunked) elsewhere and whenever a gradient is needed (the kernel has no backward
-    yet). MAMBAZOO_MAMBA3=chunked|triton overrides (triton off CUDA runs the interpreter)."""
+def mamba3_backend(device: torch.device) -> str:
+    """Which implementation runs the scan and the decode step: 'triton' (mambazoo.kernels.mamba3: forward,
+    backward and step kernels) on CUDA, 'chunked' (mamba3_scan_chunked / mamba3_step_ref) elsewhere.
+    MAMBAZOO_MAMBA3=chunked|triton overrides (triton off CUDA runs the Triton interpreter)."""
     want = os.environ.get("MAMBAZOO_MAMBA3", "").strip().lower()
-    if want in ("chunked", "ref"):
-        return "chunked"
-    if needs_grad:
-        return "chunked"
-    if want == "triton" or device.type == "cuda":
-        return "triton"
-    return "chunked"
+    if want in ("chunked", "triton"):
+        return want
+    return "triton" if device.type == "cuda" else "chunked"
 
 
 def mamba3_scan(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, mimo_x=None, initial_states=None,
                 seq_idx=None, cu_seqlens=None, return_final_states=False, pairwise=True, chunk_size=64):
-    """The scan through the backend ``mamba3_backend`` picks. Shapes and returns as ``mamba3_scan_ref``."""
-    tensors = [x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, *(initial_states or ())]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    backend = mamba3_backend(x.device, needs_grad)
-    if backend == "triton" and seq_idx is None:
+    """The scan through the backend ``mamba3_backend`` picks (seq_idx always runs the chunked reference; the
+    kernels take cu_seqlens). Shapes and returns as ``mamba3_scan_ref``; differentiable either way."""
+    if mamba3_backend(x.device) == "triton" and seq_idx is None:
         from mambazoo.kernels.mamba3 import mamba3_scan_triton
 
         return mamba3_scan_triton(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, initial_states,
@@ -415,10 +409,11 @@ def mamba3_scan(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, mimo_x=N
 def mamba3_step(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, mimo_x=None, states=None, pairwise=True):
     """One decode step that advances ``states`` (angle, ssm, k, v) IN PLACE; returns y (b, R, H, P) in the
     compute dtype. The kernel (mambazoo.kernels.mamba3.mamba3_step_triton) where ``mamba3_backend`` picks
-    'triton' and the states are contiguous with fp32 angle / ssm, else ``mamba3_step_ref`` and a copy back."""
+    'triton', no gradient is recorded and the states are contiguous with fp32 angle / ssm, else
+    ``mamba3_step_ref`` and a copy back."""
     tensors = [x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if mamba3_backend(x.device, needs_grad) == "triton":
+    if mamba3_backend(x.device) == "triton" and not needs_grad:
         from mambazoo.kernels.mamba3 import mamba3_step_triton, step_state_fits
 
         if step_state_fits(states):

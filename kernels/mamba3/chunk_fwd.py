@@ -10,7 +10,8 @@ output rank r:
           (gamma_s if t == s, e_s if t > s, 0 above),  v_r = x * mimo_x_r
     h <- exp(acs_T) h + sum_r' (v_r' * exp(acs_T - acs) e)^T k_r'
 with acs the in-chunk cumulative log decay. The host passes the carry h0 + delta_0 u_{-1} as the initial state
-and gets the final carry (= the true final state) back. Needs N a power of two >= 32 and T >= 16 (tl.dot's
+and gets the final carry (= the true final state) back; for training it also stores the carry entering every
+chunk (chunk_bwd.py reads them). Needs N a power of two >= 32 and T >= 16 (tl.dot's
 smallest tile is 16).
 """
 
@@ -37,7 +38,7 @@ def _rotated(ptr, bias_ptr, cos, sin, offs_t, t_mask, idx0, idx1, stride_t):
 @triton.jit
 def mamba3_chunk_fwd_kernel(
     x_ptr, B_ptr, C_ptr, theta_ptr, a_ptr, gamma_ptr, e_ptr, Bb_ptr, Cb_ptr, D_ptr, mx_ptr, h0_ptr,
-    y_ptr, hT_ptr,
+    y_ptr, hT_ptr, states_ptr,
     L, H, P, G, S,
     sx_b, sx_l, sx_h,  # x (b, L, H, P), last stride 1
     sB_b, sB_l, sB_r, sB_g,  # B and C (b, L, R, G, N), same strides, last 1
@@ -46,6 +47,7 @@ def mamba3_chunk_fwd_kernel(
     sy_b, sy_l, sy_r, sy_h,  # y (b, L, R, H, P)
     R: tl.constexpr, N: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr,
     PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_MIMO: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_STATES: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -74,7 +76,12 @@ def mamba3_chunk_fwd_kernel(
     if HAS_D:
         Dh = tl.load(D_ptr + h).to(tl.float32)
 
+    NC = tl.cdiv(L, T)
     for c0 in range(0, L, T):
+        if STORE_STATES:  # the carry entering each chunk, (b, H, NC, P, N), for the backward
+            sb = ((b * H + h) * NC + c0 // T) * P * N
+            tl.store(states_ptr + sb + offs_p[:, None] * N + idx0[None, :], st0, mask=hm)
+            tl.store(states_ptr + sb + offs_p[:, None] * N + idx1[None, :], st1, mask=hm)
         offs_t = c0 + offs_tt
         t_mask = offs_t < L
         a = tl.load(a_ptr + b * sa_b + offs_t * sa_l + h, mask=t_mask, other=0.0)

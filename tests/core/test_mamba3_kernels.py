@@ -49,8 +49,8 @@ def test_kernel_packed_sequences_bf16_and_no_state():
 
 
 def test_mixer_through_the_kernel(monkeypatch):
-    """The mixer's inference forward through the kernel (MAMBAZOO_MAMBA3=triton runs it in the interpreter)
-    equals the chunked reference; with a gradient it uses the reference."""
+    """The mixer through the kernels (MAMBAZOO_MAMBA3=triton runs them in the interpreter) equals the chunked
+    reference, forward and every parameter's gradient."""
     torch.manual_seed(3)
     m = Mamba3(32, d_state=32, headdim=16, is_mimo=True, mimo_rank=2, chunk_size=16)
     x = torch.randn(2, 9, 32)
@@ -66,8 +66,15 @@ def test_mixer_through_the_kernel(monkeypatch):
     with torch.no_grad():
         out = m(x)
     assert calls and rel(out, ref) < 1e-5
-    m(x).sum().backward()  # a gradient: the reference runs (the kernel has no backward)
-    assert len(calls) == 1 and m.in_proj.weight.grad is not None
+    g = torch.randn_like(ref)
+    (m(x) * g).sum().backward()  # forward and backward kernels
+    assert len(calls) == 2
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    monkeypatch.setenv("MAMBAZOO_MAMBA3", "chunked")
+    (m(x) * g).sum().backward()
+    for n, p in m.named_parameters():
+        assert rel(grads[n], p.grad) < 1e-4, n
 
 
 def test_op_is_registered_with_a_fake():
@@ -79,10 +86,11 @@ def test_op_is_registered_with_a_fake():
         b, L, H, P, R, G, N, S = 2, 5, 2, 16, 2, 1, 32, 8
         x = torch.empty(b, L, H, P)
         BC = torch.empty(b, L, R, G, N)
-        y, hT = mamba3_chunk_fwd(x, BC, BC, torch.empty(b, L, H, S), torch.empty(b, L, H), torch.empty(b, L, H),
-                                 torch.empty(b, L, H), torch.empty(H, R, N), torch.empty(H, R, N), None,
-                                 torch.empty(H, R, P), torch.empty(b, H, P, N), 16, True)
-    assert y.shape == (b, L, R, H, P) and hT.shape == (b, H, P, N)
+        y, hT, states = mamba3_chunk_fwd(x, BC, BC, torch.empty(b, L, H, S), torch.empty(b, L, H),
+                                         torch.empty(b, L, H), torch.empty(b, L, H), torch.empty(H, R, N),
+                                         torch.empty(H, R, N), None, torch.empty(H, R, P), torch.empty(b, H, P, N),
+                                         4, True, True)
+    assert y.shape == (b, L, R, H, P) and hT.shape == (b, H, P, N) and states.shape == (b, H, 2, P, N)
 
 
 @pytest.mark.parametrize("R,G,N,P,pairwise", [(1, 1, 8, 4, True), (2, 2, 16, 5, False), (4, 1, 32, 16, True)])
@@ -123,3 +131,46 @@ def test_mixer_decode_through_the_step_kernel(monkeypatch):
     assert rel(ys, full) < 1e-5
     for a, b in zip(st.tensors(), st_ref.tensors()):
         assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("R,G,L,pairwise", [(1, 1, 37, True), (2, 2, 19, False)])
+def test_backward_kernel_equals_reference(R, G, L, pairwise):
+    """Every gradient (inputs and initial states, through y and all final states) from the forward / backward
+    kernels against autograd through the chunked reference."""
+    from mambazoo.core.mamba3_scan import mamba3_scan_chunked
+    from mambazoo.kernels.mamba3 import mamba3_scan_triton_train
+
+    t, init = inputs(R=R, G=G, L=L, H=4 if G == 2 else 2)
+    leaves = [v for v in list(t.values()) + init if v is not None]
+    for v in leaves:
+        v.requires_grad_(True)
+    y, fin = mamba3_scan_triton_train(**t, initial_states=init, return_final_states=True, pairwise=pairwise)
+    y0, fin0 = mamba3_scan_chunked(**t, initial_states=init, return_final_states=True, pairwise=pairwise)
+    assert rel(y, y0) < 1e-5 and all(rel(a, b) < 1e-5 for a, b in zip(fin, fin0))
+    ws = [torch.randn_like(y0)] + [torch.randn_like(f) for f in fin0]
+
+    def loss(y, fin):
+        return (y * ws[0]).sum() + sum((f * w).sum() for f, w in zip(fin, ws[1:]))
+
+    g = torch.autograd.grad(loss(y, fin), leaves)
+    g0 = torch.autograd.grad(loss(y0, fin0), leaves)
+    names = [k for k, v in t.items() if v is not None] + ["angle0", "ssm0", "k0", "v0"]
+    for name, a, b in zip(names, g, g0):
+        assert b.abs().sum() > 0, name
+        assert rel(a, b) < 1e-5, name
+
+
+def test_backward_op_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mambazoo.kernels.mamba3 import mamba3_chunk_bwd
+
+    with FakeTensorMode():
+        b, L, R, H, P, N = 2, 5, 2, 3, 16, 32
+        v = torch.empty(b, L, R, H, P)
+        qk = torch.empty(b, L, R, H, N)
+        s = torch.empty(b, L, H)
+        out = mamba3_chunk_bwd(v, torch.empty(b, H, P, N), qk, qk, v, s, s, s, torch.empty(H),
+                               torch.empty(b, H, 1, P, N), 16)
+    assert [tuple(o.shape) for o in out] == [(b, L, R, H, N), (b, L, R, H, N), (b, L, R, H, P), (b, L, H),
+                                             (b, L, H), (b, L, H), (b, H), (b, H, P, N)]
