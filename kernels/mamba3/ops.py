@@ -258,7 +258,7 @@ def mamba3_step_op(x: Tensor, dt: Tensor, adt: Tensor, trap: Tensor, B: Tensor, 
         x, dt, adt, trap, B, C, angles, B_bias, C_bias, D if D is not None else dt,
         mimo_x if mimo_x is not None else dt, angle, ssm, k, v, y,
         H, P, G, N, S,
-        R=R, BLOCK_P=next_power_of_2(P), BLOCK_N2=next_power_of_2(N // 2), BLOCK_S=next_power_of_2(S),
+        R=R, BLOCK_P=next_power_of_2(P), BLOCK_N2=next_power_of_2(N // 2),
         PAIRWISE=pairwise, HAS_D=D is not None, HAS_MIMO=mimo_x is not None, num_warps=4,
     )
     return y

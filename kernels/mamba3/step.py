@@ -19,7 +19,7 @@ def mamba3_step_kernel(
     x_ptr, dt_ptr, adt_ptr, trap_ptr, B_ptr, C_ptr, ang_ptr, Bb_ptr, Cb_ptr, D_ptr, mx_ptr,
     angle_ptr, ssm_ptr, k_ptr, v_ptr, y_ptr,
     H, P, G, N, S,
-    R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_S: tl.constexpr,
+    R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N2: tl.constexpr,
     PAIRWISE: tl.constexpr, HAS_D: tl.constexpr, HAS_MIMO: tl.constexpr,
 ):
     # contiguous layouts: x, v (b, H, P); dt, adt, trap (b, H); B, C (b, R, G, N); angles, angle (b, H, S);
