@@ -68,7 +68,7 @@ def evaluate(model: nn.Module, L: int, n: int, gen: torch.Generator) -> tuple[fl
 def run(rotary: bool, seed: int, args) -> dict:
     torch.manual_seed(seed)
     model = ParityNet(args.d_model, args.n_layers, rotary, d_state=args.d_state, headdim=args.headdim,
-                      chunk_size=args.chunk, rope_fraction=args.rope_fraction)
+                      chunk_size=args.chunk, rope_fraction=args.rope_fraction, dt_min=args.dt_min, dt_max=args.dt_max)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(1000 + seed)
@@ -102,11 +102,14 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=16)
     p.add_argument("--rope-fraction", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--dt-min", type=float, default=1e-3, help="the mixers' dt initialization range")
+    p.add_argument("--dt-max", type=float, default=1e-1)
+    p.add_argument("--variants", nargs="+", default=["rotary", "none"], choices=["rotary", "none"])
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for rotary in (True, False):
+    for rotary in [v == "rotary" for v in args.variants]:
         for seed in args.seeds:
             r = run(rotary, seed, args)
             rows.append(r)
