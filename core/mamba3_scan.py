@@ -355,12 +355,13 @@ def _scan_chunked_one(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x,
     eye = torch.eye(T, dtype=torch.bool, device=dev)[None, None, :, :, None]
     coef = torch.where(eye, gc[:, :, None, :, :], ec[:, :, None, :, :])  # (b, c, t, s, H)
     W = decay * coef
-    scores = torch.einsum("bctrhn,bcsuhn->bchtrsu", qc, kc)
-    y = torch.einsum("bchtrsu,bctsh,bcsuhp->bctrhp", scores, W, vc)
+    # two-operand contractions (batched matmuls; a three-operand einsum ran as elementwise products on the CPU)
+    scores = torch.einsum("bctrhn,bcsuhn->bchtrsu", qc, kc) * W.permute(0, 1, 4, 2, 3)[:, :, :, :, None, :, None]
+    y = torch.einsum("bchtrsu,bcsuhp->bctrhp", scores, vc)
 
     # chunk states: what each chunk adds to the carry at its end (positions of the end's segment only)
     to_end = torch.exp(acs[:, :, -1:, :] - acs) * (segc == segc[:, :, -1:])[..., None] * ec  # (b, c, T, H)
-    local = torch.einsum("bcsh,bcsrhp,bcsrhn->bchpn", to_end, vc, kc)
+    local = torch.einsum("bcsrhp,bcsrhn->bchpn", vc * to_end[:, :, :, None, :, None], kc)
     total = torch.exp(acs[:, :, -1, :])  # (b, c, H)
     prev_seg = torch.cat([seg[:, :1], segc[:, :-1, -1]], dim=1)  # (b, c): segment of the carry entering chunk c
     carries = []
@@ -370,7 +371,7 @@ def _scan_chunked_one(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x,
         h_carry = keep * total[:, c, :, None, None] * h_carry + local[:, c]
     carry_in = torch.stack(carries, dim=1)  # (b, c, H, P, N)
     enter = torch.exp(acs) * (segc == prev_seg[:, :, None])[..., None]  # (b, c, T, H)
-    y = y + torch.einsum("bcth,bchpn,bctrhn->bctrhp", enter, carry_in, qc)
+    y = y + torch.einsum("bchpn,bctrhn->bctrhp", carry_in, qc * enter[:, :, :, None, :, None])
     y = y.reshape(b, nc * T, R, H, P)[:, :L]
     if D is not None:
         y = y + D.to(ct)[:, None] * v
