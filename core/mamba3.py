@@ -124,7 +124,8 @@ class Mamba3(nn.Module):
         rotary = int(d_state * rope_fraction)
         rotary -= rotary % 2
         if rotary < 2:
-            raise ValueError(f"d_state * rope_fraction: expected at least 2 rotated dims, got {d_state} * {rope_fraction}")
+            raise ValueError(f"d_state * rope_fraction: expected at least 2 rotated dims, "
+                             f"got {d_state} * {rope_fraction}")
         R = mimo_rank if is_mimo else 1
         if R < 1:
             raise ValueError(f"mimo_rank: expected >= 1, got {mimo_rank}")
@@ -262,7 +263,8 @@ def mamba3_config_from_state_dict(sd: dict, prefix: str = "") -> dict:
         rotary = int(N * rope_fraction)
         S = (rotary - rotary % 2) // 2
         if S > 0 and rest > S and (rest - S) % (2 * N * R) == 0:
-            return dict(d_model=d_model, d_state=N, expand=d_inner / d_model if d_inner % d_model else d_inner // d_model,
+            expand = d_inner / d_model if d_inner % d_model else d_inner // d_model
+            return dict(d_model=d_model, d_state=N, expand=expand,
                         headdim=d_inner // H, ngroups=(rest - S) // (2 * N * R), rope_fraction=rope_fraction,
                         is_mimo=is_mimo, mimo_rank=R if is_mimo else 4,
                         is_outproj_norm=prefix + "norm.weight" in sd)

@@ -1,9 +1,10 @@
 """State-tracking probe: running parity of a bit string, Mamba-3 with its rotary (complex) state against the same
 mixer with the rotation switched off, trained on the CPU.
 
-Task: a start token, then x_1..x_L uniform bits; the target at step t is x_1 xor ... xor x_t. A real, non-negative decay cannot flip
-a sign per 1-bit, a rotation by pi can: the Mamba-3 paper's argument for complex states. The ablation keeps every
-parameter but fixes the angle projection rows of in_proj at zero (tanh(0) = 0: no rotation).
+Task: a start token, then x_1..x_L uniform bits; the target at step t is x_1 xor ... xor x_t. A real,
+non-negative decay cannot flip a sign per 1-bit, a rotation by pi can: the Mamba-3 paper's argument for complex
+states. The ablation keeps every parameter but fixes the angle projection rows of in_proj at zero
+(tanh(0) = 0: no rotation).
 
 Model: embedding (3 tokens -> d_model), n_layers x [x + Mamba3(RMSNorm(x))], RMSNorm, linear head (2 classes).
 Trained on length --length; evaluated on fresh strings at --eval-lengths (per-step accuracy, and the accuracy

@@ -9,7 +9,8 @@ log decay, W[t, s] = exp(acs_t - acs_s) (gamma_s if t == s, e_s if t > s), to_en
 The backward walks the chunks in reverse with dH = dL/dHout, one program per (batch, head) holding all P channels
 (dQ, dK and the scalar gradients sum over them), reading the chunk's Hin that the forward stored:
     G = (dY_r V_r'^T) o W;  dQ_r = sum_r' G K_r' + exp(acs) o (dY_r Hin);  dK_r' = sum_r G^T Q_r + (V_r' o to_end) dH
-    dV_r' = sum_r (Q_r K_r'^T o W)^T dY_r + to_end o (K_r' dH^T) + D dY_r';  dHin = exp(acs_T) dH + sum_r (exp(acs) o dY_r)^T Q_r
+    dV_r' = sum_r (Q_r K_r'^T o W)^T dY_r + to_end o (K_r' dH^T) + D dY_r'
+    dHin = exp(acs_T) dH + sum_r (exp(acs) o dY_r)^T Q_r
     dW = sum (Q_r K_r'^T) o (dY_r V_r'^T) -> d gamma (diagonal), d e (below it, and through to_end), d acs -> d a
     (a reverse cumulative sum).
 """
@@ -115,8 +116,9 @@ def mamba3_chunk_bwd_kernel(
                 vr = _tile(v_ptr + yrow, offs_t, t_mask, ys_l, offs_p, pm)
                 dD += tl.sum(dy * vr, axis=0)
             tm = t_mask[:, None]
-            tl.store(dq_ptr + b * L * qs_l + r * H * N + h * N + offs_t[:, None] * qs_l + offs_n0[None, :], dq0, mask=tm)
-            tl.store(dq_ptr + b * L * qs_l + r * H * N + h * N + offs_t[:, None] * qs_l + offs_n1[None, :], dq1, mask=tm)
+            qbase = dq_ptr + b * L * qs_l + r * H * N + h * N + offs_t[:, None] * qs_l
+            tl.store(qbase + offs_n0[None, :], dq0, mask=tm)
+            tl.store(qbase + offs_n1[None, :], dq1, mask=tm)
 
         # keys and values
         for r2 in tl.static_range(R):
