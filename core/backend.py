@@ -23,7 +23,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-__all__ = ["Backend", "backend", "current", "describe_backend", "reload_from_env", "scan_impl", "ssd_impl", "conv_impl",
+__all__ = ["Backend", "backend", "current", "describe_backend", "reload_from_env", "scan_impl", "ssd_impl", "mamba3_impl", "conv_impl",
            "fused_decode", "interpreting"]
 
 _TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
@@ -46,6 +46,9 @@ class Backend:
     ssd: str = switch("auto", "MAMBAZOO_SSD", "Mamba-2 SSD layer: auto (triton on CUDA, chunked elsewhere), triton "
                       "(CPU tensors need TRITON_INTERPRET=1), chunked or ref (the sequential oracle)",
                       ("auto", "triton", "chunked", "ref"))
+    mamba3: str = switch("auto", "MAMBAZOO_MAMBA3", "Mamba-3 scan and decode step: auto (triton on CUDA, chunked "
+                         "elsewhere), triton (CPU tensors run the Triton interpreter) or chunked",
+                         ("auto", "triton", "chunked"))
     conv: str = switch("auto", "MAMBAZOO_CONV", "mixer causal conv1d: auto (triton on CUDA, torch elsewhere), "
                        "triton (on CPU tensors only under TRITON_INTERPRET=1) or torch",
                        ("auto", "triton", "torch"))
@@ -145,6 +148,14 @@ def ssd_impl(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "chunked"
 
 
+def mamba3_impl(device: torch.device) -> str:
+    """The Mamba-3 scan and decode step on ``device``: 'triton' (mambazoo.kernels.mamba3) or 'chunked'."""
+    choice = _current.mamba3
+    if choice != "auto":
+        return choice
+    return "triton" if device.type == "cuda" else "chunked"
+
+
 def conv_impl(device: torch.device) -> str:
     """The mixer's conv1d on ``device``: 'triton' (mambazoo.kernels.conv1d) on CUDA unless conv='torch', and on CPU
     tensors only when conv='triton' asks and the Triton interpreter is on; 'torch' otherwise."""
@@ -190,7 +201,7 @@ def describe_backend(b: Backend | None = None) -> str:
     previous = _set(b)
     try:
         for d in devices:
-            lines.append(f"  on {d.type}: scan {scan_impl(d)}, ssd {ssd_impl(d)}, conv {conv_impl(d)}, "
+            lines.append(f"  on {d.type}: scan {scan_impl(d)}, ssd {ssd_impl(d)}, mamba3 {mamba3_impl(d)}, conv {conv_impl(d)}, "
                          f"fused decode {'on' if _decode_possible(d) else 'off'}")
     finally:
         _set(previous)

@@ -7,9 +7,6 @@ exp(<= 0) are ever formed).
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from mambazoo.core.scan_ref import (  # noqa: F401  (re-exported)
     ScanShape,
     _bc_per_channel,

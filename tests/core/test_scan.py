@@ -156,8 +156,8 @@ def test_chunked_reverse_equals_the_oracle(monkeypatch):
     """selective_scan(reverse=True) on the CPU backend against the same call forced to the oracle."""
     inp, seq_idx = _packed_inputs()
     results = []
-    for backend in ("ref", "chunked"):
-        monkeypatch.setenv("MAMBAZOO_SCAN", backend)
+    for choice in ("ref", "chunked"):
+        set_backend(monkeypatch, scan=choice)
         leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
         y, h = selective_scan(**leaves, delta_softplus=True, return_last_state=True, seq_idx=seq_idx, reverse=True)
         results.append((y, h, leaves))
