@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,8 +162,8 @@ class Run:
                 "best_val": self.best_val, "metrics": self.metrics, "run_dir": str(self.run_dir)}
 
 
-def plan(out: Path, mixers: list[Mixer], probes: list[Probe]) -> list[Run]:
-    """Every (probe, mixer, lr) run, skipped ones included (with their reason)."""
+def plan(runs_dir: Path, mixers: list[Mixer], probes: list[Probe]) -> list[Run]:
+    """Every (probe, mixer, lr) run, skipped ones included (with their reason); run folders under ``runs_dir``."""
     runs = []
     for probe in probes:
         for mixer in mixers:
@@ -171,7 +172,7 @@ def plan(out: Path, mixers: list[Mixer], probes: list[Probe]) -> list[Run]:
             params, why = check_mixer(mixer, probe)
             for lr in mixer.lrs or (None,):
                 folder = mixer.name.replace(":", "-") + ("" if lr is None else f"-lr{lr:g}")
-                runs.append(Run(mixer, probe, lr, out / "runs" / probe.name / folder, params, why))
+                runs.append(Run(mixer, probe, lr, runs_dir / probe.name / folder, params, why))
     return runs
 
 
@@ -210,6 +211,14 @@ def collect(run: Run) -> None:
     for ckpt in (run.run_dir / "checkpoints").glob("best-step*.ckpt"):
         m = re.match(r"best-step(\d+)", ckpt.name)
         run.best_step = int(m.group(1)) if m else run.best_step
+
+
+def keep_metrics(run: Run, folder: Path) -> None:
+    """Copy the run's last metrics.csv to folder/<probe>__<mixer>[__lr].csv (the run folders may lie elsewhere)."""
+    logs = sorted((run.run_dir / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if logs:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / (run.key.replace("/", "__").replace(":", "-") + ".csv")).write_bytes(logs[-1].read_bytes())
 
 
 def chosen(runs: list[Run], probe: Probe, mixer: Mixer) -> Run | None:
@@ -269,29 +278,32 @@ def table(runs: list[Run], mixers: list[Mixer], probes: list[Probe], header: dic
 
 
 def plot(runs: list[Run], mixers: list[Mixer], probes: list[Probe], path: Path, title: str) -> None:
-    """One panel per probe: a group of bars per test metric, one bar per mixer (missing / skipped: no bar)."""
+    """One panel per probe: a group of bars per test metric, one bar per mixer that ran (a run without the metric:
+    no bar; skipped mixers are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(probes), figsize=(4.2 * len(probes), 3.8), squeeze=False)
-    colors = {m.name: plt.cm.tab10(i % 10) for i, m in enumerate(mixers)}
+    colors, drawn = {m.name: plt.cm.tab10(i % 10) for i, m in enumerate(mixers)}, set()
     for ax, p in zip(axes[0], probes):
-        mine = [m for m in mixers if m.probes is None or p.name in m.probes]
+        mine = [m for m in mixers if any(r.probe is p and r.mixer is m and not r.skipped for r in runs)]
         width = 0.8 / max(1, len(mine))
         for j, m in enumerate(mine):
             r = chosen(runs, p, m)
             vals = [(r.metrics.get(k, math.nan) if r is not None else math.nan) for k, _ in p.metrics]
             xs = [i + (j - (len(mine) - 1) / 2) * width for i in range(len(p.metrics))]
-            ax.bar(xs, [0 if math.isnan(v) else v for v in vals], width, color=colors[m.name],
-                   label=m.label if p is probes[0] or m.probes else None)
+            bars = ax.bar(xs, [0 if math.isnan(v) else v for v in vals], width, color=colors[m.name],
+                          label=m.label if m.name not in drawn else None)
+            drawn.add(m.name)
+            ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.2f}" for v in vals], fontsize=6)
         ax.set_xticks(range(len(p.metrics)), [lab if len(p.metrics) > 1 else "test" for _, lab in p.metrics])
         ax.set_title(p.label, fontsize=10)
         ax.set_ylim(0, 1.05), ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
     fig.legend(loc="lower center", ncol=min(7, len(mixers)), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(title, 60 * len(probes))), fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -329,7 +341,7 @@ def write_outputs(out: Path, runs: list[Run], mixers: list[Mixer], probes: list[
         chosen(runs, p, m)) for p in probes for m in mixers if m.probes is None or p.name in m.probes}
     (out / "results.json").write_text(json.dumps({"header": header, "summary": summary,
                                                   "runs": [r.to_json() for r in runs]}, indent=1))
-    plot(runs, mixers, probes, out / "probes.png", f"probes, {header['budget']} ({header['device']})")
+    plot(runs, mixers, probes, out / "probes.png", f"{header['budget']}; {header['device']}; {header['date']}")
 
 
 def estimate_wall_s(n_runs: int, jobs: int, budget_s: float, overhead_s: float = 120.0) -> float:
@@ -345,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(prog="scripts/probes.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/probes", help="table.md, probes.png, results.json and runs/ go here")
+    ap.add_argument("--out", default="runs/probes", help="table.md, probes.png, results.json, logs/ (each run's output) "
+                    "and metrics/ (each run's metrics.csv) go here")
+    ap.add_argument("--runs-dir", default=None, help="the run folders (checkpoints, Lightning logs; default OUT/runs)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="training seconds per run (--trainer.max_time)")
     ap.add_argument("--max-steps", type=int, default=None, help="also cap every run at this many steps (the same "
                     "step budget; it is also the cosine schedule's length)")
@@ -362,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     probes, mixers = by_name(PROBES, a.probes, "--probes"), by_name(MIXERS, a.mixers, "--mixers")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan(out, mixers, probes)
+    runs = plan(Path(a.runs_dir) if a.runs_dir else out / "runs", mixers, probes)
     todo = [r for r in runs if r.skipped is None]
     for r in todo:
         r.cmd = command(r, a.budget_s, a.max_steps, a.smoke, extra)
@@ -417,6 +431,7 @@ def execute(todo: list[Run], jobs: int, limit_s: float, out: Path, on_change) ->
                 r.exit, r.wall_s = proc.returncode, time.time() - t0
                 log.close()
                 collect(r)
+                keep_metrics(r, out / "metrics")
                 del live[key]
                 print(f"done  {key}: exit {r.exit}, {r.wall_s:.0f} s, {r.steps} steps, "
                       + ", ".join(f"{k} {v:.3f}" for k, v in r.metrics.items() if k.endswith("/acc")), flush=True)

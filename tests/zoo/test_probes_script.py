@@ -101,3 +101,4 @@ def test_smoke_subset_end_to_end(tmp_path):
     md = (out / "table.md").read_text()
     assert "| Mamba-1 (S6) |" in md and "| S4D (LTI) |" in md and "smoke" in md
     assert (out / "probes.png").stat().st_size > 5000
+    assert sorted(p.name for p in (out / "metrics").glob("*.csv")) == ["parity__mamba.csv", "parity__s4d.csv"]
