@@ -341,7 +341,10 @@ def write_outputs(out: Path, runs: list[Run], mixers: list[Mixer], probes: list[
         chosen(runs, p, m)) for p in probes for m in mixers if m.probes is None or p.name in m.probes}
     (out / "results.json").write_text(json.dumps({"header": header, "summary": summary,
                                                   "runs": [r.to_json() for r in runs]}, indent=1))
-    plot(runs, mixers, probes, out / "probes.png", f"{header['budget']}; {header['device']}; {header['date']}")
+    try:
+        plot(runs, mixers, probes, out / "probes.png", f"{header['budget']}; {header['device']}; {header['date']}")
+    except ImportError as e:  # no matplotlib: the table and the JSON still count
+        print(f"no plot ({e})", flush=True)
 
 
 def estimate_wall_s(n_runs: int, jobs: int, budget_s: float, overhead_s: float = 120.0) -> float:
