@@ -230,6 +230,18 @@ def chosen(runs: list[Run], probe: Probe, mixer: Mixer) -> Run | None:
     return mine[0] if len(mine) == 1 else None
 
 
+def metric(run: Run, probe: Probe, i: int) -> float | None:
+    """The run's value of the probe's i-th metric; when lengths were overridden (``-- --data.init_args.seq_len``),
+    the i-th of the run's test accuracies in order of length stands in (test_L64/acc for test_L256/acc)."""
+    key = probe.metrics[i][0]
+    if key in run.metrics:
+        return run.metrics[key]
+    suffix = key.rsplit("/", 1)[-1]
+    found = sorted((k for k in run.metrics if re.fullmatch(rf"test_L\d+/{suffix}", k)),
+                   key=lambda k: int(k.split("/")[0][len("test_L"):]))
+    return run.metrics[found[i]] if len(found) == len(probe.metrics) else None
+
+
 def fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
@@ -238,13 +250,14 @@ def table(runs: list[Run], mixers: list[Mixer], probes: list[Probe], header: dic
     """The markdown: setup lines, the summary (one row per mixer, one column per probe metric), every run."""
     lines = [f"Budget: {header['budget']}; {header['jobs']}. Device: {header['device']}; {header['date']}; "
              f"commit {header['commit']}.", "", f"    {header['command']}", "", PAPER_BARS, ""]
-    cols = [(p, key, f"{p.label} {lab}" if len(p.metrics) > 1 else p.label) for p in probes for key, lab in p.metrics]
+    cols = [(p, i, f"{p.label} {lab}" if len(p.metrics) > 1 else p.label) for p in probes
+            for i, (_, lab) in enumerate(p.metrics)]
     lines.append("| mixer | " + " | ".join(c for _, _, c in cols) + " |")
     lines.append("|---|" + "---|" * len(cols))
     notes = []
     for m in mixers:
         cells = []
-        for p, key, _ in cols:
+        for p, i, _ in cols:
             if m.probes is not None and p.name not in m.probes:
                 cells.append("")
                 continue
@@ -257,7 +270,7 @@ def table(runs: list[Run], mixers: list[Mixer], probes: list[Probe], header: dic
             elif r is None or r.exit is None:
                 cells.append("(running)" if r is not None and r.cmd else "-")
             else:
-                v = r.metrics.get(key)
+                v = metric(r, p, i)
                 cells.append(fmt(v) + ("" if r.exit == 0 else f" (exit {r.exit})"))
         lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
     lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
@@ -269,7 +282,8 @@ def table(runs: list[Run], mixers: list[Mixer], probes: list[Probe], header: dic
         if r.skipped:
             continue
         star = "*" if r.lr is not None and chosen(runs, r.probe, r.mixer) is r else ""
-        tm = ", ".join(f"{k.removeprefix('test_')} {v:.3f}" for k, v in r.metrics.items() if k.endswith("/acc"))
+        accs = sorted((k for k in r.metrics if k.endswith("/acc")), key=lambda k: (len(k.split("/")[0]), k))
+        tm = ", ".join(f"{k.removeprefix('test_')} {r.metrics[k]:.3f}" for k in accs)
         lines.append(f"| {r.probe.name} | {r.mixer.label} | {'config' if r.lr is None else f'{r.lr:g}{star}'} | "
                      f"{r.params or '-'} | {r.steps if r.steps is not None else '-'} | {r.best_step or '-'} | "
                      f"{r.probe.monitor} {fmt(r.best_val)} | {tm or '-'} | "
@@ -292,7 +306,7 @@ def plot(runs: list[Run], mixers: list[Mixer], probes: list[Probe], path: Path, 
         width = 0.8 / max(1, len(mine))
         for j, m in enumerate(mine):
             r = chosen(runs, p, m)
-            vals = [(r.metrics.get(k, math.nan) if r is not None else math.nan) for k, _ in p.metrics]
+            vals = [math.nan if r is None or metric(r, p, i) is None else metric(r, p, i) for i in range(len(p.metrics))]
             xs = [i + (j - (len(mine) - 1) / 2) * width for i in range(len(p.metrics))]
             bars = ax.bar(xs, [0 if math.isnan(v) else v for v in vals], width, color=colors[m.name],
                           label=m.label if m.name not in drawn else None)
@@ -337,7 +351,8 @@ def write_outputs(out: Path, runs: list[Run], mixers: list[Mixer], probes: list[
     md = table(runs, mixers, probes, header)
     (out / "table.md").write_text(md)
     summary = {f"{p.name}/{m.name}": (lambda r: None if r is None else {
-        "lr": r.lr, "metrics": {k: r.metrics.get(k) for k, _ in p.metrics}, "steps": r.steps, "exit": r.exit})(
+        "lr": r.lr, "metrics": {k: metric(r, p, i) for i, (k, _) in enumerate(p.metrics)}, "steps": r.steps,
+        "exit": r.exit})(
         chosen(runs, p, m)) for p in probes for m in mixers if m.probes is None or p.name in m.probes}
     (out / "results.json").write_text(json.dumps({"header": header, "summary": summary,
                                                   "runs": [r.to_json() for r in runs]}, indent=1))

@@ -85,6 +85,15 @@ def test_the_table_reports_the_sweeps_best_run_on_validation_and_names_skips(tmp
     assert "| Attention (RoPE) | 0.900 |" in md and "| No such mixer | skipped |" in md and "'nope'" in md
 
 
+def test_overridden_lengths_stand_in_for_the_configs_in_order(tmp_path):
+    probe = next(p for p in probes.PROBES if p.name == "induction_heads")
+    run = probes.Run(probes.MIXERS[0], probe, None, tmp_path)
+    run.metrics = {"test_L96/acc": 0.5, "test_L24/acc": 1.0, "test_L384/acc": 0.25, "test_L24/loss": 0.1}
+    assert [probes.metric(run, probe, i) for i in range(3)] == [1.0, 0.5, 0.25]
+    run.metrics = {"test_L256/acc": 0.75, "test_L24/acc": 1.0}
+    assert probes.metric(run, probe, 0) == 0.75 and probes.metric(run, probe, 1) is None
+
+
 def test_smoke_subset_end_to_end(tmp_path):
     """Two runs side by side, 2 steps each on the CPU, through `mambazoo fit`: table, plot and JSON written."""
     out = tmp_path / "probes"
