@@ -9,6 +9,9 @@
 - MQAR (multi-query associative recall, Zoology): ``n_pairs`` key-value pairs, then a region of
   noise in which keys reappear; at each, the model must predict the key's value. Keys come from
   [1, vocab/2), values from [vocab/2, vocab), 0 is noise.
+- parity (state tracking, the Mamba-3 paper's probe): a start token 2, then uniform bits 0 / 1; the
+  target at each bit is the parity (xor) of the bits so far, the start is unscored. A real, non-negative
+  decay cannot flip a sign per 1-bit; a rotation by pi (a complex state) can.
 
 Each generator returns (inputs (b, T) long, targets (b, T) long) aligned: targets[t] is what the
 model must output after reading inputs[:t+1]; -100 marks unscored positions.
@@ -91,7 +94,18 @@ def mqar(batch: int, seq_len: int, n_pairs: int = 8, vocab_size: int = 8192, n_q
     return x, y
 
 
-TASKS = {"selective_copy": selective_copy, "induction_heads": induction_heads, "mqar": mqar}
+def parity(batch: int, seq_len: int, g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs / targets (batch, seq_len): a start token 2, then seq_len - 1 bits; targets[t] = x_1 xor ... xor
+    x_t for every bit t >= 1, IGNORE at the start. The model's vocabulary needs 3 tokens."""
+    if seq_len < 2:
+        raise ValueError(f"parity needs seq_len >= 2 (a start token and at least one bit), got {seq_len}")
+    bits = torch.randint(0, 2, (batch, seq_len - 1), generator=g)
+    x = torch.cat([torch.full((batch, 1), 2, dtype=torch.long), bits], dim=1)
+    y = torch.cat([torch.full((batch, 1), IGNORE, dtype=torch.long), bits.cumsum(dim=1) % 2], dim=1)
+    return x, y
+
+
+TASKS = {"selective_copy": selective_copy, "induction_heads": induction_heads, "mqar": mqar, "parity": parity}
 
 
 class _EvalSet(IterableDataset):
@@ -113,7 +127,7 @@ class SyntheticDataModule(pl.LightningDataModule):
     """Train on ``task`` at ``seq_len``; validate at ``val_lengths`` (default [seq_len]) and test at
     ``test_lengths`` (default: val_lengths), which may differ from the training length.
 
-    task: selective_copy | induction_heads | mqar; task_kwargs: the generator's keywords
+    task: selective_copy | induction_heads | mqar | parity; task_kwargs: the generator's keywords
     (n_tokens, vocab_size, n_pairs, n_queries). Evaluation sets hold ``eval_samples`` sequences,
     in batches of at most ``eval_batch_size`` sequences and ``eval_batch_tokens`` tokens.
     Evaluation sets are named "val" (the first), "val_L{length}" (the others), "test_L{length}".
