@@ -43,7 +43,8 @@ class _one_thread:
     the other core is busy (figures in docs/benchmarks.md, CPU training)."""
 
     def __enter__(self):
-        self.n = torch.get_num_threads()
+        # while torch.compile traces, leave the threads alone: get/set_num_threads would break the graph
+        self.n = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
         if self.n != 1:
             torch.set_num_threads(1)
 

@@ -76,7 +76,7 @@ class FirstTokenClock:
 
 
 class Ours:
-    stream_skip = 0
+    stream_skip = 1  # mambazoo's generate follows the put/end streamer protocol too: the prompt is put first
 
     def __init__(self, name, model):
         self.name, self.model = name, model

@@ -71,7 +71,7 @@ def test_backend_command_describes_the_choices(capsys):
     with backend(ssd="ref"):
         assert main(["backend"]) == 0
     out = capsys.readouterr().out
-    assert "ssd            ref      set in code" in out and "on cpu: scan chunked, ssd ref, conv torch" in out
+    assert "ssd            ref      set in code" in out and "on cpu: scan chunked, ssd ref, mamba3 chunked, conv torch" in out
     assert main(["backend", "--scan"]) == 2
     assert "expected no arguments" in capsys.readouterr().err
 
