@@ -39,7 +39,7 @@ def periodic_layout(n_layer: int, period: int, offset: int, on: str, off: str) -
 
 @dataclass
 class LMConfig:
-    """Shape of a causal LM. Strings ``layout`` (M/A) and ``ffn`` (n/d/e) have one letter per layer;
+    """Shape of a causal LM. Strings ``layout`` (M/2/3/A) and ``ffn`` (n/d/e) have one letter per layer;
     a shorter string is repeated to n_layer (so "MMMMAMMM" tiles a 32-layer model)."""
 
     vocab_size: int = 50277

@@ -106,6 +106,12 @@ def test_out_proj_rescaled_like_mamba_ssm_and_no_weight_decay_marks():
     assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
     mx = m.layers[0].mixer
     assert getattr(mx.dt_bias, "_no_weight_decay", False) and getattr(mx.D, "_no_weight_decay", False)
+    from mambazoo.tasks.optim import split_decay
+
+    decay, no_decay = split_decay(m)
+    pre = "layers.0.mixer."
+    assert {pre + "in_proj.weight", pre + "out_proj.weight"} <= set(decay)
+    assert {pre + n for n in ("dt_bias", "D", "B_bias", "C_bias", "B_norm.weight", "C_norm.weight")} <= set(no_decay)
 
 
 def test_tiny_trains_on_cpu():
