@@ -18,7 +18,8 @@ Downloads go through ``huggingface_hub`` (its cache, ``revision``, ``cache_dir``
 | mambazoo's own export                    | config.json with a "mambazoo" entry    | the model it describes |
 
 Mamba-2 checkpoints (transformers model_type "mamba2", or mamba_ssm with ssm_cfg.layer "Mamba2") load
-through mambazoo.mamba2.convert.
+through mambazoo.mamba2.convert; mamba_ssm folders with ssm_cfg.layer "Mamba3" (Mamba-3 mixers under
+mamba-ssm's own parameter names, core.mamba3) load through ``mamba3_lm_from_mamba_ssm``.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def detect_layout(path: Path) -> str:
-    """'mamba', 'falcon_mamba', 'jamba', 'mamba_ssm', 'mamba2', 'vim_official', 'mambazoo' or 'mambazoo_checkpoint'
+    """'mamba', 'falcon_mamba', 'jamba', 'mamba_ssm', 'mamba2', 'mamba3', 'vim_official', 'mambazoo' or 'mambazoo_checkpoint'
     for a folder or weights file (see the module docstring)."""
     folder = path if path.is_dir() else path.parent
     cfg = _read_json(folder / "config.json")
@@ -158,7 +159,7 @@ def detect_layout(path: Path) -> str:
             return "mamba2"
         if "d_model" in cfg and "n_layer" in cfg:
             layer = (cfg.get("ssm_cfg") or {}).get("layer", "Mamba1")
-            return "mamba2" if layer == "Mamba2" else "mamba_ssm"
+            return {"Mamba2": "mamba2", "Mamba3": "mamba3"}.get(layer, "mamba_ssm")
         if mt is not None:
             raise ValueError(f"{path}: config.json has model_type {mt!r}; expected mamba, falcon_mamba, jamba, "
                              "a mamba_ssm config (d_model, n_layer) or a mambazoo export")
@@ -222,6 +223,62 @@ def _lm_from_transformers(path: Path, layout: str, dtype=None, **overrides):
                 getattr(block.mixer.fwd, norm).eps = eps
     load_into(model, converted)
     return model.to(dtype or next(iter(sd.values())).dtype)
+
+
+def mamba3_config_from_mamba_ssm(sd: dict, cfg: dict, **overrides):
+    """The LMConfig of a mamba_ssm MambaLMHeadModel with ssm_cfg.layer "Mamba3": the mixer's shape from layer 0's
+    keys (core.mamba3.mamba3_config_from_state_dict), with ssm_cfg's rope_fraction / ngroups / mimo_rank /
+    chunk_size where it gives them. Raises ValueError for what the LM does not build (MLP or attention layers,
+    LayerNorm, an A floor other than 1e-4)."""
+    from mambazoo.core.mamba3 import mamba3_config_from_state_dict
+    from mambazoo.lm import LMConfig
+
+    ssm = dict(cfg.get("ssm_cfg") or {})
+    if ssm.get("layer") != "Mamba3":
+        raise ValueError(f"config.json: expected ssm_cfg.layer 'Mamba3', got {ssm.get('layer')!r}")
+    if cfg.get("d_intermediate", 0) or cfg.get("attn_layer_idx"):
+        raise ValueError(f"config.json: expected a pure Mamba-3 LM (d_intermediate 0, no attn_layer_idx), got "
+                         f"d_intermediate={cfg.get('d_intermediate')}, attn_layer_idx={cfg.get('attn_layer_idx')}")
+    if not cfg.get("rms_norm", True):
+        raise ValueError("config.json: expected rms_norm true (the blocks' RMSNorm), got false")
+    if float(ssm.get("A_floor", 1e-4)) != 1e-4:
+        raise ValueError(f"ssm_cfg.A_floor: expected the published 1e-4, got {ssm['A_floor']}")
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"backbone\.layers\.(\d+)\.", k))}
+    if not layers or "backbone.embedding.weight" not in sd:
+        raise ValueError(f"state dict: expected backbone.embedding.weight and backbone.layers.i.mixer.*, got e.g. "
+                         f"{sorted(sd)[:5]}")
+    m = mamba3_config_from_state_dict(sd, "backbone.layers.0.mixer.")
+    for key in ("rope_fraction", "ngroups"):
+        if key in ssm:
+            m[key] = ssm[key]
+    is_mimo = bool(ssm.get("is_mimo", m["is_mimo"]))
+    if is_mimo != m["is_mimo"]:
+        raise ValueError(f"ssm_cfg.is_mimo: expected {m['is_mimo']} (the weights' mimo_x), got {is_mimo}")
+    if not float(m["expand"]).is_integer():
+        raise ValueError(f"expand: expected d_inner a multiple of d_model, got {m['expand']}")
+    c = LMConfig(vocab_size=cfg.get("vocab_size", sd["backbone.embedding.weight"].shape[0]), d_model=m["d_model"],
+                 n_layer=len(layers), mixer="mamba3", d_state=m["d_state"], expand=int(m["expand"]),
+                 headdim=m["headdim"], ngroups=m["ngroups"], rope_fraction=float(m["rope_fraction"]),
+                 is_mimo=is_mimo, mimo_rank=m["mimo_rank"], outproj_norm=m["is_outproj_norm"],
+                 chunk_size=ssm.get("chunk_size", 64), norm_eps=cfg.get("norm_epsilon", 1e-5),
+                 tie_embeddings=cfg.get("tie_embeddings", True),
+                 pad_vocab_multiple=cfg.get("pad_vocab_size_multiple", 8))
+    return c.replace(**overrides)
+
+
+def mamba3_lm_from_mamba_ssm(source, dtype=None, **overrides):
+    """A Mamba-3 CausalLM from a mamba_ssm MambaLMHeadModel folder (config.json with ssm_cfg.layer "Mamba3" +
+    pytorch_model.bin or model.safetensors, mamba-ssm's names: backbone.embedding, backbone.layers.i.{norm,
+    mixer.*}, backbone.norm_f, lm_head), loaded strictly, in the weights' dtype (or ``dtype``)."""
+    from mambazoo.convert import load_into, read_state_dict
+    from mambazoo.lm import CausalLM
+
+    sd, cfg = read_state_dict(source)
+    config = mamba3_config_from_mamba_ssm(sd, cfg or {}, **overrides)
+    ours = {re.sub(r"^backbone\.", "", re.sub(r"^backbone\.embedding\.", "embedding.", k)): v for k, v in sd.items()}
+    weights_dtype = next(iter(sd.values())).dtype
+    model = load_into(CausalLM(config), ours).to(weights_dtype)
+    return model.to(dtype) if dtype is not None else model
 
 
 def _vim_from_official(path: Path, dtype=None, **overrides):
@@ -376,6 +433,8 @@ def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None
 
         model = load_mamba2(path, **overrides)
         model = model.to(dtype) if dtype is not None else model
+    elif layout == "mamba3":  # mamba_ssm with ssm_cfg.layer Mamba3
+        model = mamba3_lm_from_mamba_ssm(path, dtype, **overrides)
     elif layout == "vim_official":
         model = _vim_from_official(path, dtype, **overrides)
     elif layout == "mambazoo":

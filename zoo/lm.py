@@ -1,8 +1,8 @@
 """One causal language model for every language variant (Mamba LM, MambaByte, MoE-Mamba, Jamba).
 
 embedding -> n_layer x Block(mixer M|A, ffn none|mlp|moe) -> RMSNorm -> head (tied by default).
-The per-layer layout comes from the config: ``layout`` is a string of M (the config's ``mixer``: Mamba or
-Mamba-2) / 2 (Mamba-2) / A (attention) of length n_layer (or built from ``attn_period``/``attn_offset``), ``ffn`` likewise a string of
+The per-layer layout comes from the config: ``layout`` is a string of M (the config's ``mixer``: Mamba,
+Mamba-2 or Mamba-3) / 2 (Mamba-2) / 3 (Mamba-3) / A (attention) of length n_layer (or built from ``attn_period``/``attn_offset``), ``ffn`` likewise a string of
 n (none) / d (dense MLP) / e (MoE experts) or built from ``moe_period``/``moe_offset``.
 """
 
@@ -21,12 +21,13 @@ from mambazoo.core.cache import InferenceCache
 from mambazoo.core.dispatch import add_rms_norm, fused_decode_enabled
 from mambazoo.core.mamba import Mamba
 from mambazoo.core.mamba2 import Mamba2
+from mambazoo.core.mamba3 import Mamba3
 from mambazoo.core.mlp import MLP
 from mambazoo.core.moe import MoE
 from mambazoo.core.norm import RMSNorm
 
 FFN_CODES = {"n": "none", "d": "mlp", "e": "moe"}
-MIXERS = ("mamba", "mamba2")  # what the layout letter M builds; the letter 2 is always Mamba-2
+MIXERS = ("mamba", "mamba2", "mamba3")  # what the layout letter M builds; the letters 2 / 3 are always Mamba-2 / -3
 
 
 def periodic_layout(n_layer: int, period: int, offset: int, on: str, off: str) -> str:
@@ -38,7 +39,7 @@ def periodic_layout(n_layer: int, period: int, offset: int, on: str, off: str) -
 
 @dataclass
 class LMConfig:
-    """Shape of a causal LM. Strings ``layout`` (M/A) and ``ffn`` (n/d/e) have one letter per layer;
+    """Shape of a causal LM. Strings ``layout`` (M/2/3/A) and ``ffn`` (n/d/e) have one letter per layer;
     a shorter string is repeated to n_layer (so "MMMMAMMM" tiles a 32-layer model)."""
 
     vocab_size: int = 50277
@@ -64,6 +65,14 @@ class LMConfig:
     headdim: int = 64
     ngroups: int = 1
     chunk_size: int = 256
+    # Mamba-3 (mixer: mamba3, or the layout letter 3): d_state, expand, headdim, ngroups, chunk_size as above
+    # (no conv, no projection biases); rope_fraction of the state dims rotate (0.5 or 1.0); MIMO of rank
+    # mimo_rank when is_mimo; outproj_norm: the gated RMSNorm per head before out_proj
+    rope_fraction: float = 0.5
+    is_mimo: bool = False
+    mimo_rank: int = 4
+    outproj_norm: bool = False
+    a_activation: str = "softplus"
     # attention
     n_heads: int = 8
     n_kv_heads: int | None = None
@@ -91,12 +100,12 @@ class LMConfig:
     drop_path: float = 0.0
 
     def layer_layout(self) -> str:
-        """Mixer letter per layer (M|2|A), length n_layer."""
+        """Mixer letter per layer (M|2|3|A), length n_layer."""
         if self.layout:
             s = self.layout.upper()
-            if set(s) - set("MA2"):
-                raise ValueError(f"layout: expected a string of M (Mamba), 2 (Mamba-2) and A (attention), "
-                                 f"got {self.layout!r}")
+            if set(s) - set("MA23"):
+                raise ValueError(f"layout: expected a string of M (Mamba), 2 (Mamba-2), 3 (Mamba-3) and A "
+                                 f"(attention), got {self.layout!r}")
             return (s * math.ceil(self.n_layer / len(s)))[: self.n_layer]
         if self.attn_period:
             return periodic_layout(self.n_layer, self.attn_period, self.attn_offset, "A", "M")
@@ -127,6 +136,14 @@ class LMConfig:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer: expected one of {MIXERS}, got {self.mixer!r}")
+        if self.rope_fraction not in (0.5, 1.0):
+            raise ValueError(f"rope_fraction: expected 0.5 or 1.0, got {self.rope_fraction!r}")
+        if not isinstance(self.mimo_rank, int) or isinstance(self.mimo_rank, bool) or self.mimo_rank < 1:
+            raise ValueError(f"mimo_rank: expected a positive int, got {self.mimo_rank!r}")
+        if not isinstance(self.is_mimo, bool):
+            raise ValueError(f"is_mimo: expected a bool, got {self.is_mimo!r}")
+        if self.a_activation not in ("softplus", "heavy_tail"):
+            raise ValueError(f"a_activation: expected 'softplus' or 'heavy_tail', got {self.a_activation!r}")
         kinds = self.ffn_layout()
         if ("mlp" in kinds or ("moe" in kinds and self.d_expert is None)) and self.d_ffn < 1:
             raise ValueError("d_ffn: expected a positive hidden size when some layer has an MLP or MoE FFN")
@@ -177,7 +194,12 @@ class CausalLM(nn.Module):
 
     def _block(self, i: int, mixer_kind: str, ffn_kind: str) -> Block:
         c = self.config
-        if mixer_kind == "2" or (mixer_kind == "M" and c.mixer == "mamba2"):
+        if mixer_kind == "3" or (mixer_kind == "M" and c.mixer == "mamba3"):
+            mixer = Mamba3(c.d_model, d_state=c.d_state, expand=c.expand, headdim=c.headdim, ngroups=c.ngroups,
+                           rope_fraction=c.rope_fraction, is_outproj_norm=c.outproj_norm, is_mimo=c.is_mimo,
+                           mimo_rank=c.mimo_rank, chunk_size=c.chunk_size, a_activation=c.a_activation,
+                           layer_idx=i)
+        elif mixer_kind == "2" or (mixer_kind == "M" and c.mixer == "mamba2"):
             mixer = Mamba2(c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, headdim=c.headdim,
                            ngroups=c.ngroups, conv_bias=c.conv_bias, bias=c.proj_bias, chunk_size=c.chunk_size,
                            norm_eps=c.norm_eps, layer_idx=i)
@@ -213,7 +235,7 @@ class CausalLM(nn.Module):
             return
         for block in self.layers:
             n_res = 2 if block.ffn is not None else 1
-            outs = [block.mixer.out_proj.weight if isinstance(block.mixer, (Mamba, Mamba2))
+            outs = [block.mixer.out_proj.weight if isinstance(block.mixer, (Mamba, Mamba2, Mamba3))
                     else block.mixer.o_proj.weight]
             if block.ffn is not None:
                 r = block.ffn.residual_out()
@@ -306,7 +328,7 @@ class CausalLM(nn.Module):
 
     # -- cache, losses, generation -------------------------------------------------------------
     def allocate_cache(self, batch: int, max_len: int = 2048, device=None, dtype=None) -> InferenceCache:
-        """Per-layer states: Mamba (conv, ssm) of constant size; attention a KV cache for max_len tokens
+        """Per-layer states: Mamba (conv, ssm), Mamba-3 (angle, ssm, k, v) of constant size; attention a KV cache for max_len tokens
         (or its window). dtype defaults to the parameters' dtype."""
         if batch < 1:
             raise ValueError(f"batch: expected a positive int, got {batch}")

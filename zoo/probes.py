@@ -8,8 +8,8 @@ call cut short still leaves what finished.
 
 Two tables drive it: ``MIXERS`` (a registry model + model_kwargs over the probe's shape; several learning
 rates make a sweep whose best run on validation is reported) and ``PROBES`` (a named config + the test metrics
-it reports). A mixer the registry / LM does not know yet (Mamba-3 before it is wired into the LM) is skipped
-with the ValueError that building it gave.
+it reports). A mixer the registry / LM cannot build (an unknown name or field) is skipped with the ValueError
+that building it gave.
 """
 
 from __future__ import annotations
@@ -60,10 +60,9 @@ MIXERS: tuple[Mixer, ...] = (
     Mixer("mamba", "Mamba-1 (S6)", "mamba-tiny"),
     Mixer("s4d", "S4D (LTI)", "mamba-tiny", {"selective": False}),
     Mixer("mamba2", "Mamba-2 (SSD)", "mamba2-tiny"),
-    # Mamba-3: the LM's `mixer: mamba3` (layout letter 3) is not wired yet; field names as core.mamba3.Mamba3's
-    Mixer("mamba3-siso", "Mamba-3 SISO", "mamba-tiny", {"mixer": "mamba3", "headdim": 16}),
-    Mixer("mamba3-mimo", "Mamba-3 MIMO", "mamba-tiny", {"mixer": "mamba3", "headdim": 16, "is_mimo": True,
-                                                       "mimo_rank": 4}),
+    # Mamba-3 (mixer: mamba3): 8 heads of 16, d_state 16, half the state rotary; MIMO of rank 4
+    Mixer("mamba3-siso", "Mamba-3 SISO", "mamba3-tiny"),
+    Mixer("mamba3-mimo", "Mamba-3 MIMO", "mamba3-tiny", {"is_mimo": True, "mimo_rank": 4}),
     # the fair all-attention point: rotary positions, heads of 16, its own learning rate (3 values)
     Mixer("attention", "Attention (RoPE)", "mamba-tiny", {"layout": "A", "rope": True, "n_heads": 4, "n_kv_heads": 4},
           lrs=(3e-4, 1e-3, 3e-3)),

@@ -45,6 +45,42 @@ def register_configs(configs: Mapping[str, Any], descriptions: Mapping[str, str]
         register_model(name, descriptions[name])(partial(build, config))
 
 
+# Mamba-3 LMs (Lahoti et al., 2026) at the Mamba-2 LM shapes (n_layer, d_model), as the paper compares them;
+# the published mixer defaults (d_state 128, headdim 64, expand 2, rope_fraction 0.5, chunk 64); no weights exist.
+MAMBA3_SHAPES = {
+    "mamba3-130m": (24, 768),
+    "mamba3-370m": (48, 1024),
+    "mamba3-780m": (48, 1536),
+    "mamba3-1.3b": (48, 2048),
+    "mamba3-2.7b": (64, 2560),
+}
+
+
+def mamba3_configs() -> dict:
+    """name -> LMConfig of the named Mamba-3 LMs: the MAMBA3_SHAPES (SISO, and ``-mimo`` with rank 4) and the
+    CPU-trainable ``mamba3-tiny`` (2 layers x d_model 64, 8 heads of 16, d_state 16, chunks of 32 tokens)."""
+    from mambazoo.lm import LMConfig
+
+    base = LMConfig(vocab_size=50277, mixer="mamba3", d_state=128, expand=2, headdim=64, ngroups=1,
+                    chunk_size=64, rope_fraction=0.5, pad_vocab_multiple=16, tie_embeddings=True)
+    out = {}
+    for name, (n, d) in MAMBA3_SHAPES.items():
+        out[name] = base.replace(n_layer=n, d_model=d)
+        out[name + "-mimo"] = base.replace(n_layer=n, d_model=d, is_mimo=True, mimo_rank=4)
+    out["mamba3-tiny"] = base.replace(n_layer=2, d_model=64, vocab_size=512, d_state=16, headdim=16, chunk_size=32,
+                                      pad_vocab_multiple=8)
+    return out
+
+
+def _register_mamba3() -> None:
+    from mambazoo.lm import build_lm
+
+    configs = mamba3_configs()
+    descriptions = {name: f"Mamba-3 LM{' (MIMO rank ' + str(c.mimo_rank) + ')' if c.is_mimo else ''}, "
+                          f"{c.n_layer} layers x d_model {c.d_model}" for name, c in configs.items()}
+    register_configs(configs, descriptions, build_lm)
+
+
 def _load_variants() -> None:
     global _loaded
     if _loaded:
@@ -52,6 +88,7 @@ def _load_variants() -> None:
     for pkg in VARIANT_PACKAGES:
         if importlib.util.find_spec(pkg) is not None:
             importlib.import_module(pkg)
+    _register_mamba3()
     _loaded = True
 
 

@@ -40,13 +40,23 @@ def test_hms_is_lightnings_max_time():
     assert probes.hms(300) == "00:00:05:00" and probes.hms(90061) == "01:01:01:01" and probes.hms(0.2) == "00:00:00:01"
 
 
-def test_every_mixer_but_mamba3_builds_for_every_probe_and_unknown_ones_are_skipped_with_the_reason():
+def test_every_mixer_builds_for_every_probe_and_unknown_ones_are_skipped_with_the_reason():
     for probe in probes.PROBES:
         for mixer in probes.MIXERS:
             params, why = probes.check_mixer(mixer, probe)
-            if mixer.name.startswith("mamba3"):
-                continue  # wired into the LM later: either builds or says why not
             assert why is None and params > 1000, (probe.name, mixer.name, why)
+    # the Mamba-3 rows build Mamba-3 mixers, SISO (rank 1) and MIMO (rank 4), at the probe's shape
+    import torch
+
+    from mambazoo.core.mamba3 import Mamba3
+    from mambazoo.registry import create_model
+
+    for name, rank in (("mamba3-siso", 1), ("mamba3-mimo", 4)):
+        mixer = next(m for m in probes.MIXERS if m.name == name)
+        with torch.device("meta"):
+            model = create_model(mixer.model, **probes.model_kwargs(mixer, probes.PROBES[0]))
+        kinds = [b.mixer for b in model.layers]
+        assert all(isinstance(m, Mamba3) and m.mimo_rank == rank for m in kinds), (name, kinds)
     fake = probes.Mixer("nope", "No such mixer", "mamba-tiny", {"mixer": "nope"})
     params, why = probes.check_mixer(fake, probes.PROBES[0])
     assert params is None and "nope" in why
