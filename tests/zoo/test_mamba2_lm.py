@@ -59,7 +59,7 @@ def test_mixer_choice_and_layout_letter():
     assert kinds(build_lm(c, layout="M2A2")) == [Mamba, Mamba2, Attention, Mamba2]
     assert kinds(build_lm(c, mixer="mamba2", layout="MMA")) == [Mamba2, Mamba2, Attention, Mamba2]
     with pytest.raises(ValueError, match="mixer: expected one of"):
-        build_lm(c, mixer="mamba3")
+        build_lm(c, mixer="mamba4")
     with pytest.raises(ValueError, match="2 \\(Mamba-2\\)"):
         build_lm(c, layout="MX")
     # a Mamba-2 + attention hybrid decodes token by token like its full forward
