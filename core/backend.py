@@ -3,7 +3,8 @@
     current() -> Backend                   the choices in force
     with backend(scan="ref"): ...          the same with some overridden (validated), restored on exit
     describe_backend() -> str              the choices, where each came from, and what they resolve to here
-    scan_impl(device), conv_impl(device), fused_decode(device)   the choice resolved for a device
+    scan_impl(device), ssd_impl(device), mamba3_impl(device), conv_impl(device), fused_decode(device)
+                                           the choice resolved for a device
 
 Every model asks this module (through mambazoo.core.dispatch) instead of reading flags. A new op is one entry:
 a field of ``Backend`` made with ``switch(...)`` (its default, environment variable, allowed values and what it
@@ -23,8 +24,8 @@ from typing import Iterator, Mapping
 
 import torch
 
-__all__ = ["Backend", "backend", "current", "describe_backend", "reload_from_env", "scan_impl", "ssd_impl", "mamba3_impl", "conv_impl",
-           "fused_decode", "interpreting"]
+__all__ = ["Backend", "backend", "current", "describe_backend", "reload_from_env", "scan_impl", "ssd_impl",
+           "mamba3_impl", "conv_impl", "fused_decode", "interpreting"]
 
 _TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
@@ -201,8 +202,8 @@ def describe_backend(b: Backend | None = None) -> str:
     previous = _set(b)
     try:
         for d in devices:
-            lines.append(f"  on {d.type}: scan {scan_impl(d)}, ssd {ssd_impl(d)}, mamba3 {mamba3_impl(d)}, conv {conv_impl(d)}, "
-                         f"fused decode {'on' if _decode_possible(d) else 'off'}")
+            lines.append(f"  on {d.type}: scan {scan_impl(d)}, ssd {ssd_impl(d)}, mamba3 {mamba3_impl(d)}, "
+                         f"conv {conv_impl(d)}, fused decode {'on' if _decode_possible(d) else 'off'}")
     finally:
         _set(previous)
     lines.append(f"  TRITON_INTERPRET {'on' if interpreting() else 'off'}")

@@ -14,6 +14,7 @@ import time
 import torch
 
 import mambazoo.core.mamba3 as mixer_mod
+from mambazoo.core.backend import reload_from_env
 from mambazoo.core.mamba3 import Mamba3
 from mambazoo.core.mamba3_scan import mamba3_scan_ref
 
@@ -43,6 +44,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["MAMBAZOO_MAMBA3"] = "chunked"
+    reload_from_env()  # the backend read the environment at import
     torch.manual_seed(0)
     kw = dict(is_mimo=args.mimo_rank > 0, mimo_rank=max(args.mimo_rank, 1))
     m = Mamba3(args.d_model, **kw)

@@ -112,7 +112,8 @@ def main():
         fp, bp = r.get("fwd_ms_peer", float("nan")), r.get("fwdbwd_ms_peer", float("nan"))
         print(f"| {r['shape']} | {r['fwd_ms_ours']:.3f} ms | {fp:.3f} ms | {fp / r['fwd_ms_ours']:.2f}x "
               f"| {r['fwdbwd_ms_ours']:.3f} ms | {bp:.3f} ms | {bp / r['fwdbwd_ms_ours']:.2f}x "
-              f"| {r['peak_mib_ours']:.0f} / {r.get('peak_mib_peer', float('nan')):.0f} | {r.get('rel_diff', float('nan')):.1e} |")
+              f"| {r['peak_mib_ours']:.0f} / {r.get('peak_mib_peer', float('nan')):.0f} "
+              f"| {r.get('rel_diff', float('nan')):.1e} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(rows=rows, decode=step), f, indent=1, default=str)
