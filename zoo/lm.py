@@ -13,6 +13,7 @@ import contextlib
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from mambazoo.core.attention import Attention
@@ -98,6 +99,8 @@ class LMConfig:
     rescale_prenorm_residual: bool = True
     initializer_range: float = 0.02
     drop_path: float = 0.0
+    # activation checkpointing in training: each block's activations recomputed in the backward pass
+    grad_checkpointing: bool = False
 
     def layer_layout(self) -> str:
         """Mixer letter per layer (M|2|3|A), length n_layer."""
@@ -136,6 +139,8 @@ class LMConfig:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer: expected one of {MIXERS}, got {self.mixer!r}")
+        if not isinstance(self.grad_checkpointing, bool):
+            raise ValueError(f"grad_checkpointing: expected true or false, got {self.grad_checkpointing!r}")
         if self.rope_fraction not in (0.5, 1.0):
             raise ValueError(f"rope_fraction: expected 0.5 or 1.0, got {self.rope_fraction!r}")
         if not isinstance(self.mimo_rank, int) or isinstance(self.mimo_rank, bool) or self.mimo_rank < 1:
@@ -179,6 +184,7 @@ class CausalLM(nn.Module):
         super().__init__()
         config.validate()
         self.config = c = config
+        self.grad_checkpointing = c.grad_checkpointing
         self.embedding = nn.Embedding(c.padded_vocab, c.d_model)
         self.layers = nn.ModuleList(self._block(i, m, f) for i, (m, f) in
                                     enumerate(zip(c.layer_layout(), c.ffn_layout())))
@@ -267,6 +273,11 @@ class CausalLM(nn.Module):
             if lo < 0 or hi >= V:
                 raise ValueError(f"input_ids: expected ids in [0, {V}), got min {lo}, max {hi}")
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (timm's switch; the
+        config's ``grad_checkpointing`` sets it at construction). Training only: inference and caches ignore it."""
+        self.grad_checkpointing = bool(enable)
+
     # -- forward -------------------------------------------------------------------------------
     def forward_hidden(self, input_ids: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
         """input_ids (batch, L) -> final normed hidden states (batch, L, d_model)."""
@@ -275,8 +286,12 @@ class CausalLM(nn.Module):
             self._check_cache(cache, input_ids.shape[0])
         with self.autocast():
             x = self.embedding(input_ids)
+            checkpointed = self.grad_checkpointing and cache is None and torch.is_grad_enabled()
             for i, block in enumerate(self.layers):
-                x = block(x) if cache is None else block(x, cache.layers[i])
+                if checkpointed:
+                    x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x) if cache is None else block(x, cache.layers[i])
             if cache is not None:
                 cache.seqlen_offset += input_ids.shape[1]
             return self.norm_f(x)
