@@ -25,7 +25,7 @@ import triton.language as tl
 
 from mambazoo.kernels._host import cdiv, next_power_of_2
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: compiled kernels may read no other global
 
 
 def dot_precision(x: torch.Tensor) -> str:
