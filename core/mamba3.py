@@ -19,6 +19,12 @@ R = mimo_rank (1 unless is_mimo), S = num_rope_angles = floor(N * rope_fraction 
 Parameter names and shapes are those of mamba-ssm's ``Mamba3`` (modules/mamba3.py, read at commit 0348a3d), so
 its state dicts load as they are: in_proj.weight, dt_bias (H,), B_bias / C_bias (H, R, N), B_norm.weight /
 C_norm.weight (N,), D (H,), [mimo_x, mimo_z, mimo_o (H, R, P)], [norm.weight (d_inner,)], out_proj.weight.
+
+bidirectional=True (Vision Mamba / AuM, like core.mamba2.Mamba2's): the scan's own parameters are per direction,
+the rest is shared. The reversed direction has dt_bias_b, B_bias_b, C_bias_b, D_b [and mimo_x_b], initialized as
+their forward twins; in_proj, the B / C RMSNorms, the output gate (mimo_z, mimo_o, norm) and out_proj are shared.
+The projected sequence (x, B, C, dd_dt, dd_A, trap, angles) is flipped along L, scanned with the _b parameters,
+flipped back and averaged with the forward scan before the gate; not causal: no state, no step.
 """
 
 from __future__ import annotations
@@ -101,13 +107,14 @@ class Mamba3(nn.Module):
     """The Mamba-3 mixer (module docstring). Defaults are the published ones.
 
     forward(x (batch, L, d_model), state=None, seq_idx=None, cu_seqlens=None) -> (batch, L, d_model);
-    step(x (batch, d_model), state) -> (batch, d_model); allocate_state(batch) -> Mamba3State."""
+    step(x (batch, d_model), state) -> (batch, d_model); allocate_state(batch) -> Mamba3State.
+    bidirectional=True: both scan directions averaged (module docstring); forward without state, no step."""
 
     def __init__(self, d_model: int, d_state: int = 128, expand: int = 2, headdim: int = 64, ngroups: int = 1,
                  rope_fraction: float = 0.5, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
                  A_floor: float = 1e-4, is_outproj_norm: bool = False, is_mimo: bool = False, mimo_rank: int = 4,
-                 chunk_size: int = 64, a_activation: str = "softplus", layer_idx: int | None = None,
-                 device=None, dtype=None):
+                 chunk_size: int = 64, a_activation: str = "softplus", bidirectional: bool = False,
+                 layer_idx: int | None = None, device=None, dtype=None):
         super().__init__()
         d_inner = int(expand * d_model)
         if d_inner % headdim:
@@ -139,23 +146,57 @@ class Mamba3(nn.Module):
         fk = dict(device=device, dtype=dtype)
         d_bc = d_state * ngroups * R
         self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * d_bc + 3 * nheads + self.num_rope_angles, bias=False, **fk)
-        dt = torch.exp(torch.rand(nheads, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
-        self.dt_bias._no_weight_decay = True
-        self.B_bias = nn.Parameter(torch.ones(nheads, R, d_state, device=device))
-        self.C_bias = nn.Parameter(torch.ones(nheads, R, d_state, device=device))
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.bidirectional = bidirectional
+        self.dt_bias = nn.Parameter(torch.empty(nheads, device=device))  # softplus(dt_bias) = dt ~ logU[dt_min, dt_max]
+        self.B_bias = nn.Parameter(torch.empty(nheads, R, d_state, device=device))
+        self.C_bias = nn.Parameter(torch.empty(nheads, R, d_state, device=device))
         self.B_norm = RMSNorm(d_state, eps=1e-5).to(device=device)
         self.C_norm = RMSNorm(d_state, eps=1e-5).to(device=device)
         if is_mimo:
-            self.mimo_x = nn.Parameter(torch.full((nheads, R, headdim), 1.0 / R, device=device))
-            self.mimo_z = nn.Parameter(torch.ones(nheads, R, headdim, device=device))
-            self.mimo_o = nn.Parameter(torch.full((nheads, R, headdim), 1.0 / R, device=device))
-        self.D = nn.Parameter(torch.ones(nheads, device=device))
-        self.D._no_weight_decay = True
+            self.mimo_x = nn.Parameter(torch.empty(nheads, R, headdim, device=device))
+            self.mimo_z = nn.Parameter(torch.empty(nheads, R, headdim, device=device))
+            self.mimo_o = nn.Parameter(torch.empty(nheads, R, headdim, device=device))
+        self.D = nn.Parameter(torch.empty(nheads, device=device))
+        if bidirectional:  # the reversed direction's scan parameters (class docstring); registered after D, so the
+            # unidirectional mixer's state-dict keys and order stay mamba-ssm's
+            self.dt_bias_b = nn.Parameter(torch.empty(nheads, device=device))
+            self.B_bias_b = nn.Parameter(torch.empty(nheads, R, d_state, device=device))
+            self.C_bias_b = nn.Parameter(torch.empty(nheads, R, d_state, device=device))
+            self.D_b = nn.Parameter(torch.empty(nheads, device=device))
+            if is_mimo:
+                self.mimo_x_b = nn.Parameter(torch.empty(nheads, R, headdim, device=device))
         if is_outproj_norm:
             self.norm = GatedRMSNorm(d_inner, group_size=headdim, eps=1e-5).to(device=device)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False, **fk)
+        self.reset_parameters()
+
+    def _directions(self) -> list[str]:
+        return ["", "_b"] if self.bidirectional else [""]
+
+    def reset_parameters(self) -> None:
+        """The published init of the mixer's own parameters (in_proj, out_proj and the norms keep their modules'
+        reset_parameters): dt_bias = softplus^-1 of dt ~ logU[dt_min, dt_max] floored at dt_init_floor, B / C
+        biases 1, D 1, mimo_x and mimo_o 1 / R, mimo_z 1; each direction's alike (independent dt draws). Also what
+        a model built on the meta device runs after to_empty() (mambazoo.core.init.reset_parameters)."""
+        R = self.mimo_rank
+        with torch.no_grad():
+            for sfx in self._directions():
+                dt_bias, D = getattr(self, "dt_bias" + sfx), getattr(self, "D" + sfx)
+                lo, hi = math.log(self.dt_min), math.log(self.dt_max)
+                dt = torch.exp(torch.rand(self.nheads, device=dt_bias.device) * (hi - lo) + lo)
+                dt = dt.clamp(min=self.dt_init_floor)
+                dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+                getattr(self, "B_bias" + sfx).fill_(1.0)
+                getattr(self, "C_bias" + sfx).fill_(1.0)
+                D.fill_(1.0)
+                # marks on the parameter objects (to_empty() makes new ones): out of weight decay
+                dt_bias._no_weight_decay = D._no_weight_decay = True
+                if self.is_mimo:
+                    getattr(self, "mimo_x" + sfx).fill_(1.0 / R)
+            if self.is_mimo:
+                self.mimo_z.fill_(1.0)
+                self.mimo_o.fill_(1.0 / R)
 
     # -- shared pieces --------------------------------------------------------------------------
     def _split(self, proj: torch.Tensor):
@@ -168,14 +209,26 @@ class Mamba3(nn.Module):
         x = x.reshape(*lead, H, self.headdim)
         B = self.B_norm(B.reshape(*lead, R, G, N))
         C = self.C_norm(C.reshape(*lead, R, G, N))
-        dt = F.softplus(dd_dt.float() + self.dt_bias.float())
-        adt = mamba3_decay(dd_A, dt, self.A_floor, self.a_activation)
         trap = torch.sigmoid(trap.float())
         angles = ang.float().unsqueeze(-2).expand(*lead, H, self.num_rope_angles)
-        return z, x, B, C, dt, adt, trap, angles
+        return z, x, B, C, dd_dt, dd_A, trap, angles
 
-    def _mimo_x(self):
-        return self.mimo_x if self.is_mimo else None
+    def _decay(self, dd_dt: torch.Tensor, dd_A: torch.Tensor, dt_bias: torch.Tensor):
+        """dd_dt, dd_A (..., H) and one direction's dt_bias (H,) -> dt = softplus(dd_dt + dt_bias), adt (..., H)
+        fp32."""
+        dt = F.softplus(dd_dt.float() + dt_bias.float())
+        return dt, mamba3_decay(dd_A, dt, self.A_floor, self.a_activation)
+
+    def _mimo_x(self, sfx: str = ""):
+        return getattr(self, "mimo_x" + sfx) if self.is_mimo else None
+
+    def _scan(self, sfx: str, xs, dd_dt, dd_A, trap, B, C, angles, **kw):
+        """One direction's scan ('' forward, '_b' the reversed direction's parameters) of the split projection
+        (b, L, ...) -> y (b, L, R, H, P) [, final states] (mamba3_scan's keywords in kw)."""
+        dt, adt = self._decay(dd_dt, dd_A, getattr(self, "dt_bias" + sfx))
+        return mamba3_scan(xs, dt, adt, trap, B, C, angles, getattr(self, "B_bias" + sfx),
+                           getattr(self, "C_bias" + sfx), getattr(self, "D" + sfx), self._mimo_x(sfx),
+                           pairwise=self.pairwise, chunk_size=self.chunk_size, **kw)
 
     def _output(self, y: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """y (..., R, H, P), z (..., H, P) -> out_proj of the gated (and contracted) output: (..., d_model)."""
@@ -203,20 +256,29 @@ class Mamba3(nn.Module):
         holds nseq rows."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected (batch, L, d_model={self.d_model}), got {tuple(x.shape)}")
-        z, xs, B, C, dt, adt, trap, angles = self._split(self.in_proj(x))
+        if self.bidirectional and state is not None:
+            raise ValueError("state: expected None, a bidirectional mixer is not causal: it has no recurrent state")
+        z, xs, B, C, dd_dt, dd_A, trap, angles = self._split(self.in_proj(x))
         init = None if state is None else state.tensors()
-        out = mamba3_scan(xs, dt, adt, trap, B, C, angles, self.B_bias, self.C_bias, self.D, self._mimo_x(),
-                          initial_states=init, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
-                          return_final_states=state is not None, pairwise=self.pairwise, chunk_size=self.chunk_size)
+        out = self._scan("", xs, dd_dt, dd_A, trap, B, C, angles, initial_states=init, seq_idx=seq_idx,
+                         cu_seqlens=cu_seqlens, return_final_states=state is not None)
         if state is not None:
             out, final = out
             state.update(final)
+        if self.bidirectional:  # the reversed sequence through the _b parameters, flipped back, averaged
+            L = x.shape[1]
+            rev = self._scan("_b", *(t.flip(1) for t in (xs, dd_dt, dd_A, trap, B, C, angles)),
+                             seq_idx=None if seq_idx is None else seq_idx.flip(1),
+                             cu_seqlens=None if cu_seqlens is None else L - cu_seqlens.flip(0))
+            out = (out + rev.flip(1)) * 0.5
         return self._output(out, z, x.dtype)
 
     # -- decoding -------------------------------------------------------------------------------
     def allocate_state(self, batch: int, device=None, dtype=None) -> Mamba3State:
         """Zero state for ``step``: angle (batch, H, S) and ssm (batch, H, P, N) fp32, k (batch, R, H, N) and
         v (batch, H, P) in ``dtype`` (default: the weights')."""
+        if self.bidirectional:
+            raise ValueError("allocate_state: a bidirectional mixer is not causal: it cannot decode step by step")
         w = self.in_proj.weight
         device = device or w.device
         dtype = dtype or w.dtype
@@ -228,13 +290,16 @@ class Mamba3(nn.Module):
 
     def step(self, x: torch.Tensor, state: Mamba3State) -> torch.Tensor:
         """One token: x (batch, d_model) -> (batch, d_model); advances ``state`` in place."""
+        if self.bidirectional:
+            raise ValueError("step: a bidirectional mixer is not causal: it cannot decode step by step")
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected (batch, d_model={self.d_model}), got {tuple(x.shape)}")
         b = x.shape[0]
         if state.ssm.shape != (b, self.nheads, self.headdim, self.d_state):
             raise ValueError(f"state.ssm: expected ({b}, {self.nheads}, {self.headdim}, {self.d_state}), "
                              f"got {tuple(state.ssm.shape)}")
-        z, xs, B, C, dt, adt, trap, angles = self._split(self.in_proj(x))
+        z, xs, B, C, dd_dt, dd_A, trap, angles = self._split(self.in_proj(x))
+        dt, adt = self._decay(dd_dt, dd_A, self.dt_bias)
         y = mamba3_step(xs, dt, adt, trap, B, C, angles, self.B_bias, self.C_bias, self.D, self._mimo_x(),
                         state.tensors(), self.pairwise)  # advances the state in place
         return self._output(y, z, x.dtype)
@@ -242,7 +307,8 @@ class Mamba3(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, nheads={self.nheads}, headdim={self.headdim}, "
                 f"ngroups={self.ngroups}, mimo_rank={self.mimo_rank}, rope_fraction={self.rope_fraction}, "
-                f"a_activation={self.a_activation!r}, outproj_norm={self.is_outproj_norm}")
+                f"a_activation={self.a_activation!r}, outproj_norm={self.is_outproj_norm}, "
+                f"bidirectional={self.bidirectional}")
 
 
 def mamba3_config_from_state_dict(sd: dict, prefix: str = "") -> dict:

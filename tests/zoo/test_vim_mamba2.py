@@ -20,8 +20,8 @@ def test_vim_with_mamba2_mixer_trains_and_uses_both_directions():
     m.eval()
     with torch.no_grad():
         torch.testing.assert_close(m(x), m(x))  # deterministic in eval
-    with pytest.raises(ValueError, match="mixer: expected 'mamba' or 'mamba2'"):
-        create_model("vim-tiny", mixer="mamba3", depth=1)
+    with pytest.raises(ValueError, match="mixer: expected 'mamba', 'mamba2' or 'mamba3'"):
+        create_model("vim-tiny", mixer="mamba4", depth=1)
 
 
 def test_aum_with_mamba2_mixer():

@@ -19,21 +19,24 @@ class AudioMamba(nn.Module):
             (see AudioFrontend); a batch at another rate is resampled when ``forward`` is told it.
         patch_size, stride, embed_dim, depth, d_state, num_classes, drop_path_rate, drop_rate:
             the backbone's (see VisionMamba), applied to an image of (n_mels, frames) pixels.
-        mixer, headdim: the backbone's mixer, 'mamba' or 'mamba2' (bidirectional Mamba-2, heads of headdim).
+        mixer, headdim: the backbone's mixer, 'mamba', 'mamba2' (bidirectional Mamba-2, heads of headdim) or
+            'mamba3' (bidirectional Mamba-3; with rope_fraction, is_mimo, mimo_rank: see VisionMamba).
     """
 
     def __init__(self, num_classes: int = 527, sample_rate: int = 16000, n_mels: int = 128, frames: int = 1024,
                  n_fft: int = 1024, win_length: int = 400, hop_length: int = 160, freq_mask: int = 24,
                  time_mask: int = 96, patch_size=16, stride=None, embed_dim: int = 192, depth: int = 24, d_state: int = 16,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "token",
-                 mixer: str = "mamba", headdim: int = 64):
+                 mixer: str = "mamba", headdim: int = 64, rope_fraction: float = 0.5, is_mimo: bool = False,
+                 mimo_rank: int = 4):
         super().__init__()
         self.frontend = AudioFrontend(sample_rate, n_mels, frames, n_fft, win_length, hop_length, freq_mask,
                                       time_mask)
         self.backbone = VisionMamba(
             img_size=(n_mels, frames), patch_size=patch_size, stride=stride, in_chans=1,
             num_classes=num_classes, embed_dim=embed_dim, depth=depth, d_state=d_state,
-            drop_rate=drop_rate, drop_path_rate=drop_path_rate, global_pool=global_pool, mixer=mixer, headdim=headdim)
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate, global_pool=global_pool, mixer=mixer, headdim=headdim,
+            rope_fraction=rope_fraction, is_mimo=is_mimo, mimo_rank=mimo_rank)
         self.num_classes, self.sample_rate = num_classes, sample_rate
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:

@@ -11,6 +11,10 @@ VIM_CONFIGS: dict[str, dict] = {
     # 28x28 grey images, 7x7 patches of 4 px, 10 classes: trains in minutes on a laptop CPU.
     "vim-tiny-fashion": dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128,
                              depth=8, drop_path_rate=0.05),
+    # vim-tiny's shape with the bidirectional Mamba-3 mixer: 6 heads of 64, d_state 64 (the largest the Triton
+    # kernels take, kernels.mamba3.ops.kernel_supports; the published 128 runs the chunked reference on CUDA)
+    "vim-tiny-mamba3": dict(img_size=224, patch_size=16, embed_dim=192, depth=24, drop_path_rate=0.0,
+                            mixer="mamba3", d_state=64, headdim=64),
 }
 
 DESCRIPTIONS = {
@@ -18,6 +22,7 @@ DESCRIPTIONS = {
     "vim-small": "Vision Mamba small: depth 24, width 384, patch 16 at 224 px (~26M parameters)",
     "vim-base": "Vision Mamba base: depth 24, width 768, patch 16 at 224 px (~98M parameters)",
     "vim-tiny-fashion": "Vision Mamba for 28x28 Fashion-MNIST: depth 8, width 128, patch 4, 1 channel, 10 classes",
+    "vim-tiny-mamba3": "Vision Mamba tiny with bidirectional Mamba-3 mixers: depth 24, width 192, d_state 64",
 }
 
 # timm architecture name -> our config name.

@@ -3,7 +3,8 @@ position embeddings -> depth x bidirectional ("v2") Mamba blocks -> RMSNorm -> c
 
 Token order: patches row-major, the class token inserted at index ``num_patches // 2`` (Vim's
 "middle class token"). Both scan directions run in training and in inference: the mixer is
-``mambazoo.core.Mamba(bidirectional=True)``, which has no recurrent path at all.
+``mambazoo.core.Mamba(bidirectional=True)``, which has no recurrent path at all (mixer='mamba2' / 'mamba3': the
+bidirectional Mamba-2 / Mamba-3 mixers of mambazoo.core.mamba2 / mamba3).
 
 Position embeddings are stored in timm's layout, (1, 1 + num_patches, dim) with the class token's
 row first, and added before the class token is moved to the middle; this lets
@@ -28,6 +29,8 @@ from mambazoo.core import dispatch
 from mambazoo.core.dispatch import fused_decode_enabled
 from mambazoo.core.mamba import Mamba
 from mambazoo.core.norm import RMSNorm
+
+MIXERS = ("mamba", "mamba2", "mamba3")  # VisionMamba's mixer choices, all bidirectional
 
 
 def _pair(v) -> tuple[int, int]:
@@ -103,7 +106,9 @@ class VisionMamba(nn.Module):
         img_size, patch_size, stride: the image and patch geometry (ints or (h, w) pairs);
             stride < patch_size gives overlapping patches (Vim's "stride 8" variants).
         embed_dim, depth: width and number of blocks; d_state, d_conv, expand: the mixer's.
-        mixer: 'mamba' (Vim's bidirectional Mamba) or 'mamba2' (bidirectional Mamba-2 with heads of headdim).
+        mixer: 'mamba' (Vim's bidirectional Mamba), 'mamba2' (bidirectional Mamba-2 with heads of headdim) or
+            'mamba3' (bidirectional Mamba-3, mambazoo.core.mamba3.Mamba3(bidirectional=True): heads of headdim,
+            rope_fraction of the state rotary, MIMO of rank mimo_rank with is_mimo; d_conv unused).
         global_pool: 'token' (the middle class token, Vim), 'avg' (mean of the patch tokens) or ''.
         drop_path_rate: stochastic depth, rising linearly from 0 to this value over the blocks.
         dynamic_img_size: accept other image sizes at run time, resampling the position embedding
@@ -113,7 +118,7 @@ class VisionMamba(nn.Module):
     def __init__(self, img_size=224, patch_size=16, stride=None, in_chans=3, num_classes=1000,
                  embed_dim=192, depth=24, d_state=16, d_conv=4, expand=2, global_pool="token",
                  drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-5, dynamic_img_size=False, mixer="mamba",
-                 headdim=64):
+                 headdim=64, rope_fraction=0.5, is_mimo=False, mimo_rank=4):
         super().__init__()
         if global_pool not in ("token", "avg", ""):
             raise ValueError(f"global_pool: expected 'token', 'avg' or '', got {global_pool!r}")
@@ -130,8 +135,9 @@ class VisionMamba(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, 0 at the first block
-        if mixer not in ("mamba", "mamba2"):
-            raise ValueError(f"mixer: expected 'mamba' or 'mamba2', got {mixer!r}")
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer: expected 'mamba', 'mamba2' or 'mamba3', got {mixer!r}")
+        self.mixer_kind = mixer
 
         def make_mixer(i):  # mixer="mamba2": the bidirectional Mamba-2 mixer (mambazoo.core.mamba2.Mamba2)
             if mixer == "mamba2":
@@ -139,6 +145,11 @@ class VisionMamba(nn.Module):
 
                 return Mamba2(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
                               bidirectional=True, norm_eps=norm_eps, layer_idx=i)
+            if mixer == "mamba3":  # the bidirectional Mamba-3 mixer (no conv: d_conv is not used)
+                from mambazoo.core.mamba3 import Mamba3
+
+                return Mamba3(embed_dim, d_state=d_state, expand=expand, headdim=headdim, rope_fraction=rope_fraction,
+                              is_mimo=is_mimo, mimo_rank=mimo_rank, bidirectional=True, layer_idx=i)
             return Mamba(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=True,
                          norm_eps=norm_eps, layer_idx=i)
 
