@@ -488,13 +488,25 @@ def load_pretrained_into(model: nn.Module, name_or_path: str | os.PathLike, revi
 
 
 # -- export --------------------------------------------------------------------------------------------
+def _mixer_config(model) -> dict:
+    """The VisionMamba arguments that say which mixer its blocks hold and how it is shaped."""
+    m, kind = model.blocks[0].mixer, getattr(model, "mixer_kind", "mamba")
+    cfg = dict(mixer=kind, d_state=m.d_state, expand=m.d_inner // m.d_model)
+    if kind != "mamba3":  # Mamba-3 has no convolution
+        cfg["d_conv"] = m.d_conv
+    if kind != "mamba":
+        cfg["headdim"] = m.headdim
+    if kind == "mamba3":
+        cfg.update(rope_fraction=m.rope_fraction, is_mimo=m.is_mimo, mimo_rank=m.mimo_rank)
+    return cfg
+
+
 def _vim_config(model) -> dict:
     pe = model.patch_embed
-    m = model.blocks[0].mixer
     return dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), stride=list(pe.stride),
                 in_chans=pe.in_chans, num_classes=model.num_classes, embed_dim=model.embed_dim,
-                depth=len(model.blocks), d_state=m.d_state, d_conv=m.d_conv, expand=m.d_inner // m.d_model,
-                global_pool=model.global_pool, norm_eps=model.norm.eps, dynamic_img_size=model.dynamic_img_size)
+                depth=len(model.blocks), **_mixer_config(model), global_pool=model.global_pool,
+                norm_eps=model.norm.eps, dynamic_img_size=model.dynamic_img_size)
 
 
 def _aum_config(model) -> dict:
@@ -506,7 +518,8 @@ def _aum_config(model) -> dict:
                 freq_mask=fe.freq_masking.mask_param if fe.freq_masking is not None else 0,
                 time_mask=fe.time_masking.mask_param if fe.time_masking is not None else 0,
                 patch_size=vim["patch_size"], stride=vim["stride"], embed_dim=vim["embed_dim"], depth=vim["depth"],
-                d_state=vim["d_state"], global_pool=vim["global_pool"])
+                global_pool=vim["global_pool"],
+                **{k: v for k, v in _mixer_config(bb).items() if k not in ("d_conv", "expand")})
 
 
 def _hf_layout(model) -> str | None:

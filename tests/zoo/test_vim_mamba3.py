@@ -240,3 +240,26 @@ def test_bad_mixer_name():
     for name in ("vim-tiny", "aum-tiny"):
         with pytest.raises(ValueError, match="mixer: expected 'mamba', 'mamba2' or 'mamba3', got 'mamba4'"):
             create_model(name, mixer="mamba4", depth=1)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("vim-tiny", dict(mixer="mamba2", headdim=16)),
+    ("vim-tiny-mamba3", dict(headdim=16, is_mimo=True, mimo_rank=2, rope_fraction=1.0)),
+    ("aum-tiny-mamba3", dict(headdim=16, n_mels=32, frames=32)),
+])
+def test_save_and_load_keep_the_mixer(tmp_path, name, kw):
+    """save_pretrained writes the mixer's kind and shape; from_pretrained rebuilds the same model (equal outputs)."""
+    from mambazoo.hub import from_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    kw = dict(depth=1, embed_dim=32, d_state=16, num_classes=3, **kw)
+    if name.startswith("vim"):
+        kw.update(img_size=16, patch_size=8)
+    m = create_model(name, **kw).eval()
+    x = torch.randn(2, 16000 * 32 // 100) if name.startswith("aum") else torch.randn(2, 3, 16, 16)
+    save_pretrained(m, tmp_path)
+    back = from_pretrained(tmp_path).eval()
+    vim = back.backbone if name.startswith("aum") else back
+    assert vim.mixer_kind == kw.get("mixer", "mamba3")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), m(x), rtol=0, atol=0)
