@@ -32,12 +32,15 @@ from mambazoo.kernels._host import cdiv, next_power_of_2
 CHUNK = {"cuda": 64, "cpu": 16}
 
 
-def kernel_supports(N: int, R: int, P: int) -> bool:
-    """Shapes the kernel handles: d_state N a power of two in [32, 64] (pairs of N/2 >= 16 for tl.dot), rank
-    R <= 8, head dim P <= 256. N 128 (the published default) is left to the chunked reference until the tiles
-    shrink: compiled for an H100 at N 128, P 64, chunk 64 the forward asks for 249,856 bytes of shared memory
-    against 232,448 (docs/benchmarks.md, SSD / Mamba-3 GPU)."""
-    return 32 <= N <= 64 and N & (N - 1) == 0 and 1 <= R <= 8 and P <= 256
+def kernel_supports(N: int, R: int, P: int, backward: bool = False) -> bool:
+    """Shapes the kernels handle: d_state N a power of two in [32, 128] (pairs of N/2 >= 16 for tl.dot), rank
+    R <= 8, head dim P <= 256. With ``backward`` (training), R * N <= 256 as well: the backward unrolls R x R
+    tile products, and beyond that its compile time grows to many minutes and its shared memory is unmeasured
+    (rank 4 at N 128 did not finish compiling in 10 minutes on a 2-core machine); such shapes train through the
+    chunked reference. Shared memory compiled for sm_90 (scripts/check_kernel_resources.py): forward 28,672 B and
+    backward 49,152 B at N 128, P 64, chunk 64, ranks 1 and 2, within the H100's 232,448."""
+    fits = 32 <= N <= 128 and N & (N - 1) == 0 and 1 <= R <= 8 and P <= 256
+    return fits and (not backward or R * N <= 256)
 
 
 def _launch(x, B, C, theta, a, gamma, e, B_bias, C_bias, D, mimo_x, h0, chunk, pairwise, y, hT, states=None):
@@ -58,7 +61,8 @@ def _launch(x, B, C, theta, a, gamma, e, B_bias, C_bias, D, mimo_x, h0, chunk, p
         a.stride(0), a.stride(1),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         R=R, N=N, T=chunk, BLOCK_P=block_p, PAIRWISE=pairwise, HAS_D=D is not None, HAS_MIMO=mimo_x is not None,
-        PRECISION="ieee", STORE_STATES=states is not None, num_warps=4,
+        # one stage: the default pipelining (3 stages) asked for 249,856 B of shared memory at N 128 (fp32 q / k)
+        PRECISION="ieee", STORE_STATES=states is not None, num_warps=4, num_stages=1,
     )
 
 
@@ -112,7 +116,7 @@ def mamba3_chunk_bwd(dy: Tensor, dhT: Tensor, q: Tensor, k: Tensor, v: Tensor, a
         dq, dk, dv, da, dgamma, de, dD, dh0,
         L, H, P, states.shape[2],
         R=R, N=N, T=chunk, BLOCK_P=max(16, next_power_of_2(P)), HAS_D=D is not None, PRECISION="ieee",
-        num_warps=4,
+        num_warps=4, num_stages=1,
     )
     return dq, dk, dv, da, dgamma, de, dD, dh0
 
@@ -193,7 +197,9 @@ def mamba3_scan_triton(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, m
     alone with the rotation fused. Shapes the kernels do not take (kernel_supports) run the chunked reference."""
     b, L, H, P, R, G, N, S = check_mamba3_inputs(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x,
                                                  initial_states, None, cu_seqlens)
-    if not kernel_supports(N, R, P):
+    tensors = [x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, *(initial_states or ())]
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not kernel_supports(N, R, P, backward=training):
         return mamba3_scan_chunked(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, initial_states, None,
                                    cu_seqlens, return_final_states, pairwise)
     if cu_seqlens is not None:  # one launch per packed sequence
@@ -209,8 +215,7 @@ def mamba3_scan_triton(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D=None, m
         y = torch.cat(ys, dim=1)
         fin = tuple(torch.cat(p, dim=0) for p in zip(*fins))
         return (y, fin) if return_final_states else y
-    tensors = [x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, *(initial_states or ())]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if training:
         return mamba3_scan_triton_train(x, dt, adt, trap, B, C, angles, B_bias, C_bias, D, mimo_x, initial_states,
                                         return_final_states, pairwise, chunk_size)
     f32 = torch.float32

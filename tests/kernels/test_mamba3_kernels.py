@@ -79,8 +79,11 @@ def test_mixer_through_the_kernel(monkeypatch):
 
 
 def test_op_is_registered_with_a_fake():
-    assert kernel_supports(64, 4, 64) and kernel_supports(32, 1, 256)
-    assert not any(kernel_supports(n, 1, 64) for n in (16, 48, 128))
+    assert kernel_supports(64, 4, 64) and kernel_supports(32, 1, 256) and kernel_supports(128, 4, 64)
+    assert not any(kernel_supports(n, 1, 64) for n in (16, 48, 256))
+    # training: the backward kernel up to R * N = 256 (published SISO N 128, MIMO rank 2 at 128, rank 4 at 64)
+    assert all(kernel_supports(n, r, 64, backward=True) for n, r in ((128, 1), (128, 2), (64, 4)))
+    assert not kernel_supports(128, 4, 64, backward=True)
     assert hasattr(torch.ops.mambazoo, "mamba3_chunk_fwd")
     from torch._subclasses.fake_tensor import FakeTensorMode
 

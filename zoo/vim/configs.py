@@ -11,8 +11,8 @@ VIM_CONFIGS: dict[str, dict] = {
     # 28x28 grey images, 7x7 patches of 4 px, 10 classes: trains in minutes on a laptop CPU.
     "vim-tiny-fashion": dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128,
                              depth=8, drop_path_rate=0.05),
-    # vim-tiny's shape with the bidirectional Mamba-3 mixer: 6 heads of 64, d_state 64 (the largest the Triton
-    # kernels take, kernels.mamba3.ops.kernel_supports; the published 128 runs the chunked reference on CUDA)
+    # vim-tiny's shape with the bidirectional Mamba-3 mixer: 6 heads of 64, d_state 64 (half the LM's published
+    # 128: 197 tokens need less memory than language, and the kernels' tiles are half as large)
     "vim-tiny-mamba3": dict(img_size=224, patch_size=16, embed_dim=192, depth=24, drop_path_rate=0.0,
                             mixer="mamba3", d_state=64, headdim=64),
 }
