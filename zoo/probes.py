@@ -459,3 +459,38 @@ def execute(todo: list[Run], jobs: int, limit_s: float, out: Path, on_change) ->
                 proc.send_signal(signal.SIGTERM)
             log.close()
     return 0 if all(r.exit == 0 for r in todo) else 1
+
+
+def parity_accuracy(checkpoint: str | os.PathLike, lengths: list[int], samples: int = 1024,
+                    seed: int = 0) -> dict[int, dict[str, float]]:
+    """Per-step and last-bit accuracy of a parity run's checkpoint (a CausalLMTask .ckpt) at each length.
+
+    The sets are the parity test sets ``mambazoo test`` scores (SyntheticDataModule's test loaders with this
+    ``seed`` and ``samples``), so "per_step" equals the logged test_L{n}/acc; "last" is the accuracy on the final
+    bit alone (the parity of all L - 1 bits, chance 0.5), which the token accuracy averages away.
+    Returns {length: {"per_step": float, "last": float}}; lengths must be >= 2."""
+    import torch
+
+    from mambazoo.cli import load_task
+    from mambazoo.data.synthetic import IGNORE, SyntheticDataModule
+
+    if not lengths or any(int(n) < 2 for n in lengths):
+        raise ValueError(f"lengths: expected lengths >= 2 (a start token and a bit), got {lengths}")
+    model = load_task(str(checkpoint))[0].model.eval()
+    dm = SyntheticDataModule(task="parity", seq_len=int(lengths[0]), test_lengths=[int(n) for n in lengths],
+                             eval_samples=samples, seed=seed)
+    loaders = dm.test_dataloader()
+    loaders = loaders if isinstance(loaders, list) else [loaders]
+    out = {}
+    with torch.no_grad():
+        for n, loader in zip(lengths, loaders):
+            right = scored = last_right = seqs = 0
+            for x, y in loader:
+                pred = model(x).argmax(-1)  # (b, L)
+                mask = y != IGNORE
+                right += int(((pred == y) & mask).sum())
+                scored += int(mask.sum())
+                last_right += int((pred[:, -1] == y[:, -1]).sum())
+                seqs += y.shape[0]
+            out[int(n)] = {"per_step": right / scored, "last": last_right / seqs}
+    return out
