@@ -24,7 +24,8 @@ oracle): same arguments, same result up to fp32 rounding, every gradient. How it
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from mambazoo.core.scan_ref import _finish, _segment_starts, check_scan_inputs, initial_state_f32, time_step
 
 __all__ = ["selective_scan_chunked", "default_chunk_size"]
 
@@ -210,14 +211,12 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     (batch, dim, N) fp32 if asked. chunk_size: steps per chunk (default ``default_chunk_size``); it only
     changes speed and rounding, never the result's definition.
     """
-    from mambazoo.core import scan as _scan  # the checks live with the oracle (scan imports this module)
-
-    s = _scan.check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     batch, dim, L, N = s.batch, s.dim, s.length, s.d_state
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-    h0 = initial_state.float() if initial_state is not None else u.new_zeros(batch, dim, N, dtype=torch.float32)
+    h0 = initial_state_f32(initial_state, u, s)
     if L == 0:
         y = _finish(u.new_zeros(batch, dim, 0, dtype=torch.float32), u, D, z, u.dtype)
         return (y, h0) if return_last_state else y
@@ -225,11 +224,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     # (L, b, d) and contiguous before any elementwise op: the ops and their backwards then see one layout (a CPU
     # softplus backward on a strided input returns another layout than its meta function, which breaks
     # torch.compile's traced views)
-    dt_l = delta.float().permute(2, 0, 1).contiguous()
-    if delta_bias is not None:
-        dt_l = dt_l + delta_bias.float()
-    if delta_softplus:
-        dt_l = F.softplus(dt_l)
+    dt_l = time_step(delta.float().permute(2, 0, 1).contiguous(), delta_bias, delta_softplus, channel_dim=-1)
     u_l = u.float().permute(2, 0, 1).contiguous()
     modes = tuple("invariant" if m == "invariant" else s.groups if m == "grouped" else 1
                   for m in (s.b_mode, s.c_mode))
@@ -237,18 +232,9 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     Cl = _time_major_bc(C, s.c_mode)
     starts = None
     if seq_idx is not None:
-        starts = torch.zeros(L, batch, dtype=torch.bool, device=u.device)
-        starts[1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).T
+        starts = _segment_starts(seq_idx, L).T.contiguous()  # (L, batch)
     y_l, h_last = _Scan.apply(dt_l, u_l, A.float().contiguous(), Bl, Cl, h0.contiguous(), starts, T, *modes)
     # y (batch, dim, L) laid out as (batch, L, dim): the layout of Mamba's u and z, and of the out_proj input
     y = _finish(y_l.transpose(0, 1).contiguous().transpose(1, 2), u, D, z, u.dtype)
     return (y, h_last) if return_last_state else y
 
-
-def _finish(y, u, D, z, out_dtype):
-    """y (batch, dim, L) fp32 -> (y + D u) * silu(z) in out_dtype."""
-    if D is not None:
-        y = y + D.float()[None, :, None] * u.float()
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(out_dtype)
