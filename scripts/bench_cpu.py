@@ -95,20 +95,24 @@ def load_old_scan(path):
 
 
 class use_scan:
-    """Within the block, mambazoo's CPU dispatcher calls ``fn`` as its chunked backend (None: unchanged)."""
+    """Within the block, mambazoo's CPU dispatcher calls ``fn`` as its chunked backend (None: unchanged). The name is
+    swapped where the dispatcher looks it up (mambazoo.core.dispatch) and where it is re-exported (core.scan)."""
 
     def __init__(self, fn):
+        import mambazoo.core.dispatch as dispatch
         import mambazoo.core.scan as scan
 
-        self.scan, self.fn = scan, fn
+        self.mods, self.fn = (dispatch, scan), fn
 
     def __enter__(self):
-        self.saved = self.scan.selective_scan_chunked
+        self.saved = [m.selective_scan_chunked for m in self.mods]
         if self.fn is not None:
-            self.scan.selective_scan_chunked = self.fn
+            for m in self.mods:
+                m.selective_scan_chunked = self.fn
 
     def __exit__(self, *exc):
-        self.scan.selective_scan_chunked = self.saved
+        for m, f in zip(self.mods, self.saved):
+            m.selective_scan_chunked = f
 
 
 # ---- the scan ---------------------------------------------------------------------------------------------
