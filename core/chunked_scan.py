@@ -122,6 +122,14 @@ def _run_parts(fn, parts: list[slice]) -> list:
     return [fn(parts[0])] + [f.result() for f in futures]
 
 
+def _slice_batch(p: slice, dt, u, B, C, starts, b_mode, c_mode, A):
+    """One batch part's (dt, u, A, B, C, starts): the time-major tensors sliced on their batch axis (1); A and a
+    time-invariant B or C are shared."""
+    Bp = B if b_mode == "invariant" else B[:, p]
+    Cp = C if c_mode == "invariant" else C[:, p]
+    return dt[:, p], u[:, p], A, Bp, Cp, None if starts is None else starts[:, p]
+
+
 def _cat(ts, dim):
     return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
 
@@ -134,14 +142,11 @@ class _Scan(torch.autograd.Function):
     def forward(ctx, dt, u, A, B, C, h0, starts, T, b_mode, c_mode):
         save = any(ctx.needs_input_grad[:6])
         with _one_thread() as n:
-            L, b, d = dt.shape
-            parts = _batch_parts(n, b, d, A.shape[1])
+            parts = _batch_parts(n, dt.shape[1], dt.shape[2], A.shape[1])
 
             def part(p):
-                Bp = B if b_mode == "invariant" else B[:, p]
-                Cp = C if c_mode == "invariant" else C[:, p]
-                return _Scan._forward(dt[:, p], u[:, p], A, Bp, Cp, h0[p], None if starts is None else starts[:, p],
-                                      T, b_mode, c_mode)
+                return _Scan._forward(*_slice_batch(p, dt, u, B, C, starts, b_mode, c_mode, A), h0[p], T, b_mode,
+                                      c_mode)
 
             ys, h_lasts, states = zip(*_run_parts(part, parts))
         if save:
@@ -150,7 +155,7 @@ class _Scan(torch.autograd.Function):
         return _cat(ys, 1), _cat(h_lasts, 0)
 
     @staticmethod
-    def _forward(dt, u, A, B, C, h0, starts, T, b_mode, c_mode):
+    def _forward(dt, u, A, B, C, starts, h0, T, b_mode, c_mode):
         """One batch part: y (L, b, d), h_last (b, d, N) and the states entering each chunk (chunks + 1, b, d, N)."""
         L, b, d = dt.shape
         N = A.shape[1]
@@ -182,15 +187,11 @@ class _Scan(torch.autograd.Function):
         T, (b_mode, c_mode) = ctx.T, ctx.modes
         dy = dy.contiguous()
         with _one_thread() as n:
-            L, b, d = dt.shape
-            parts = _batch_parts(n, b, d, A.shape[1])
+            parts = _batch_parts(n, dt.shape[1], dt.shape[2], A.shape[1])
 
             def part(p):
-                Bp = B if b_mode == "invariant" else B[:, p]
-                Cp = C if c_mode == "invariant" else C[:, p]
-                return _Scan._backward(dt[:, p], u[:, p], A, Bp, Cp, states[:, p],
-                                       None if starts is None else starts[:, p], T, b_mode, c_mode, dy[:, p],
-                                       None if dh_last is None else dh_last[p])
+                return _Scan._backward(*_slice_batch(p, dt, u, B, C, starts, b_mode, c_mode, A), states[:, p], T,
+                                       b_mode, c_mode, dy[:, p], None if dh_last is None else dh_last[p])
 
             ddt, du, dA, dB, dC, dh0 = zip(*_run_parts(part, parts))
         dA = dA[0] if len(dA) == 1 else torch.stack(dA).sum(0)
@@ -199,7 +200,7 @@ class _Scan(torch.autograd.Function):
         return _cat(ddt, 1), _cat(du, 1), dA, dB, dC, _cat(dh0, 0), None, None, None, None
 
     @staticmethod
-    def _backward(dt, u, A, B, C, states, starts, T, b_mode, c_mode, dy, dh_last):
+    def _backward(dt, u, A, B, C, starts, states, T, b_mode, c_mode, dy, dh_last):
         """With g_t = dLoss/dh_t (all paths): g_t = C_t dy_t + a_{t+1} g_{t+1}, g_{L-1} also gets dh_last;
         dx_t = g_t gives du = dt * sum_n g B, d(dt) += u * sum_n g B, dB = sum_d g dt u; the decay gives
         d(dt*A)_t = a_t g_t h_{t-1}, so d(dt) += sum_n d(dt*A) A and dA = sum_{t,b} d(dt*A) dt;
