@@ -16,15 +16,22 @@ oracle): same arguments, same result up to fp32 rounding, every gradient. How it
   g_t = C_t dy_t + a_{t+1} g_{t+1} (one fused op per step) and turns g into the input gradients with
   batched matrix products and chunk-wide elementwise passes (formulas in ``_Scan._backward``).
 * One intra-op thread inside: every op is one step or one cache-sized chunk, too small to pay for a parallel
-  region (with a second thread on a busy 2-core machine the backward ran 4-20x slower).
+  region (with a second thread on a busy 2-core machine the backward ran 4-20x slower). The caller's other threads
+  serve instead as whole batch parts: with n torch threads the batch is cut into up to n contiguous slices, each
+  scanned (forward, and backward from its own checkpoints) on a worker thread of its own while torch's ops release
+  the interpreter lock; only where a part's per-step state is large enough that its ops outlast the Python
+  overhead between them (``_MIN_PART_STEP``). dA (and an invariant B's or C's gradient) is the sum of the parts'.
 * seq_idx: the decay into the first step of each packed sequence is set to exactly 0, so no state and
   no gradient crosses the boundary.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
-import torch.nn.functional as F
+
+from mambazoo.core.scan_ref import _finish, _segment_starts, check_scan_inputs, initial_state_f32, time_step
 
 __all__ = ["selective_scan_chunked", "default_chunk_size"]
 
@@ -42,11 +49,12 @@ class _one_thread:
     one step's state or one cache-sized chunk: a parallel region per op costs more than it saves, and far more when
     the other core is busy (figures in docs/benchmarks.md, CPU training)."""
 
-    def __enter__(self):
+    def __enter__(self) -> int:
         # while torch.compile traces, leave the threads alone: get/set_num_threads would break the graph
         self.n = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
         if self.n != 1:
             torch.set_num_threads(1)
+        return self.n  # the caller's thread count: how many batch parts may run side by side
 
     def __exit__(self, *exc):
         if self.n != 1:
@@ -82,21 +90,76 @@ def _dot_d(v, H, mode):
     return torch.bmm(v.reshape(n * b * G, 1, d // G), H.view(n * b * G, d // G, N)).view(n, b, G, N)
 
 
+_MIN_PART_STEP = 32768  # elements of one part's per-step state (batch/k * dim * N) that pay for a thread of its own
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _batch_parts(n_threads: int, b: int, d: int, N: int) -> list[slice]:
+    """Contiguous batch slices, one per thread: as many as the caller's threads and the batch allow while each
+    part's per-step state keeps at least _MIN_PART_STEP elements (below that the per-step ops are so short that two
+    Python threads mostly wait for each other's interpreter lock)."""
+    k = min(n_threads, b)
+    while k > 1 and (b // k) * d * N < _MIN_PART_STEP:
+        k -= 1
+    return [slice(b * i // k, b * (i + 1) // k) for i in range(k)]
+
+
+def _in_worker(fn, part, grad: bool):
+    torch.set_num_threads(1)  # this thread's own intra-op setting (the caller's is 1 already inside _one_thread)
+    with torch.set_grad_enabled(grad):  # grad mode is per thread: the caller's (off inside forward / backward)
+        return fn(part)
+
+
+def _run_parts(fn, parts: list[slice]) -> list:
+    """fn(part) for every part: the first on the calling thread, the others on worker threads at the same time
+    (torch's ops release the interpreter lock while they compute). One part: a plain call."""
+    if len(parts) == 1:
+        return [fn(parts[0])]
+    global _POOL
+    if _POOL is None or _POOL._max_workers < len(parts) - 1:
+        _POOL = ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="mambazoo-scan")
+    futures = [_POOL.submit(_in_worker, fn, p, torch.is_grad_enabled()) for p in parts[1:]]
+    return [fn(parts[0])] + [f.result() for f in futures]
+
+
+def _slice_batch(p: slice, dt, u, B, C, starts, b_mode, c_mode, A):
+    """One batch part's (dt, u, A, B, C, starts): the time-major tensors sliced on their batch axis (1); A and a
+    time-invariant B or C are shared."""
+    Bp = B if b_mode == "invariant" else B[:, p]
+    Cp = C if c_mode == "invariant" else C[:, p]
+    return dt[:, p], u[:, p], A, Bp, Cp, None if starts is None else starts[:, p]
+
+
+def _cat(ts, dim):
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+
+
 class _Scan(torch.autograd.Function):
     """dt, u (L, b, d) fp32; A (d, N); B, C (L, b, G, N) or (d, N); h0 (b, d, N); starts (L, b) bool or None
     -> y (L, b, d) = sum_n C h, h_last (b, d, N). Modes: the group count G (int) or 'invariant'."""
 
     @staticmethod
     def forward(ctx, dt, u, A, B, C, h0, starts, T, b_mode, c_mode):
-        with _one_thread():
-            return _Scan._forward(ctx, dt, u, A, B, C, h0, starts, T, b_mode, c_mode)
+        save = any(ctx.needs_input_grad[:6])
+        with _one_thread() as n:
+            parts = _batch_parts(n, dt.shape[1], dt.shape[2], A.shape[1])
+
+            def part(p):
+                return _Scan._forward(*_slice_batch(p, dt, u, B, C, starts, b_mode, c_mode, A), h0[p], T, b_mode,
+                                      c_mode)
+
+            ys, h_lasts, states = zip(*_run_parts(part, parts))
+        if save:
+            ctx.save_for_backward(dt, u, A, B, C, _cat(states, 1), starts)
+        ctx.T, ctx.modes = T, (b_mode, c_mode)
+        return _cat(ys, 1), _cat(h_lasts, 0)
 
     @staticmethod
-    def _forward(ctx, dt, u, A, B, C, h0, starts, T, b_mode, c_mode):
+    def _forward(dt, u, A, B, C, starts, h0, T, b_mode, c_mode):
+        """One batch part: y (L, b, d), h_last (b, d, N) and the states entering each chunk (chunks + 1, b, d, N)."""
         L, b, d = dt.shape
         N = A.shape[1]
         nc = -(-L // T)
-        save = any(ctx.needs_input_grad[:6])
         dtu = dt * u
         y = dt.new_empty(L, b, d)
         abuf, hbuf = dt.new_empty(T, b, d, N), dt.new_empty(T, b, d, N)
@@ -116,29 +179,35 @@ class _Scan(torch.autograd.Function):
                 prev = h_steps[t].addcmul_(a_steps[t], prev)
             states[c + 1].copy_(prev)
             y[t0:t0 + n] = _dot_n(H, C if c_mode == "invariant" else C[t0:t0 + n], c_mode)
-        h_last = states[nc].clone()
-        if save:
-            ctx.save_for_backward(dt, u, A, B, C, states, starts)
-        ctx.T, ctx.modes = T, (b_mode, c_mode)
-        return y, h_last
+        return y, states[nc].clone(), states
 
     @staticmethod
     def backward(ctx, dy, dh_last):
-        with _one_thread():
-            return _Scan._backward(ctx, dy, dh_last)
+        dt, u, A, B, C, states, starts = ctx.saved_tensors
+        T, (b_mode, c_mode) = ctx.T, ctx.modes
+        dy = dy.contiguous()
+        with _one_thread() as n:
+            parts = _batch_parts(n, dt.shape[1], dt.shape[2], A.shape[1])
+
+            def part(p):
+                return _Scan._backward(*_slice_batch(p, dt, u, B, C, starts, b_mode, c_mode, A), states[:, p], T,
+                                       b_mode, c_mode, dy[:, p], None if dh_last is None else dh_last[p])
+
+            ddt, du, dA, dB, dC, dh0 = zip(*_run_parts(part, parts))
+        dA = dA[0] if len(dA) == 1 else torch.stack(dA).sum(0)
+        dB = _cat(dB, 1) if b_mode != "invariant" else dB[0] if len(dB) == 1 else torch.stack(dB).sum(0)
+        dC = _cat(dC, 1) if c_mode != "invariant" else dC[0] if len(dC) == 1 else torch.stack(dC).sum(0)
+        return _cat(ddt, 1), _cat(du, 1), dA, dB, dC, _cat(dh0, 0), None, None, None, None
 
     @staticmethod
-    def _backward(ctx, dy, dh_last):
+    def _backward(dt, u, A, B, C, starts, states, T, b_mode, c_mode, dy, dh_last):
         """With g_t = dLoss/dh_t (all paths): g_t = C_t dy_t + a_{t+1} g_{t+1}, g_{L-1} also gets dh_last;
         dx_t = g_t gives du = dt * sum_n g B, d(dt) += u * sum_n g B, dB = sum_d g dt u; the decay gives
         d(dt*A)_t = a_t g_t h_{t-1}, so d(dt) += sum_n d(dt*A) A and dA = sum_{t,b} d(dt*A) dt;
         dC = sum_d dy h; dh0 = a_0 g_0."""
-        dt, u, A, B, C, states, starts = ctx.saved_tensors
-        T, (b_mode, c_mode) = ctx.T, ctx.modes
         L, b, d = dt.shape
         N = A.shape[1]
         nc = -(-L // T)
-        dy = dy.contiguous()
         dtu = dt * u
         ddt, du = torch.empty_like(dt), torch.empty_like(u)
         dA = torch.zeros_like(A)
@@ -187,7 +256,7 @@ class _Scan(torch.autograd.Function):
             a[0].mul_(states[c])
             ddt[t0:t0 + n] += torch.linalg.vecdot(a, A)
             dA += torch.einsum("kdn,kd->dn", a.view(n * b, d, N), dt_c.reshape(n * b, d))
-        return ddt, du, dA, dB, dC, carry, None, None, None, None
+        return ddt, du, dA, dB, dC, carry
 
 
 def _time_major_bc(X, mode):
@@ -210,14 +279,12 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     (batch, dim, N) fp32 if asked. chunk_size: steps per chunk (default ``default_chunk_size``); it only
     changes speed and rounding, never the result's definition.
     """
-    from mambazoo.core import scan as _scan  # the checks live with the oracle (scan imports this module)
-
-    s = _scan.check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    s = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     batch, dim, L, N = s.batch, s.dim, s.length, s.d_state
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-    h0 = initial_state.float() if initial_state is not None else u.new_zeros(batch, dim, N, dtype=torch.float32)
+    h0 = initial_state_f32(initial_state, u, s)
     if L == 0:
         y = _finish(u.new_zeros(batch, dim, 0, dtype=torch.float32), u, D, z, u.dtype)
         return (y, h0) if return_last_state else y
@@ -225,11 +292,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     # (L, b, d) and contiguous before any elementwise op: the ops and their backwards then see one layout (a CPU
     # softplus backward on a strided input returns another layout than its meta function, which breaks
     # torch.compile's traced views)
-    dt_l = delta.float().permute(2, 0, 1).contiguous()
-    if delta_bias is not None:
-        dt_l = dt_l + delta_bias.float()
-    if delta_softplus:
-        dt_l = F.softplus(dt_l)
+    dt_l = time_step(delta.float().permute(2, 0, 1).contiguous(), delta_bias, delta_softplus, channel_dim=-1)
     u_l = u.float().permute(2, 0, 1).contiguous()
     modes = tuple("invariant" if m == "invariant" else s.groups if m == "grouped" else 1
                   for m in (s.b_mode, s.c_mode))
@@ -237,18 +300,9 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     Cl = _time_major_bc(C, s.c_mode)
     starts = None
     if seq_idx is not None:
-        starts = torch.zeros(L, batch, dtype=torch.bool, device=u.device)
-        starts[1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).T
+        starts = _segment_starts(seq_idx, L).T.contiguous()  # (L, batch)
     y_l, h_last = _Scan.apply(dt_l, u_l, A.float().contiguous(), Bl, Cl, h0.contiguous(), starts, T, *modes)
     # y (batch, dim, L) laid out as (batch, L, dim): the layout of Mamba's u and z, and of the out_proj input
     y = _finish(y_l.transpose(0, 1).contiguous().transpose(1, 2), u, D, z, u.dtype)
     return (y, h_last) if return_last_state else y
 
-
-def _finish(y, u, D, z, out_dtype):
-    """y (batch, dim, L) fp32 -> (y + D u) * silu(z) in out_dtype."""
-    if D is not None:
-        y = y + D.float()[None, :, None] * u.float()
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(out_dtype)

@@ -134,14 +134,30 @@ def _bc_per_channel(X: torch.Tensor, mode: str, batch: int, dim: int) -> torch.T
     return X.repeat_interleave(dim // G, dim=1)  # (batch, dim, L, N)
 
 
-def _discretize(u, delta, A, B, D, z, delta_bias, delta_softplus, shape: ScanShape):
-    dt = delta.float()
+def time_step(dt, delta_bias=None, delta_softplus=False, channel_dim: int = 1):
+    """The step size: dt fp32 in any layout (channels along ``channel_dim``: 1 for (batch, dim, L), -1 for
+    (L, batch, dim)) -> softplus(dt + delta_bias) (each part only if given / asked), delta_bias (dim,)."""
+    dt = dt.float()
     if delta_bias is not None:
-        dt = dt + delta_bias.float()[None, :, None]
+        shape = [1] * dt.dim()
+        shape[channel_dim] = -1
+        dt = dt + delta_bias.float().view(shape)
     if delta_softplus:
         # contiguous first: for a (b, L, d)-laid delta the CPU softplus backward returns another layout than
         # its meta function promises, which breaks torch.compile's traced views (the Triton path is unaffected)
         dt = F.softplus(dt.contiguous())
+    return dt
+
+
+def initial_state_f32(initial_state, u, shape: ScanShape):
+    """initial_state (batch, dim, N) as fp32, or zeros of that shape on u's device."""
+    if initial_state is not None:
+        return initial_state.float()
+    return u.new_zeros(shape.batch, shape.dim, shape.d_state, dtype=torch.float32)
+
+
+def _discretize(u, delta, A, B, D, z, delta_bias, delta_softplus, shape: ScanShape):
+    dt = time_step(delta, delta_bias, delta_softplus, channel_dim=1)
     uf = u.float()
     Bc = _bc_per_channel(B, shape.b_mode, shape.batch, shape.dim)
     return dt, uf, Bc
@@ -156,6 +172,7 @@ def _segment_starts(seq_idx, L: int):
 
 
 def _finish(y, u, D, z, out_dtype):
+    """y (batch, dim, L) fp32 -> (y + D u) * silu(z) in out_dtype."""
     if D is not None:
         y = y + D.float()[None, :, None] * u.float()
     if z is not None:
@@ -176,8 +193,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     dt, uf, Bc = _discretize(u, delta, A, B, D, z, delta_bias, delta_softplus, s)
     Cc = _bc_per_channel(C, s.c_mode, s.batch, s.dim)
     Af = A.float()
-    h = (initial_state.float() if initial_state is not None
-         else u.new_zeros(s.batch, s.dim, s.d_state, dtype=torch.float32))
+    h = initial_state_f32(initial_state, u, s)
     keep = None if seq_idx is None else (~_segment_starts(seq_idx, s.length)).float()  # (batch, L)
     ys = []
     for t in range(s.length):
