@@ -19,12 +19,13 @@ import math
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -47,13 +48,17 @@ class Mixer:
 @dataclass(frozen=True)
 class Probe:
     """A named config and what the table shows of it: ``metrics`` are (logged test key, column label);
-    ``monitor`` picks the best checkpoint (and the best learning rate of a sweep), lower is better."""
+    ``monitor`` picks the best checkpoint (and the best learning rate of a sweep), lower is better. ``kwargs``
+    go over the config's model_kwargs (under a mixer's) and ``args`` after every run's common pass-through
+    arguments: a probe shrunk by ``--probe-args`` (see ``with_overrides``)."""
 
     name: str
     label: str
     config: str
     metrics: tuple[tuple[str, str], ...]
     monitor: str = "val/loss"
+    kwargs: dict = field(default_factory=dict)
+    args: tuple[str, ...] = ()
 
 
 MIXERS: tuple[Mixer, ...] = (
@@ -103,6 +108,44 @@ def by_name(items, names, what: str):
     return [i for i in items if i.name in names]
 
 
+def with_overrides(probes: list[Probe], specs: list[str]) -> list[Probe]:
+    """The probes with per-probe overrides applied; each spec is ``PROBE=ARGS`` (ARGS split as a shell would).
+
+    ARGS are ``mambazoo fit`` arguments for that probe's runs only, placed after the common ones (after ``--``),
+    with two read here: ``--model_kwargs JSON`` merges into the probe's model_kwargs (the mixer's keys still win:
+    e.g. fewer layers or a smaller vocabulary for every mixer), and ``--monitor KEY`` also becomes the key the
+    table reads (needed when the validation lengths change). Specs of known probes not in ``probes`` are ignored;
+    unknown probe names or a spec without '=' raise ValueError."""
+    out = {p.name: p for p in probes}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        known = list(dict.fromkeys([*(p.name for p in PROBES), *out]))
+        if not sep or name not in known:
+            raise ValueError(f"--probe-args: expected PROBE=ARGS with PROBE one of {known}, got {spec!r}")
+        if name not in out:  # a probe not selected this time (--probes): one command line serves any subset
+            continue
+        args, kwargs, monitor, words = [], dict(out[name].kwargs), out[name].monitor, shlex.split(rest)
+        while words:
+            w = words.pop(0)
+            if w == "--model_kwargs" and words:
+                try:
+                    extra = json.loads(words[0])
+                except json.JSONDecodeError:
+                    extra = None
+                words.pop(0)
+                if not isinstance(extra, dict):
+                    raise ValueError(f"--probe-args {name}: --model_kwargs expected a JSON object, got {extra!r}")
+                kwargs.update(extra)
+                continue
+            if w == "--monitor" and words:
+                monitor = words[0]
+            args.append(w)
+        # the shape in the label's parentheses (MQAR's "16 pairs / 128 tokens") no longer holds: the command says it
+        out[name] = replace(out[name], label=re.sub(r" \(.*\)$", "", out[name].label),
+                            kwargs=kwargs, monitor=monitor, args=out[name].args + tuple(args))
+    return [out[p.name] for p in probes]
+
+
 def probe_config(probe: Probe) -> dict:
     """The probe's named config (configs/NAME.yaml) as a dict."""
     from mambazoo.cli import resolve_config
@@ -113,7 +156,7 @@ def probe_config(probe: Probe) -> dict:
 def model_kwargs(mixer: Mixer, probe: Probe) -> dict:
     """The probe config's model_kwargs (its shape: vocabulary, layers, width) with the mixer's on top."""
     base = dict(probe_config(probe)["model"]["init_args"].get("model_kwargs") or {})
-    return {**base, **mixer.kwargs}
+    return {**base, **probe.kwargs, **mixer.kwargs}
 
 
 def check_mixer(mixer: Mixer, probe: Probe) -> tuple[int | None, str | None]:
@@ -188,11 +231,11 @@ def command(run: Run, budget_s: float, max_steps: int | None, smoke: bool, extra
            "--model.init_args.model_kwargs", json.dumps(model_kwargs(run.mixer, run.probe)),
            "--monitor", run.probe.monitor, "--trainer.max_time", hms(budget_s), "--test_after_fit", "true",
            "--trainer.enable_progress_bar", "false", "--threads", "1"]
-    if run.lr is not None:
-        cmd += ["--model.init_args.lr", repr(run.lr)]
     if max_steps is not None:
         cmd += ["--trainer.max_steps", str(max_steps)]
-    return cmd + (SMOKE_ARGS if smoke else []) + list(extra)
+    cmd += (SMOKE_ARGS if smoke else []) + list(extra) + list(run.probe.args)
+    # a sweep's learning rate comes last: a common or per-probe --model.init_args.lr sets the others, not it
+    return cmd + ([] if run.lr is None else ["--model.init_args.lr", repr(run.lr)])
 
 
 def collect(run: Run) -> None:
@@ -231,14 +274,31 @@ def chosen(runs: list[Run], probe: Probe, mixer: Mixer) -> Run | None:
 
 def metric(run: Run, probe: Probe, i: int) -> float | None:
     """The run's value of the probe's i-th metric; when lengths were overridden (``-- --data.init_args.seq_len``),
-    the i-th of the run's test accuracies in order of length stands in (test_L64/acc for test_L256/acc)."""
+    the i-th of the run's test accuracies in order of length stands in (test_L64/acc for test_L256/acc), also
+    where one of them happens to carry a config key (tested at 64 / 256 / 1,024: 256 is the second column)."""
     key = probe.metrics[i][0]
-    if key in run.metrics:
+    if all(k in run.metrics for k, _ in probe.metrics):
         return run.metrics[key]
     suffix = key.rsplit("/", 1)[-1]
     found = sorted((k for k in run.metrics if re.fullmatch(rf"test_L\d+/{suffix}", k)),
                    key=lambda k: int(k.split("/")[0][len("test_L"):]))
     return run.metrics[found[i]] if len(found) == len(probe.metrics) else None
+
+
+def column_labels(runs: list[Run], probe: Probe) -> list[str]:
+    """The probe's metric labels; when every finished run of the probe was tested at the same other lengths (the
+    lengths overridden), those lengths instead (so a column never names a length nobody was tested at)."""
+    labels = [lab for _, lab in probe.metrics]
+    suffix = probe.metrics[0][0].rsplit("/", 1)[-1]
+    seen = {tuple(sorted((int(k.split("/")[0][len("test_L"):]) for k in r.metrics
+                          if re.fullmatch(rf"test_L\d+/{suffix}", k))))
+            for r in runs if r.probe is probe and r.metrics}
+    if len(seen) == 1:
+        lengths = seen.pop()
+        keys = tuple(f"test_L{n}/{suffix}" for n in lengths)
+        if len(lengths) == len(labels) and keys != tuple(k for k, _ in probe.metrics):
+            return [f"L {n:,}" if len(labels) == 1 else f"{n:,}" for n in lengths]
+    return labels
 
 
 def fmt(v) -> str:
@@ -249,8 +309,8 @@ def table(runs: list[Run], mixers: list[Mixer], probes: list[Probe], header: dic
     """The markdown: setup lines, the summary (one row per mixer, one column per probe metric), every run."""
     lines = [f"Budget: {header['budget']}; {header['jobs']}. Device: {header['device']}; {header['date']}; "
              f"commit {header['commit']}.", "", f"    {header['command']}", "", PAPER_BARS, ""]
-    cols = [(p, i, f"{p.label} {lab}" if len(p.metrics) > 1 else p.label) for p in probes
-            for i, (_, lab) in enumerate(p.metrics)]
+    cols = [(p, i, f"{p.label} {lab}" if len(p.metrics) > 1 or lab != p.metrics[0][1] else p.label)
+            for p in probes for i, lab in enumerate(column_labels(runs, p))]
     lines.append("| mixer | " + " | ".join(c for _, _, c in cols) + " |")
     lines.append("|---|" + "---|" * len(cols))
     notes = []
@@ -311,7 +371,7 @@ def plot(runs: list[Run], mixers: list[Mixer], probes: list[Probe], path: Path, 
                           label=m.label if m.name not in drawn else None)
             drawn.add(m.name)
             ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.2f}" for v in vals], fontsize=6)
-        ax.set_xticks(range(len(p.metrics)), [lab if len(p.metrics) > 1 else "test" for _, lab in p.metrics])
+        ax.set_xticks(range(len(p.metrics)), column_labels(runs, p) if len(p.metrics) > 1 else ["test"])
         ax.set_title(p.label, fontsize=10)
         ax.set_ylim(0, 1.05), ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
@@ -385,12 +445,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="a run still going budget + grace seconds after its start is stopped (SIGTERM)")
     ap.add_argument("--probes", nargs="+", default=None, help=f"some of {[p.name for p in PROBES]}")
     ap.add_argument("--mixers", nargs="+", default=None, help=f"some of {[m.name for m in MIXERS]}")
+    ap.add_argument("--probe-args", action="append", default=[], metavar="PROBE=ARGS",
+                    help="fit arguments for one probe's runs only, after the common ones (repeatable); "
+                    "'--model_kwargs JSON' in ARGS merges into that probe's model_kwargs, '--monitor KEY' is also read "
+                    "by the table (mambazoo.probes.with_overrides)")
     ap.add_argument("--smoke", action="store_true", help="every run for 2 steps on the CPU, tiny batches (a plumbing check)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
     a = ap.parse_args(argv)
     if a.budget_s <= 0 or a.jobs < 0 or (a.max_steps is not None and a.max_steps < 1):
         raise ValueError(f"--budget-s > 0, --jobs >= 0, --max-steps >= 1: got {a.budget_s}, {a.jobs}, {a.max_steps}")
     probes, mixers = by_name(PROBES, a.probes, "--probes"), by_name(MIXERS, a.mixers, "--mixers")
+    probes = with_overrides(probes, a.probe_args)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(Path(a.runs_dir) if a.runs_dir else out / "runs", mixers, probes)
@@ -402,8 +467,7 @@ def main(argv: list[str] | None = None) -> int:
               + ", then the test of the best checkpoint" + (" (smoke: 2 steps on the CPU)" if a.smoke else ""))
     header = {"budget": budget, "jobs": f"{len(todo)} runs, {jobs} at a time", "device": device_line(a.smoke),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(Path.cwd()),
-              "command": " ".join(["python", "scripts/probes.py", *sys.argv[1:]] if argv is None or argv == sys.argv[1:]
-                                  else ["python", "scripts/probes.py", *argv, *(["--", *extra] if extra else [])])}
+              "command": shlex.join(["python", "scripts/probes.py", *argv, *(["--", *extra] if extra else [])])}
     print(f"{len(todo)} runs ({len(runs) - len(todo)} skipped), {jobs} at a time, {budget}; expected wall time "
           f"~{estimate_wall_s(len(todo), jobs, a.budget_s if not a.smoke else 0, 120 if not a.smoke else 30):.0f} s",
           flush=True)

@@ -75,7 +75,7 @@ def test_plan_sweeps_attention_and_skips_without_running(tmp_path):
     i = cmd.index
     assert cmd[i("--config") + 1] == "induction-heads-mamba" and cmd[i("--monitor") + 1] == "val_L4096/loss"
     assert cmd[i("--trainer.max_time") + 1] == "00:00:02:00" and cmd[i("--trainer.max_steps") + 1] == "500"
-    assert float(cmd[i("--model.init_args.lr") + 1]) == 1e-3 and cmd[-2:] == ["--trainer.devices", "1"]
+    assert cmd[-4:] == ["--trainer.devices", "1", "--model.init_args.lr", "0.001"]  # the sweep's lr comes last
     kw = json.loads(cmd[i("--model.init_args.model_kwargs") + 1])
     assert kw == {"vocab_size": 16, "n_layer": 2, "d_model": 64, "layout": "A", "rope": True, "n_heads": 4,
                   "n_kv_heads": 4}
@@ -100,8 +100,63 @@ def test_overridden_lengths_stand_in_for_the_configs_in_order(tmp_path):
     run = probes.Run(probes.MIXERS[0], probe, None, tmp_path)
     run.metrics = {"test_L96/acc": 0.5, "test_L24/acc": 1.0, "test_L384/acc": 0.25, "test_L24/loss": 0.1}
     assert [probes.metric(run, probe, i) for i in range(3)] == [1.0, 0.5, 0.25]
-    run.metrics = {"test_L256/acc": 0.75, "test_L24/acc": 1.0}
-    assert probes.metric(run, probe, 0) == 0.75 and probes.metric(run, probe, 1) is None
+    run.metrics = {"test_L256/acc": 0.75, "test_L24/acc": 1.0}  # 2 lengths for 3 columns: nothing stands in
+    assert probes.metric(run, probe, 0) is None and probes.metric(run, probe, 1) is None
+    run.metrics = {"test_L64/acc": 1.0, "test_L256/acc": 0.5, "test_L1024/acc": 0.25}  # 256 is the 2nd column here
+    assert [probes.metric(run, probe, i) for i in range(3)] == [1.0, 0.5, 0.25]
+    run.metrics = {"test_L64/acc": 1.0, "test_L256/acc": 0.5, "test_L4096/acc": 0.25, "test_L16384/acc": 0.1}
+    assert [probes.metric(run, probe, i) for i in range(3)] == [0.5, 0.25, 0.1]  # the config's keys, all there
+
+
+def test_per_probe_overrides_shrink_one_probe_and_keep_the_sweep_and_mixer_keys(tmp_path):
+    shrunk = probes.with_overrides(list(probes.PROBES), [
+        "mqar=--model_kwargs '{\"n_layer\": 2, \"vocab_size\": 64, \"layout\": \"M\"}' --model.init_args.lr 0.01 "
+        "--data.init_args.task_kwargs '{\"n_pairs\": 8, \"vocab_size\": 64}'",
+        "induction_heads=--data.init_args.val_lengths [64,256] --monitor val_L256/loss"])
+    mqar, ih = shrunk[2], shrunk[1]
+    assert [p.name for p in shrunk] == [p.name for p in probes.PROBES] and shrunk[0] is probes.PROBES[0]
+    assert ih.monitor == "val_L256/loss" and ih.label == "induction heads"
+    assert mqar.label == "MQAR" and mqar.monitor == "val/loss"
+    attn = next(m for m in probes.MIXERS if m.name == "attention")
+    # the probe's kwargs go over the config's, the mixer's (layout A) over the probe's
+    assert probes.model_kwargs(attn, mqar) == {"vocab_size": 64, "n_layer": 2, "d_model": 64, "layout": "A",
+                                               "rope": True, "n_heads": 4, "n_kv_heads": 4}
+    assert probes.model_kwargs(probes.MIXERS[0], mqar)["layout"] == "M"
+    r = next(r for r in probes.plan(tmp_path, [attn], [mqar]) if r.lr == 3e-4)
+    assert r.params is not None and r.skipped is None
+    cmd = probes.command(r, 60, 10, smoke=False, extra=["--model.init_args.lr", "0.5"])
+    i = cmd.index
+    assert json.loads(cmd[i("--model.init_args.model_kwargs") + 1])["n_layer"] == 2
+    assert cmd[i("--data.init_args.task_kwargs") + 1] == '{"n_pairs": 8, "vocab_size": 64}'
+    assert "--model_kwargs" not in cmd and cmd[-2:] == ["--model.init_args.lr", "0.0003"]
+    lrs = [cmd[j + 1] for j, w in enumerate(cmd) if w == "--model.init_args.lr"]
+    assert lrs == ["0.5", "0.01", "0.0003"]  # common, per-probe, then the sweep's (the last one counts)
+    assert probes.with_overrides([probes.PROBES[0]], ["mqar=--x 1"]) == [probes.PROBES[0]]  # not selected
+    with pytest.raises(ValueError, match="PROBE=ARGS"):
+        probes.with_overrides(list(probes.PROBES), ["nope=--x 1"])
+    with pytest.raises(ValueError, match="PROBE=ARGS"):
+        probes.with_overrides(list(probes.PROBES), ["mqar --x 1"])
+    with pytest.raises(ValueError, match="JSON object"):
+        probes.with_overrides(list(probes.PROBES), ["mqar=--model_kwargs [1]"])
+
+
+def test_columns_name_the_lengths_the_runs_were_tested_at(tmp_path):
+    ih, sc = (next(p for p in probes.PROBES if p.name == n) for n in ("induction_heads", "selective_copy"))
+    runs = [probes.Run(m, ih, None, tmp_path) for m in probes.MIXERS[:2]]
+    assert probes.column_labels(runs, ih) == ["256", "4,096", "16,384"]  # nothing ran yet: the config's
+    for r, acc in zip(runs, (0.5, 0.25)):
+        r.exit, r.cmd = 0, ["x"]
+        r.metrics = {"test_L64/acc": 1.0, "test_L256/acc": acc, "test_L1024/acc": 0.1, "test_L64/loss": 0.2}
+    assert probes.column_labels(runs, ih) == ["64", "256", "1,024"]
+    header = {"budget": "b", "jobs": "j", "device": "d", "date": "t", "commit": "c", "command": "cmd"}
+    md = probes.table(runs, probes.MIXERS[:2], [ih], header)
+    assert "| mixer | induction heads 64 | induction heads 256 | induction heads 1,024 |" in md
+    assert "| Mamba-1 (S6) | 1.000 | 0.500 | 0.100 |" in md
+    runs[1].metrics = {"test_L128/acc": 0.3}  # runs tested at different lengths: the config's labels stay
+    assert probes.column_labels(runs, ih) == ["256", "4,096", "16,384"]
+    one = probes.Run(probes.MIXERS[0], sc, None, tmp_path)
+    one.metrics = {"test_L64/acc": 0.4}
+    assert probes.column_labels([one], sc) == ["L 64"]
 
 
 def test_smoke_subset_end_to_end(tmp_path):
