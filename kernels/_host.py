@@ -5,6 +5,10 @@ through a wrapper costing several microseconds (~9 us measured on this CPU), and
 used 14 of them per call. These are the plain versions."""
 
 import os
+from contextlib import contextmanager
+
+# set by ``compiling_for_cuda``: launchers pick their CUDA options for CPU tensors too
+_FOR_CUDA = [False]
 
 
 def interpreting() -> bool:
@@ -29,3 +33,20 @@ def pow2_parts(d: int, smallest: int = 16) -> tuple[int, int]:
     p1 = 1 << (d.bit_length() - 1)
     rest = d - p1
     return p1, (0 if rest == 0 else max(next_power_of_2(rest), smallest))
+
+
+def gpu_launch(t) -> bool:
+    """Whether a launch on tensor t takes its GPU options (warps, tiles): t is on CUDA, or an ahead-of-time compile
+    for a GPU is recording launches on CPU tensors (``compiling_for_cuda``)."""
+    return t.is_cuda or _FOR_CUDA[0]
+
+
+@contextmanager
+def compiling_for_cuda():
+    """Inside the block, launchers choose the options they would choose on CUDA (scripts/check_kernel_resources.py
+    records launches on CPU tensors and compiles them for a GPU: the compiled kernel must be the GPU's)."""
+    _FOR_CUDA[0] = True
+    try:
+        yield
+    finally:
+        _FOR_CUDA[0] = False

@@ -153,11 +153,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     CASES["mamba3"] = lambda: mamba3_cases(args.d_state, tuple(args.ranks))
     from mambazoo.core.backend import backend
+    from mambazoo.kernels._host import compiling_for_cuda
 
     limit, rows, failed = SMEM_LIMIT[args.arch], [], 0
     for family in args.cases:
         # the kernels' own shapes: CUDA's chunk choices apply where the launchers look at the device
-        with backend(ssd="triton", mamba3="triton"):
+        # and CUDA's launch options (warps): the CPU's single warp compiles other GEMM layouts and shared memory
+        with backend(ssd="triton", mamba3="triton"), compiling_for_cuda():
             for name, call in CASES[family]():
                 with Recorder() as rec:
                     try:

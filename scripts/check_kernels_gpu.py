@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--length", type=int, default=1000)
+    ap.add_argument("--cases", nargs="+", default=None,
+                    help="run the cases whose names contain one of these strings (default: all); the Mamba-3 cases "
+                         "compile for minutes each: run them in parallel processes, one case each")
     args = ap.parse_args(argv)
     global DEVICE, LENGTH
     DEVICE, LENGTH = args.device, args.length
@@ -120,12 +124,16 @@ def main(argv=None) -> int:
     print(f"device: {name}, torch {torch.__version__}", flush=True)
     results, bad = {}, 0
     for name, case in CASES.items():
+        if args.cases and not any(c in name for c in args.cases):
+            continue
         torch.manual_seed(0)
+        t0 = time.perf_counter()
         try:
             row = case()
             worst = max(row.values())
             ok = worst < TOL
-            print(f"{'ok  ' if ok else 'FAIL'} {name}: worst rel. error {worst:.1e} "
+            print(f"{'ok  ' if ok else 'FAIL'} {name} ({time.perf_counter() - t0:.0f} s with compiles): worst rel. "
+                  f"error {worst:.1e} "
                   f"({max(row, key=row.get)}); " + ", ".join(f"{k} {v:.1e}" for k, v in row.items()), flush=True)
         except Exception as e:  # noqa: BLE001  (a compile failure is the finding: report it, go on)
             row, ok = dict(error=f"{type(e).__name__}: {str(e)[:400]}"), False

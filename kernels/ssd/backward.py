@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mambazoo.kernels._host import cdiv, next_power_of_2
+from mambazoo.kernels._host import cdiv, gpu_launch, next_power_of_2
 from mambazoo.kernels.ssd.chunked import (
     LOG2E,
     _chunk_out_kernel,
@@ -96,7 +96,7 @@ def _chunk_bwd_kernel(
     stride_xb, stride_xl, stride_xh, stride_xp, stride_db, stride_dl, stride_dh,
     stride_bb, stride_bl, stride_bg, stride_bn, stride_cb, stride_cl, stride_cg, stride_cn, stride_sb, stride_sl,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, BLOCK_NB: tl.constexpr,
 ):
     """Grid (batch * heads, chunks). Writes dx (b, L, h, p) fp32, dB / dC per head (b, L, h, N) fp32, d(dt) with
     respect to the processed dt (b, L, h) fp32 and sum_k dt_k d(dt_k A) per chunk (b * h, chunks)."""
@@ -106,10 +106,9 @@ def _chunk_bwd_kernel(
     r = tl.arange(0, Q)
     offs_q = c * Q + r
     mask_q = offs_q < L
-    offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    mask_p, mask_n = offs_p < P, offs_n < N
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
     mqp = mask_q[:, None] & mask_p[None, :]
-    mqn = mask_q[:, None] & mask_n[None, :]
     dt, acum = _dt_and_decay(dt_ptr, bias_ptr, A_ptr, b, hh, offs_q, mask_q, stride_db, stride_dl, stride_dh,
                              dt_min, dt_max, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
     a_end = tl.sum(tl.where(r == Q - 1, acum, 0.0), axis=0)
@@ -127,32 +126,57 @@ def _chunk_bwd_kernel(
     Lm = tl.exp2(tl.where(valid, acum[:, None] - acum[None, :], float("-inf")) * LOG2E)
     x = tl.load(x_ptr + b * stride_xb + offs_q[:, None] * stride_xl + hh * stride_xh + offs_p[None, :] * stride_xp,
                 mask=mqp, other=0.0).to(tl.float32)
-    Bv = tl.load(B_ptr + b * stride_bb + offs_q[:, None] * stride_bl + g * stride_bg + offs_n[None, :] * stride_bn,
-                 mask=mqn, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + b * stride_cb + offs_q[:, None] * stride_cl + g * stride_cg + offs_n[None, :] * stride_cn,
-                 mask=mqn, other=0.0).to(tl.float32)
     row_qp = ((b * L + offs_q[:, None]) * H + hh) * P + offs_p[None, :]
     dy = tl.load(dy_ptr + row_qp, mask=mqp, other=0.0)
-    pn = offs_p[:, None] * N + offs_n[None, :]
-    mpn = mask_p[:, None] & mask_n[None, :]
-    S = tl.load(states_ptr + (pid_bh * n_chunks + c) * P * N + pn, mask=mpn, other=0.0)
-    Gn = tl.load(gnext_ptr + (pid_bh * n_chunks + c) * P * N + pn, mask=mpn, other=0.0)
-
-    CBL = tl.dot(Cv, tl.trans(Bv), input_precision=PREC) * Lm  # (Q_i, Q_j)
+    state_base = (pid_bh * n_chunks + c) * P * N
+    # B, C, S and G are taken BLOCK_NB state columns at a time, in two passes: whole (Q, N) and (P, N) tiles held
+    # side by side needed 278,528 bytes of shared memory as TF32 GEMM operands at N 128 (an H100 allows 232,448).
+    # Pass 1: the GEMMs that reduce over N.
+    CBL = tl.zeros((Q, Q), dtype=tl.float32)  # C_i . B_j
+    GB = tl.zeros((Q, BLOCK_P), dtype=tl.float32)  # row j = G B_j
+    SC = tl.zeros((Q, BLOCK_P), dtype=tl.float32)  # row i = S C_i
+    for n0 in tl.range(0, BLOCK_N, BLOCK_NB, num_stages=1):
+        offs_n = n0 + tl.arange(0, BLOCK_NB)
+        mqn = mask_q[:, None] & (offs_n < N)[None, :]
+        mpn = mask_p[:, None] & (offs_n < N)[None, :]
+        Bv = tl.load(B_ptr + b * stride_bb + offs_q[:, None] * stride_bl + g * stride_bg + offs_n[None, :] * stride_bn,
+                     mask=mqn, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + b * stride_cb + offs_q[:, None] * stride_cl + g * stride_cg + offs_n[None, :] * stride_cn,
+                     mask=mqn, other=0.0).to(tl.float32)
+        pn = state_base + offs_p[:, None] * N + offs_n[None, :]
+        S = tl.load(states_ptr + pn, mask=mpn, other=0.0)
+        Gn = tl.load(gnext_ptr + pn, mask=mpn, other=0.0)
+        CBL += tl.dot(Cv, tl.trans(Bv), input_precision=PREC)
+        GB += tl.dot(Bv, tl.trans(Gn), input_precision=PREC)
+        SC += tl.dot(Cv, tl.trans(S), input_precision=PREC)
+    CBL = CBL * Lm  # (Q_i, Q_j)
     dyx = tl.dot(dy, tl.trans(x), input_precision=PREC)  # (Q_i, Q_j): dy_i . x_j
     # dx_j = dt_j sum_i CBL_ij dy_i + w_j G B_j
-    GB = tl.dot(Bv, tl.trans(Gn), input_precision=PREC)  # (Q, P): row j = G B_j
     dx = dt[:, None] * tl.dot(tl.trans(CBL), dy, input_precision=PREC) + w[:, None] * GB
+    # Pass 2, per block of state columns:
     # dC_i = sum_j Lij dt_j (dy_i . x_j) B_j + ce_i S^T dy_i ; dB_j = sum_i Lij dt_j (dy_i . x_j) C_i + w_j G^T x_j
     K = Lm * dt[None, :] * dyx
-    dC = tl.dot(K, Bv, input_precision=PREC) + ce[:, None] * tl.dot(dy, S, input_precision=PREC)
-    dB = tl.dot(tl.trans(K), Cv, input_precision=PREC) + w[:, None] * tl.dot(x, Gn, input_precision=PREC)
+    for n0 in tl.range(0, BLOCK_N, BLOCK_NB, num_stages=1):
+        offs_n = n0 + tl.arange(0, BLOCK_NB)
+        mqn = mask_q[:, None] & (offs_n < N)[None, :]
+        mpn = mask_p[:, None] & (offs_n < N)[None, :]
+        Bv = tl.load(B_ptr + b * stride_bb + offs_q[:, None] * stride_bl + g * stride_bg + offs_n[None, :] * stride_bn,
+                     mask=mqn, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + b * stride_cb + offs_q[:, None] * stride_cl + g * stride_cg + offs_n[None, :] * stride_cn,
+                     mask=mqn, other=0.0).to(tl.float32)
+        pn = state_base + offs_p[:, None] * N + offs_n[None, :]
+        S = tl.load(states_ptr + pn, mask=mpn, other=0.0)
+        Gn = tl.load(gnext_ptr + pn, mask=mpn, other=0.0)
+        dC = tl.dot(K, Bv, input_precision=PREC) + ce[:, None] * tl.dot(dy, S, input_precision=PREC)
+        dB = tl.dot(tl.trans(K), Cv, input_precision=PREC) + w[:, None] * tl.dot(x, Gn, input_precision=PREC)
+        row_qn = ((b * L + offs_q[:, None]) * H + hh) * N + offs_n[None, :]
+        tl.store(dB_ptr + row_qn, dB, mask=mqn)
+        tl.store(dC_ptr + row_qn, dC, mask=mqn)
     # the processed dt, directly: sum_i CBL_ij (dy_i . x_j) + (w_j / dt_j) x_j . G B_j
     xGB = tl.sum(x * GB, axis=1)
     ddt = tl.sum(CBL * dyx, axis=0) + wd * xGB
     # the cumulative log decay a: pairs (+ for i, - for j), the carry, the chunk's own end state, a_end
     Pm = CBL * dyx * dt[None, :]
-    SC = tl.dot(Cv, tl.trans(S), input_precision=PREC)  # (Q, P): row i = S C_i
     T = ce * tl.sum(dy * SC, axis=1)
     R = w * xGB
     dacum = tl.sum(Pm, axis=1) - tl.sum(Pm, axis=0) + T - R
@@ -167,9 +191,6 @@ def _chunk_bwd_kernel(
     ddt += dda * A
     tl.store(dA_ptr + pid_bh * n_chunks + c, tl.sum(dda * dt, axis=0))
     tl.store(dx_ptr + row_qp, dx, mask=mqp)
-    row_qn = ((b * L + offs_q[:, None]) * H + hh) * N + offs_n[None, :]
-    tl.store(dB_ptr + row_qn, dB, mask=mqn)
-    tl.store(dC_ptr + row_qn, dC, mask=mqn)
     tl.store(ddt_ptr + (b * L + offs_q) * H + hh, ddt, mask=mask_q)
 
 
@@ -188,7 +209,7 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, se
     has_limit, lo, hi = _limit((dt_min, dt_max))
     seq = seq_idx if seq_idx is not None else x.new_empty(0, dtype=torch.int32)
     sstr = (seq.stride(0), seq.stride(1)) if seq_idx is not None else (0, 0)
-    warps = 4 if x.is_cuda else 1
+    warps = 4 if gpu_launch(x) else 1
     common = dict(HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
                   HAS_SEQ=seq_idx is not None, Q=Q, BLOCK_P=BP, BLOCK_N=BN, PREC=dot_precision(x),
                   num_warps=warps)
@@ -238,7 +259,8 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, se
     dA = torch.empty(b * h, nc, device=dev, dtype=f32)
     _chunk_bwd_kernel[(b * h, nc)](
         x, dt, dt_bias, A, B, C, seq, dy, states, gnext, decay, ddecay, dx, dBh, dCh, ddt, dA,
-        L, h, p, n, h // g, nc, lo, hi, *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *sstr, **common)
+        L, h, p, n, h // g, nc, lo, hi, *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *sstr,
+        BLOCK_NB=min(BN, 64), **common)
     if D is not None:
         dx += dy * (D.float()[:, None] if D.dim() == 1 else D.float())
     # 5. through softplus, the limits and the bias; group sums

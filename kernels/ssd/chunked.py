@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mambazoo.kernels._host import cdiv, next_power_of_2
+from mambazoo.kernels._host import cdiv, gpu_launch, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: compiled kernels may read no other global
 
@@ -185,7 +185,7 @@ def ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_si
     has_limit, lo, hi = _limit((dt_min, dt_max))
     seq = seq_idx if seq_idx is not None else x.new_empty(0, dtype=torch.int32)
     sstr = (seq.stride(0), seq.stride(1)) if seq_idx is not None else (0, 0)
-    warps = 4 if x.is_cuda else 1
+    warps = 4 if gpu_launch(x) else 1
     common = dict(HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
                   HAS_SEQ=seq_idx is not None, Q=Q, BLOCK_P=BP, BLOCK_N=BN, PREC=dot_precision(x),
                   num_warps=warps)
@@ -258,5 +258,5 @@ def ssd_step_launch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, dt_
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *zs,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit, HAS_D=D is not None,
         D_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None, BLOCK_P=BP,
-        BLOCK_N=max(16, next_power_of_2(n)), num_warps=4 if x.is_cuda else 1)
+        BLOCK_N=max(16, next_power_of_2(n)), num_warps=4 if gpu_launch(x) else 1)
     return y
