@@ -204,3 +204,26 @@ def test_cu_seqlens_on_the_kernels():
     y, s = ssd_triton(**inp, chunk_size=16, dt_softplus=True, cu_seqlens=cu, return_final_states=True)
     y_ref, s_ref = ssd_ref(**inp, dt_softplus=True, cu_seqlens=cu, return_final_states=True)
     assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-5
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_wide_states_split_the_chunk_backward(packed):
+    """d_state 80 > 64: the chunk backward takes B, C and the states in two blocks of 64 state columns (the
+    second one masked past 80), in both of its passes; every gradient equals the oracle's."""
+    inp = inputs(b=1, L=37, h=2, p=8, g=1, n=80)
+    kw = dict(dt_softplus=True, return_final_states=True)
+    if packed:
+        seq = torch.zeros(1, 37, dtype=torch.int32)
+        seq[:, 11:] = 1
+        kw["seq_idx"] = seq
+    for v in inp.values():
+        if v is not None:
+            v.requires_grad_(True)
+    y, s = ssd_triton(**inp, chunk_size=16, **kw)
+    y_ref, s_ref = ssd_ref(**inp, **kw)
+    wy, ws = torch.randn_like(y), torch.randn_like(s)
+    names = [k for k, v in inp.items() if v is not None]
+    g = torch.autograd.grad((y * wy).sum() + (s * ws).sum(), [inp[k] for k in names])
+    g_ref = torch.autograd.grad((y_ref * wy).sum() + (s_ref * ws).sum(), [inp[k] for k in names])
+    for k, a, b in zip(names, g, g_ref):
+        assert rel(a, b) < 1e-4, k
