@@ -89,6 +89,21 @@ def _dstate_pass_kernel(g_ptr, states_ptr, decay_ptr, dfinal_ptr, dinit_ptr, dde
 
 
 @triton.jit
+def _state_columns(B_ptr, C_ptr, S_ptr, G_ptr, b, g, offs_q, mask_q, offs_p, mask_p, offs_n, N,
+                   stride_bb, stride_bl, stride_bg, stride_bn, stride_cb, stride_cl, stride_cg, stride_cn):
+    """The chunk's B and C (Q, len(offs_n)) and its entering state S and state gradient G (P, len(offs_n)) at the
+    state columns offs_n, fp32, zero where masked (S_ptr / G_ptr point at the chunk's (P, N) state)."""
+    mqn = mask_q[:, None] & (offs_n < N)[None, :]
+    mpn = mask_p[:, None] & (offs_n < N)[None, :]
+    Bv = tl.load(B_ptr + b * stride_bb + offs_q[:, None] * stride_bl + g * stride_bg + offs_n[None, :] * stride_bn,
+                 mask=mqn, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * stride_cb + offs_q[:, None] * stride_cl + g * stride_cg + offs_n[None, :] * stride_cn,
+                 mask=mqn, other=0.0).to(tl.float32)
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    return Bv, Cv, tl.load(S_ptr + pn, mask=mpn, other=0.0), tl.load(G_ptr + pn, mask=mpn, other=0.0)
+
+
+@triton.jit
 def _chunk_bwd_kernel(
     x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, seq_ptr, dy_ptr, states_ptr, gnext_ptr, decay_ptr, ddecay_ptr,
     dx_ptr, dB_ptr, dC_ptr, ddt_ptr, dA_ptr,
@@ -137,15 +152,9 @@ def _chunk_bwd_kernel(
     SC = tl.zeros((Q, BLOCK_P), dtype=tl.float32)  # row i = S C_i
     for n0 in tl.range(0, BLOCK_N, BLOCK_NB, num_stages=1):
         offs_n = n0 + tl.arange(0, BLOCK_NB)
-        mqn = mask_q[:, None] & (offs_n < N)[None, :]
-        mpn = mask_p[:, None] & (offs_n < N)[None, :]
-        Bv = tl.load(B_ptr + b * stride_bb + offs_q[:, None] * stride_bl + g * stride_bg + offs_n[None, :] * stride_bn,
-                     mask=mqn, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + b * stride_cb + offs_q[:, None] * stride_cl + g * stride_cg + offs_n[None, :] * stride_cn,
-                     mask=mqn, other=0.0).to(tl.float32)
-        pn = state_base + offs_p[:, None] * N + offs_n[None, :]
-        S = tl.load(states_ptr + pn, mask=mpn, other=0.0)
-        Gn = tl.load(gnext_ptr + pn, mask=mpn, other=0.0)
+        Bv, Cv, S, Gn = _state_columns(B_ptr, C_ptr, states_ptr + state_base, gnext_ptr + state_base, b, g, offs_q,
+                                       mask_q, offs_p, mask_p, offs_n, N, stride_bb, stride_bl, stride_bg, stride_bn,
+                                       stride_cb, stride_cl, stride_cg, stride_cn)
         CBL += tl.dot(Cv, tl.trans(Bv), input_precision=PREC)
         GB += tl.dot(Bv, tl.trans(Gn), input_precision=PREC)
         SC += tl.dot(Cv, tl.trans(S), input_precision=PREC)
@@ -158,18 +167,13 @@ def _chunk_bwd_kernel(
     K = Lm * dt[None, :] * dyx
     for n0 in tl.range(0, BLOCK_N, BLOCK_NB, num_stages=1):
         offs_n = n0 + tl.arange(0, BLOCK_NB)
-        mqn = mask_q[:, None] & (offs_n < N)[None, :]
-        mpn = mask_p[:, None] & (offs_n < N)[None, :]
-        Bv = tl.load(B_ptr + b * stride_bb + offs_q[:, None] * stride_bl + g * stride_bg + offs_n[None, :] * stride_bn,
-                     mask=mqn, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + b * stride_cb + offs_q[:, None] * stride_cl + g * stride_cg + offs_n[None, :] * stride_cn,
-                     mask=mqn, other=0.0).to(tl.float32)
-        pn = state_base + offs_p[:, None] * N + offs_n[None, :]
-        S = tl.load(states_ptr + pn, mask=mpn, other=0.0)
-        Gn = tl.load(gnext_ptr + pn, mask=mpn, other=0.0)
+        Bv, Cv, S, Gn = _state_columns(B_ptr, C_ptr, states_ptr + state_base, gnext_ptr + state_base, b, g, offs_q,
+                                       mask_q, offs_p, mask_p, offs_n, N, stride_bb, stride_bl, stride_bg, stride_bn,
+                                       stride_cb, stride_cl, stride_cg, stride_cn)
         dC = tl.dot(K, Bv, input_precision=PREC) + ce[:, None] * tl.dot(dy, S, input_precision=PREC)
         dB = tl.dot(tl.trans(K), Cv, input_precision=PREC) + w[:, None] * tl.dot(x, Gn, input_precision=PREC)
         row_qn = ((b * L + offs_q[:, None]) * H + hh) * N + offs_n[None, :]
+        mqn = mask_q[:, None] & (offs_n < N)[None, :]
         tl.store(dB_ptr + row_qn, dB, mask=mqn)
         tl.store(dC_ptr + row_qn, dC, mask=mqn)
     # the processed dt, directly: sum_i CBL_ij (dy_i . x_j) + (w_j / dt_j) x_j . G B_j

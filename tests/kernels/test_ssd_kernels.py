@@ -64,6 +64,19 @@ def test_forward_half_inputs(dtype):
     assert rel(y, y_ref) < 2e-2 and rel(s, s_ref) < 2e-2
 
 
+def assert_gradients_equal_the_oracle(inp, kw):
+    """Every input's gradient through ssd_triton (chunk 16) equals ssd_ref's, for random weights on y and the final
+    state (kw: ssd keyword arguments with return_final_states=True)."""
+    y, s = ssd_triton(**inp, chunk_size=16, **kw)
+    y_ref, s_ref = ssd_ref(**inp, **kw)
+    wy, ws = torch.randn_like(y), torch.randn_like(s)
+    names = [k for k, v in inp.items() if v is not None]
+    g = torch.autograd.grad((y * wy).sum() + (s * ws).sum(), [inp[k] for k in names])
+    g_ref = torch.autograd.grad((y_ref * wy).sum() + (s_ref * ws).sum(), [inp[k] for k in names])
+    for k, a, b in zip(names, g, g_ref):
+        assert rel(a, b) < 1e-4, k
+
+
 @pytest.mark.parametrize("case", ["one-chunk", "chunks", "packed", "limits"])
 def test_backward_kernels_equal_the_oracle(case):
     L = 9 if case == "one-chunk" else 37
@@ -82,14 +95,7 @@ def test_backward_kernels_equal_the_oracle(case):
     for v in inp.values():
         if v is not None:
             v.requires_grad_(True)
-    y, s = ssd_triton(**inp, chunk_size=16, **kw)
-    y_ref, s_ref = ssd_ref(**inp, **kw)
-    wy, ws = torch.randn_like(y), torch.randn_like(s)
-    names = [k for k, v in inp.items() if v is not None]
-    g = torch.autograd.grad((y * wy).sum() + (s * ws).sum(), [inp[k] for k in names])
-    g_ref = torch.autograd.grad((y_ref * wy).sum() + (s_ref * ws).sum(), [inp[k] for k in names])
-    for k, a, b in zip(names, g, g_ref):
-        assert rel(a, b) < 1e-4, k
+    assert_gradients_equal_the_oracle(inp, kw)
     if case == "chunks":  # only y used: the final state's gradient is absent, not an error
         gx = torch.autograd.grad(ssd_triton(**inp, chunk_size=16, dt_softplus=True).sum(), inp["x"])[0]
         gx_ref = torch.autograd.grad(ssd_ref(**inp, dt_softplus=True).sum(), inp["x"])[0]
@@ -219,11 +225,4 @@ def test_wide_states_split_the_chunk_backward(packed):
     for v in inp.values():
         if v is not None:
             v.requires_grad_(True)
-    y, s = ssd_triton(**inp, chunk_size=16, **kw)
-    y_ref, s_ref = ssd_ref(**inp, **kw)
-    wy, ws = torch.randn_like(y), torch.randn_like(s)
-    names = [k for k, v in inp.items() if v is not None]
-    g = torch.autograd.grad((y * wy).sum() + (s * ws).sum(), [inp[k] for k in names])
-    g_ref = torch.autograd.grad((y_ref * wy).sum() + (s_ref * ws).sum(), [inp[k] for k in names])
-    for k, a, b in zip(names, g, g_ref):
-        assert rel(a, b) < 1e-4, k
+    assert_gradients_equal_the_oracle(inp, kw)
