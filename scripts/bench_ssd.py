@@ -2,10 +2,16 @@
 
 CPU (the default without CUDA): core's chunked reference (mambazoo.core.ssd.ssd_chunked) against transformers'
 Mamba2 torch path (transformers.models.mamba2.modeling_mamba2.mamba2_chunk_scan), fp32, same inputs and chunk
-size, forward and forward+backward, median wall time of --reps runs after a warm-up (the two run alternately),
-with the two outputs' relative difference (they compute the same function):
+size, forward and forward+backward, median (min-max) wall time of --reps runs after a warm-up (the implementations
+run alternately, call by call), with the two outputs' relative difference (they compute the same function).
+Without transformers its columns are skipped with a note. ``--mamba3`` adds mambazoo's Mamba-3 SISO chunked scan
+(mambazoo.core.mamba3_scan.mamba3_scan_chunked) at the same (batch, L, heads, headdim, N) and chunk, in the same
+alternating rounds: dt = softplus(dt + dt_bias), adt = A dt, a trapezoid gate, rotary angles on half the state
+(the mixer's default rope_fraction 0.5), B/C biases and D; fwd+bwd takes the gradients of x, dt, B, C as for
+Mamba-2. Its recurrence does more work than Mamba-2's (trapezoid, rotary), so its column compares per-layer cost,
+not the same function. ``--shape b,L,h,p,N`` (repeatable) replaces the default shapes:
 
-    python scripts/bench_ssd.py [--reps 7] [--threads 1]
+    python scripts/bench_ssd.py [--reps 7] [--threads 1] [--mamba3] [--shape 1,512,8,64,64]
 
 GPU (``--gpu``; issue 26's shapes, bf16, chunk 256): our Triton kernels (mambazoo.kernels.ssd.ssd_triton) against
 mamba-ssm's ``mamba_chunk_scan_combined`` when importable (pip install mamba-ssm without its CUDA build), timed
@@ -45,54 +51,110 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def timed_pair(fa, fb, reps):
-    """Median ms of fa and of fb, run alternately (a shared machine's load then hits both alike)."""
-    fa(), fb()
-    ta, tb = [], []
+def timed_rounds(fns: dict, reps: int) -> dict:
+    """{name: (median, min, max) ms} of each function, after one warm-up call each, the functions run call by
+    call in ``reps`` rounds (a shared machine's load then hits all alike)."""
+    for fn in fns.values():
+        fn()
+    ts = {k: [] for k in fns}
     for _ in range(reps):
-        for fn, ts in ((fa, ta), (fb, tb)):
+        for k, fn in fns.items():
             t = time.perf_counter()
             fn()
-            ts.append(time.perf_counter() - t)
-    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+            ts[k].append((time.perf_counter() - t) * 1e3)
+    return {k: (statistics.median(v), min(v), max(v)) for k, v in ts.items()}
+
+
+def make_mamba3(b, L, h, p, n, seed=1):
+    """Mamba-3 SISO inputs at the Mamba-2 shape: raw dt (b, L, h) with dt_bias, A = -U[1, 16] per head, trap
+    (b, L, h) in (0, 1), B, C (b, L, 1, 1, n), angles (b, L, h, n // 4) (rope_fraction 0.5), B/C biases
+    (h, 1, n), D (h,)."""
+    g = torch.Generator().manual_seed(seed)
+    base = make(b, L, h, p, n, seed=seed)
+    return dict(x=base["x"], dt=base["dt"], dt_bias=base["dt_bias"], A=base["A"], D=base["D"],
+                B=base["B"][:, :, None].clone(), C=base["C"][:, :, None].clone(),
+                trap=torch.sigmoid(torch.randn(b, L, h, generator=g)),
+                angles=torch.randn(b, L, h, max(1, n // 4), generator=g),
+                B_bias=torch.randn(h, 1, n, generator=g) * 0.1, C_bias=torch.randn(h, 1, n, generator=g) * 0.1)
+
+
+def fmt(t) -> str:
+    return f"{t[0]:8.1f} ms ({t[1]:.1f}-{t[2]:.1f})"
 
 
 def cpu(args):
-    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+    try:
+        from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+    except ImportError:
+        mamba2_chunk_scan = None
+        print("transformers is not installed (pip install transformers): its columns are skipped")
+    from mambazoo.core.mamba3_scan import mamba3_scan_chunked
 
     torch.set_num_threads(args.threads)
     rows = []
-    for shape in CPU_SHAPES:
+    for shape in args.shape or CPU_SHAPES:
         inp = make(*shape)
         q = args.chunk
+        fns = {"ours": lambda inp=inp: ssd_chunked(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size=q,
+                                                   D=inp["D"], dt_bias=inp["dt_bias"], dt_softplus=True)}
+        if mamba2_chunk_scan is not None:
+            fns["transformers"] = lambda inp=inp: mamba2_chunk_scan(
+                inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], q, D=inp["D"], dt_bias=inp["dt_bias"],
+                dt_softplus=True)
+        groups = [(inp, fns)]
+        if args.mamba3:
+            m3 = make_mamba3(*shape)
 
-        def ours(inp=inp):
-            return ssd_chunked(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size=q, D=inp["D"],
-                               dt_bias=inp["dt_bias"], dt_softplus=True)
+            def mamba3(m3=m3):
+                dt = torch.nn.functional.softplus(m3["dt"] + m3["dt_bias"])
+                return mamba3_scan_chunked(m3["x"], dt, m3["A"] * dt, m3["trap"], m3["B"], m3["C"], m3["angles"],
+                                           m3["B_bias"], m3["C_bias"], D=m3["D"], chunk_size=q)[:, :, 0]
 
-        def peer(inp=inp):
-            return mamba2_chunk_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], q, D=inp["D"],
-                                     dt_bias=inp["dt_bias"], dt_softplus=True)
-
+            groups.append((m3, {"mamba3": mamba3}))
+        allf = {k: fn for _, g in groups for k, fn in g.items()}
         with torch.no_grad():
-            diff = rel(ours(), peer())
-            f_ours, f_peer = timed_pair(ours, peer, args.reps)
-        leaves = {k: v.requires_grad_(True) for k, v in inp.items() if k in ("x", "dt", "B", "C")}
+            outs = {k: fn() for k, fn in allf.items()}
+            diff = rel(outs["ours"], outs["transformers"]) if "transformers" in outs else float("nan")
+            fwd = timed_rounds(allf, args.reps)
+        leaves = [v.requires_grad_(True) for d, _ in groups for k, v in d.items() if k in ("x", "dt", "B", "C")]
         w = torch.randn(shape[:4])
-
-        def fb(fn):
-            return lambda: torch.autograd.grad((fn() * w).sum(), list(leaves.values()))
-
-        fb_ours, fb_peer = timed_pair(fb(ours), fb(peer), args.reps)
-        for v in leaves.values():
+        fb = {k: (lambda fn=fn, d=d: torch.autograd.grad((fn() * w).sum(), [d[n] for n in ("x", "dt", "B", "C")]))
+              for d, g in groups for k, fn in g.items()}
+        fwdbwd = timed_rounds(fb, args.reps)
+        for v in leaves:
             v.requires_grad_(False)
-        row = dict(shape=shape, chunk=q, rel_diff=diff, fwd_ms_ours=f_ours, fwd_ms_transformers=f_peer,
-                   fwdbwd_ms_ours=fb_ours, fwdbwd_ms_transformers=fb_peer)
+        row = dict(shape=shape, chunk=q, rel_diff=diff)
+        for k in allf:
+            row[f"fwd_ms_{k}"], row[f"fwdbwd_ms_{k}"] = fwd[k], fwdbwd[k]
         rows.append(row)
-        print(f"(b, L, h, p, N) = {shape} chunk {q}: forward {f_ours:8.1f} ms ours | {f_peer:8.1f} ms transformers "
-              f"({f_peer / f_ours:4.2f}x); fwd+bwd {fb_ours:8.1f} | {fb_peer:8.1f} ms ({fb_peer / fb_ours:4.2f}x); "
-              f"outputs differ by {diff:.1e}", flush=True)
+        line = f"(b, L, h, p, N) = {shape} chunk {q}: forward {fmt(fwd['ours'])} ours"
+        if "transformers" in fwd:
+            line += f" | {fmt(fwd['transformers'])} transformers ({fwd['transformers'][0] / fwd['ours'][0]:4.2f}x)"
+        if "mamba3" in fwd:
+            line += f" | {fmt(fwd['mamba3'])} mamba3"
+        line += f"; fwd+bwd {fmt(fwdbwd['ours'])} ours"
+        if "transformers" in fwdbwd:
+            line += (f" | {fmt(fwdbwd['transformers'])} transformers "
+                     f"({fwdbwd['transformers'][0] / fwdbwd['ours'][0]:4.2f}x)")
+        if "mamba3" in fwdbwd:
+            line += f" | {fmt(fwdbwd['mamba3'])} mamba3"
+        print(line + f"; outputs differ by {diff:.1e}", flush=True)
+        if "mamba3" in fwd and "transformers" in fwd:
+            print(f"  mamba3 per-layer cost against transformers' Mamba2 path (not the same function): forward "
+                  f"{fwd['transformers'][0] / fwd['mamba3'][0]:4.2f}x, fwd+bwd "
+                  f"{fwdbwd['transformers'][0] / fwdbwd['mamba3'][0]:4.2f}x (above 1: mamba3 faster)", flush=True)
     return rows
+
+
+def shape_arg(text: str) -> tuple:
+    """'b,L,h,p,N' -> a 5-tuple of positive ints."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 5 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected five positive ints b,L,h,p,N, got {text!r}")
+    return shape
 
 
 def copy_bandwidth(dev) -> float:
@@ -163,19 +225,22 @@ def gpu(args):
     return rows + [step]
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", help="issue 26's GPU comparison (needs CUDA)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=64, help="CPU: the chunk size of both implementations")
     ap.add_argument("--gpu-chunk", type=int, default=256)
+    ap.add_argument("--mamba3", action="store_true", help="CPU: also time the Mamba-3 SISO chunked scan")
+    ap.add_argument("--shape", type=shape_arg, action="append", help="CPU: b,L,h,p,N (repeatable)")
     ap.add_argument("--json", help="write the rows to this file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = gpu(args) if args.gpu else cpu(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
