@@ -118,6 +118,8 @@ def main(argv=None) -> int:
                     help="run the cases whose names contain one of these strings (default: all); the Mamba-3 cases "
                          "compile for minutes each: run them in parallel processes, one case each")
     args = ap.parse_args(argv)
+    if args.cases and not any(c in name for c in args.cases for name in CASES):
+        ap.error(f"--cases: expected parts of these case names {list(CASES)}, got {args.cases}")
     global DEVICE, LENGTH
     DEVICE, LENGTH = args.device, args.length
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
