@@ -3,11 +3,14 @@
     rel(got, want)                 relative error ||got - want|| / ||want|| in float64
     assert_close(got, want, tol)   tensors, or dicts of tensors by name: same shape and dtype, finite, rel < tol
     set_backend(monkeypatch, **choices)   mambazoo.core.backend's choices for the rest of the test
+    load_script(name)              scripts/NAME.py imported as a module (the benchmark and data scripts)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 
 import torch
 
@@ -38,3 +41,14 @@ def set_backend(monkeypatch, **choices) -> None:
     from mambazoo.core import backend
 
     monkeypatch.setattr(backend, "_current", dataclasses.replace(backend.current(), **choices))
+
+
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as a module named name (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

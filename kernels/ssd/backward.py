@@ -145,7 +145,7 @@ def _chunk_bwd_kernel(
     dy = tl.load(dy_ptr + row_qp, mask=mqp, other=0.0)
     state_base = (pid_bh * n_chunks + c) * P * N
     # B, C, S and G are taken BLOCK_NB state columns at a time, in two passes: whole (Q, N) and (P, N) tiles held
-    # side by side needed 278,528 bytes of shared memory as TF32 GEMM operands at N 128 (an H100 allows 232,448).
+    # side by side, staged as TF32 GEMM operands, overflow an H100's shared memory at N 128 (docs/kernel_notes.md)
     # Pass 1: the GEMMs that reduce over N.
     CBL = tl.zeros((Q, Q), dtype=tl.float32)  # C_i . B_j
     GB = tl.zeros((Q, BLOCK_P), dtype=tl.float32)  # row j = G B_j

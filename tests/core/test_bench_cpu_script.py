@@ -2,18 +2,9 @@
 the optional peers (mambapy and transformers when installed, a --old-scan file), the equality checks and the markdown
 table. Speed is not asserted here."""
 
-import importlib.util
 import math
-import pathlib
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_cpu.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_cpu", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import load_script
 
 
 def test_bench_cpu_runs_on_tiny_shapes(tmp_path, capsys):
@@ -21,7 +12,7 @@ def test_bench_cpu_runs_on_tiny_shapes(tmp_path, capsys):
     old.write_text("from mambazoo.core.scan import selective_scan_ref\n\n\n"
                    "def selective_scan_chunked(*args, chunk_size=None, **kwargs):\n"
                    "    return selective_scan_ref(*args, **kwargs)\n")
-    bench = load_script()
+    bench = load_script("bench_cpu")
     rows = bench.main(["--tiny", "--rounds", "2", "--old-scan", str(old)])
     out = capsys.readouterr().out
     labels = [label for label, _, _ in rows]
@@ -68,7 +59,7 @@ def test_bench_cpu_runs_on_tiny_shapes(tmp_path, capsys):
 
 def test_capped_run_is_reported_as_a_bound():
     """A slow case stopped at the cap is shown as "> cap" (a rate as "< work / cap"), its speed-up as a bound."""
-    bench = load_script()
+    bench = load_script("bench_cpu")
     capped = bench.Capped(None, 5.0, scale=100)
     assert repr(capped) == "> 5 s (stopped)"
     assert bench.cell(capped, "tok/s") == "< 20 tok/s (a step > 5 s, stopped)"

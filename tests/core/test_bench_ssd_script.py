@@ -4,18 +4,10 @@ that is installed. Speed is not asserted here."""
 
 import importlib.util
 import math
-import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_ssd.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_ssd", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import load_script
 
 
 def have_transformers() -> bool:
@@ -24,7 +16,7 @@ def have_transformers() -> bool:
 
 @pytest.mark.parametrize("mamba3", [False, True])
 def test_bench_ssd_cpu_runs_on_a_tiny_shape(mamba3, capsys):
-    bench = load_script()
+    bench = load_script("bench_ssd")
     argv = ["--reps", "2", "--threads", "1", "--chunk", "8", "--shape", "1,20,2,4,8"] + (["--mamba3"] if mamba3 else [])
     rows = bench.main(argv)
     out = capsys.readouterr().out
@@ -44,7 +36,7 @@ def test_bench_ssd_cpu_runs_on_a_tiny_shape(mamba3, capsys):
 
 
 def test_shape_argument_rejects_bad_input():
-    bench = load_script()
+    bench = load_script("bench_ssd")
     assert bench.shape_arg("1,2,3,4,5") == (1, 2, 3, 4, 5)
     for bad in ("1,2,3", "1,2,3,4,x", "1,2,0,4,5"):
         with pytest.raises(bench.argparse.ArgumentTypeError, match="five positive ints"):

@@ -1,13 +1,11 @@
 """Image and audio DataModules on tiny generated files; the spoken-digits builder."""
 
 import gzip
-import importlib.util
 import math
 import shutil
 import struct
 import types
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from mambazoo.data.audio import WavFolderDataModule, read_wav
 from mambazoo.data.images import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTDataModule, ImageFolderDataModule,
                               read_idx, resize_batch)
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import load_script
 
 
 def write_idx(path, array):
@@ -295,10 +293,7 @@ def test_wav_folder_without_splits_and_errors(tmp_path):
 
 
 def _digits_script():
-    spec = importlib.util.spec_from_file_location("make_spoken_digits", ROOT / "scripts" / "make_spoken_digits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("make_spoken_digits")
 
 
 def test_spoken_digits_split_is_by_voice_and_stable():
